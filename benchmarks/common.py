@@ -1,0 +1,38 @@
+"""Shared helpers for benchmark scripts: compose a config as `launch.py` would, time alternately."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from train.config import Config, register_configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(overrides: list[str]) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def alternate(contenders: dict, steps: int, rounds: int, warmup_rounds: int = 1) -> dict[str, list[float]]:
+    """Run each contender's `step()` `steps` times per round, in alternating order, and return
+    the seconds per step of every measured round (warm-up rounds are discarded)."""
+    names = list(contenders)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup_rounds + rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            for _ in range(steps):
+                contenders[name]()
+            if r >= warmup_rounds:
+                times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

@@ -1,0 +1,1 @@
+"""Token data: corpus sources, tokenizers, pre-tokenized shards and the resumable loader."""

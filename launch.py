@@ -1,0 +1,18 @@
+"""Entry point: `python launch.py [hydra overrides]`, or `python launch.py -m ...` for sweeps."""
+import hydra
+from omegaconf import DictConfig
+
+from train.config import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from train.run import main as run_main
+
+    run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()

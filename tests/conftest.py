@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from train.config import Config, register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+os.environ.setdefault("WANDB_SILENT", "true")
+register_configs()
+
+# Small enough that a step takes milliseconds; shared by most tests.
+TINY = [
+    "model=tiny", "data.seq_len=32", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
+    "trainer.eval_batches=2", "trainer.progress=false", "optim.warmup_steps=2", "logger.wandb.mode=disabled",
+]
+
+
+def compose_config(overrides=(), out_dir=None, cache_dir=None) -> Config:
+    extra = []
+    if out_dir is not None:
+        extra.append(f"out_dir={out_dir}")
+    if cache_dir is not None:
+        extra.append(f"data.cache_dir={cache_dir}")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, *extra])
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One prepared-data cache for the whole session: each corpus is tokenized once."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def tiny_config(tmp_path, data_cache):
+    def make(*overrides) -> Config:
+        return compose_config([*TINY, *overrides], out_dir=tmp_path / "run", cache_dir=data_cache)
+    return make
+
+
+def launch(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run `python launch.py ARGS` as a user would, capturing its output."""
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)

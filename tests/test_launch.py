@@ -1,0 +1,65 @@
+"""`python launch.py` as a user runs it: exit status, every file CONTRACT.md lists, their keys."""
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import launch
+
+pytestmark = pytest.mark.slow
+
+SMOKE = ["experiment=smoke", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3"]
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+SUMMARY_KEYS = {"final_val_loss", "steps", "tokens", "tokens_per_s", "wall_s", "probe/amax_fwd", "probe/amax_bwd"}
+
+
+def check_run_files(out, steps):
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["out_dir"] == str(out) and "${" not in (out / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(STEP_KEYS <= r.keys() for r in rows)
+    assert all(("val_loss" in r) == (r["step"] % 3 == 0) for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys() and summary["steps"] == steps
+    assert summary["final_val_loss"] == rows[-1]["val_loss"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
+    return rows, summary
+
+
+def test_launch_writes_every_contract_file(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(*SMOKE, f"out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, summary = check_run_files(out, 6)
+    assert summary["tokens"] == 6 * 8 * 64
+    assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run directory"
+    assert "final validation loss" in proc.stdout and str(out / "metrics.jsonl") in proc.stdout
+
+    # Launching the finished run again resumes at its end: nothing retrained, nothing lost.
+    again = launch(*SMOKE, f"out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "logger.wandb.mode=disabled")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows2, _ = check_run_files(out, 6)
+    assert rows2 == rows
+
+
+def test_launch_two_local_ranks(tmp_path):
+    out = tmp_path / "run2"
+    proc = launch(*SMOKE, "launcher.nproc_per_node=2", "logger.wandb.mode=disabled",
+                  f"out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, summary = check_run_files(out, 6)
+    assert summary["world_size"] == 2
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000006").glob("trainer_state_rank*.pt")) == [
+        "trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+
+
+def test_multirun_gives_each_job_its_own_out_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = launch("-m", *SMOKE, "trainer.max_steps=3", "seed=0,1", "logger.wandb.mode=disabled",
+                  f"out_dir={sweep}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, seed in (("0", 0), ("1", 1)):
+        cfg = yaml.safe_load((sweep / job / "config.yaml").read_text())
+        assert cfg["seed"] == seed and cfg["out_dir"] == str(sweep / job)
+        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 3

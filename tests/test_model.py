@@ -1,0 +1,54 @@
+"""The plain transformer: shapes, causality, initialisation, FLOP accounting."""
+import torch
+
+from model import build_model
+from model.layers import apply_rope, rope_tables
+from tests.conftest import compose_config
+
+
+def tiny_model(*overrides):
+    cfg = compose_config(["model=tiny", *overrides])
+    torch.manual_seed(0)
+    return build_model(cfg.model, vocab_size=256)
+
+
+def test_logits_shape_and_loss_at_init_is_near_uniform():
+    model = tiny_model()
+    idx = torch.randint(0, 256, (3, 17))
+    assert model(idx).shape == (3, 17, 256)
+    loss = model(idx, torch.randint(0, 256, (3, 17)))
+    assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.1
+
+
+def test_causal_no_gradient_from_future_tokens():
+    model = tiny_model().double()
+    x = model.embed(torch.randint(0, 256, (1, 12))).detach().requires_grad_(True)
+    h = x
+    for block in model.blocks:
+        h = block(h, model.rope_cos.double(), model.rope_sin.double())
+    t = 5
+    h[0, t].sum().backward()
+    assert torch.all(x.grad[0, t + 1:] == 0)
+    assert torch.all(x.grad[0, : t + 1].abs().sum(-1) > 0)
+
+
+def test_rope_preserves_norm_and_relative_positions():
+    cos, sin = rope_tables(16, 8, 10000.0)
+    q, k = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
+    rq = apply_rope(q, cos, sin)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+    # The score of (q at i, k at j) depends on i - j only: shifting both leaves it unchanged.
+    same_q, same_k = q[:, :, :1].expand(1, 1, 16, 8), k[:, :, :1].expand(1, 1, 16, 8)
+    s = (apply_rope(same_q, cos, sin)[0, 0, 3:] * apply_rope(same_k, cos, sin)[0, 0, :-3]).sum(-1)
+    assert torch.allclose(s, s[0].expand_as(s), atol=1e-5)
+
+
+def test_residual_projections_start_smaller():
+    model = tiny_model("model.n_layers=8")
+    assert model.blocks[0].attn.out.weight.std() < 0.6 * model.blocks[0].attn.qkv.weight.std()
+
+
+def test_flops_per_token_counts_six_n_plus_attention():
+    model = tiny_model()
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed"))
+    assert model.flops_per_token(64) == 6 * n + 12 * 2 * 32 * 64

@@ -1,0 +1,70 @@
+"""Bad input fails before any work, naming the key, the value and what is accepted."""
+import json
+
+import pytest
+
+from tests.conftest import compose_config, launch
+from train.validate import ConfigError, validate
+
+BAD = [
+    # (overrides, key named in the error, words the error must contain)
+    (["optim.name=sgd"], "optim.name", "adamw"),
+    (["optim.lr=0"], "optim.lr", "positive"),
+    (["optim.lr=-0.001"], "optim.lr", "positive"),
+    (["data.seq_len=512"], "data.seq_len", "model.max_seq_len=256"),
+    (["trainer.global_batch_size=24", "trainer.micro_batch_size=16"], "trainer.global_batch_size", "multiple of 16"),
+    (["launcher.nproc_per_node=2", "trainer.global_batch_size=16"], "trainer.global_batch_size", "multiple of 32"),
+    (["data.source=files", "data.path=/no/such/corpus"], "data.path", "existing"),
+    (["data.source=files"], "data.path", "required"),
+    (["data.source=hub9"], "data.source", "shakespeare, pycode, files"),
+    (["model.residual=mhc"], "model.residual", "not available"),
+    (["model.residual=bogus"], "model.residual", "residual"),
+    (["optim.name=muon"], "optim.name", "issue #4"),
+    (["model.n_heads=3"], "model.n_heads", "divisor"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "0, 1, 2, 3"),
+    (["logger.wandb.mode=loud"], "logger.wandb.mode", "offline"),
+    (["trainer.precision=fp8"], "trainer.precision", "bf16"),
+    (["trainer.resume=/no/such/ckpt"], "trainer.resume", "auto, never"),
+    (["probes.every=10"], "probes.every", "not available"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,words", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_config_is_named(overrides, key, words, tmp_path):
+    cfg = compose_config(overrides, out_dir=tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert err.value.key == key and key in message and words in message and "Accepted" in message
+    assert "\n" not in message
+
+
+def test_resume_never_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    cfg = compose_config(["trainer.resume=never"], out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="out_dir"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["optim.lr=-1"], "optim.lr=-1.0"),
+    (["data.seq_len=4096"], "data.seq_len=4096"),
+    (["data.source=files", "data.path=/no/such/corpus"], "/no/such/corpus"),
+])
+def test_launch_rejects_bad_input_without_touching_out_dir(args, words, tmp_path):
+    out = tmp_path / "existing_run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = launch(*args, f"out_dir={out}")
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and words in err and "Accepted" in err
+    assert "Traceback" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_launch_rejects_unknown_group_option(tmp_path):
+    proc = launch("optim=sgd", f"out_dir={tmp_path / 'r'}")
+    assert proc.returncode != 0
+    assert "optim/sgd" in proc.stderr and "adamw" in proc.stderr

@@ -1,0 +1,1 @@
+"""Training: typed configs, the DeepSpeed trainer, checkpoints, metrics and callbacks."""

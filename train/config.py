@@ -1,0 +1,114 @@
+"""Typed configuration of a run. Each dataclass is one config group under `configs/`.
+
+The root schema is registered with Hydra's ConfigStore, so every YAML file merged on top of it is
+checked against these types: an unknown key or a value of the wrong type fails composition.
+Semantic checks (ranges, combinations) live in `train.validate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 0  # 0: 8/3·d_model rounded up to a multiple of 32
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    residual: str = "residual"  # residual | hc | mhc
+    n_streams: int = 4  # hyper-connection expansion rate (hc, mhc)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # weight decay on embeddings (norms and biases never decay)
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
+
+
+@dataclass
+class DataConfig:
+    source: str = "shakespeare"  # shakespeare | pycode | files
+    path: Optional[str] = None  # files: a text file, a directory of them, or a glob
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    val_fraction: float = 0.05  # share of documents held out for validation
+    cache_dir: str = "~/.cache/v4lab/data"
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1500
+    micro_batch_size: int = 16  # sequences per rank per forward pass
+    global_batch_size: int = 16  # sequences per optimizer step over all ranks and micro-batches
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
+    progress: bool = True
+
+
+@dataclass
+class ProbesConfig:
+    every: int = 0  # steps between stability probes; 0 = off
+
+
+@dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "v4lab"
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    out_dir: str = "outputs/run"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)

@@ -1,0 +1,242 @@
+"""The trainer: data, model and optimizer put together through DeepSpeed's engine.
+
+One optimizer step is `train_step`: for each micro-batch, forward, `engine.backward`, `engine.step`
+(DeepSpeed applies the update, clipping and LR schedule at the accumulation boundary). `fit` adds
+evaluation, checkpoints and the callbacks around it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from data.loader import TokenLoader, validation_batches
+from data.shards import prepare
+from model import build_model
+from optim import build_optimizer, build_scheduler
+from train.callbacks import MetricsFile, ProgressBar, WandbLogger
+from train.checkpoint import Checkpointer
+from train.config import Config
+from train.distributed import barrier, init_distributed, mean_over_ranks
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient norm became non-finite."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
+    t = cfg.trainer
+    stage = cfg.deepspeed.zero_stage
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        # ZeRO-0 in fp32 clips without reporting the norm; there the trainer clips itself.
+        "gradient_clipping": t.grad_clip if (stage > 0 or precision == "bf16") else 0.0,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        import deepspeed
+
+        self.cfg, t = cfg, cfg.trainer
+        self.out_dir = Path(cfg.out_dir)
+        self.rank, self.world_size, self.device = init_distributed()
+        self.max_steps = t.max_steps
+        self.accum = t.global_batch_size // (t.micro_batch_size * self.world_size)
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.precision = resolve_precision(t.precision, self.device)
+
+        d = cfg.data
+        if self.rank == 0:  # one rank prepares, the others wait and reuse the cache
+            self.prepared = prepare(d.source, d.path, d.tokenizer, d.val_fraction, d.cache_dir)
+        barrier()
+        if self.rank != 0:
+            self.prepared = prepare(d.source, d.path, d.tokenizer, d.val_fraction, d.cache_dir)
+        self.loader = TokenLoader(self.prepared, d.seq_len, t.micro_batch_size, cfg.seed, self.rank, self.world_size)
+        self.val_batches = validation_batches(self.prepared, d.seq_len, t.micro_batch_size, t.eval_batches,
+                                              self.rank, self.world_size)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.loader.manifest["vocab_size"])
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = model.flops_per_token(d.seq_len)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
+        self.manual_clip = deepspeed_config(cfg, self.world_size, self.precision)["gradient_clipping"] == 0.0
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world_size, self.precision),
+        )
+        torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, reproducibly
+
+        self.step, self.tokens, self.train_time = 0, 0, 0.0
+        self.val_loss: float | None = None
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_last, self.rank, self.world_size)
+        self.callbacks = {}
+        if self.rank == 0:
+            resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+            self.callbacks["metrics"] = MetricsFile(self.out_dir / "metrics.jsonl")
+            if cfg.logger.wandb.mode != "disabled":
+                self.callbacks["wandb"] = WandbLogger(cfg.logger.wandb, self.out_dir, resolved)
+            if t.progress:
+                self.callbacks["progress"] = ProgressBar()
+        log.info("model: %s parameters, %s FLOPs/token; precision %s; %d rank(s), %d micro-batch(es) per step",
+                 f"{self.n_params:,}", f"{self.flops_per_token:,}", self.precision, self.world_size, self.accum)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        self.engine.train()
+        loss_sum = torch.zeros((), device=self.device)
+        grad_norm = None
+        for _ in range(self.accum):
+            x, y = next(self.loader)
+            loss = self.engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            self.engine.backward(loss)
+            loss_sum += loss.detach().float()
+            if self.manual_clip and self.engine.is_gradient_accumulation_boundary():
+                grad_norm = self._clip_grad_norm()
+            self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        loss = mean_over_ranks(loss_sum / self.accum).item()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        elapsed = time.perf_counter() - start
+        self.train_time += elapsed
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(
+                f"the run diverged at step {self.step}: loss={loss}, grad_norm={grad_norm}. "
+                f"Lower optim.lr (now {self.cfg.optim.lr}) or raise optim.warmup_steps; "
+                f"the last good checkpoint is in {self.checkpointer.dir}"
+            )
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
+                "tokens_per_s": self.tokens_per_step / elapsed}
+
+    def _clip_grad_norm(self) -> float:
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        clip = self.cfg.trainer.grad_clip
+        if clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.val_batches:
+            total += self.engine(x.to(self.device), y.to(self.device)).float()
+        return mean_over_ranks(total / len(self.val_batches)).item()
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time,
+                "loader": self.loader.state_dict(), "rng": rng_state(),
+                "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens, self.train_time = state["step"], state["tokens"], state["train_time"]
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        for k, cb in self.callbacks.items():
+            cb.load_state_dict(state["callbacks"].get(k, {}))
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.engine, self.step, self.state_dict())
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "never":
+            return
+        ckpt = self.checkpointer.newest_valid() if resume == "auto" else Path(resume).expanduser()
+        if ckpt is None:
+            return
+        self.load_state_dict(self.checkpointer.load(self.engine, ckpt))
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # -- the run ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        wall_start = time.perf_counter()
+        self.maybe_resume()
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+        for cb in self.callbacks.values():
+            cb.on_train_start(self)
+        try:
+            while self.step < self.max_steps:
+                self.run_step()
+        except Diverged as e:
+            self._finish("diverged", wall_start, error=str(e))
+            raise
+        if self.val_loss is None:  # resumed at the end: nothing trained, still report the final loss
+            self.val_loss = self.evaluate()
+        return self._finish("completed", wall_start)
+
+    def run_step(self) -> dict:
+        """One optimizer step and what surrounds it in a run: evaluation, callbacks, checkpoint."""
+        t = self.cfg.trainer
+        metrics = self.train_step()
+        last = self.step == self.max_steps
+        if last or (t.eval_every and self.step % t.eval_every == 0):
+            metrics["val_loss"] = self.val_loss = self.evaluate()
+        for cb in self.callbacks.values():
+            cb.on_step_end(self, metrics)
+        if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+            self.save_checkpoint()
+        return metrics
+
+    def _finish(self, status: str, wall_start: float, error: str | None = None) -> dict:
+        summary = {
+            "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
+            "tokens_per_s": self.tokens / self.train_time if self.train_time else None,
+            "wall_s": time.perf_counter() - wall_start, "probe/amax_fwd": None, "probe/amax_bwd": None,
+            "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision,
+        }
+        if error:
+            summary["error"] = error
+        for cb in self.callbacks.values():
+            cb.on_train_end(self, summary)
+        if self.rank == 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        barrier()
+        return summary

@@ -1,0 +1,125 @@
+"""Checks of a composed config that types alone cannot express, run before any work starts.
+
+Each failure names the key, the bad value and what is accepted, in one paragraph.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+from pathlib import Path
+
+from train.config import Config
+
+OPTIMIZERS = ("adamw",)
+RESIDUALS = ("residual",)
+# Accepted by the contract but not built yet: rejected with a pointer instead of a silent fallback.
+PLANNED = {
+    "optim.name": {"muon": "the Muon optimizer (issue #4)"},
+    "model.residual": {"hc": "hyper-connections (issue #5)", "mhc": "manifold-constrained hyper-connections (issue #5)"},
+}
+SCHEDULES = ("cosine", "wsd", "constant")
+SOURCES = ("shakespeare", "pycode", "files")
+TOKENIZERS = ("byte",)
+PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, value, accepted: str, why: str = ""):
+        self.key, self.value = key, value
+        reason = f": {why}" if why else ""
+        super().__init__(f"invalid configuration {key}={value!r}{reason}. Accepted: {accepted}.")
+
+
+def _choice(key: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value in accepted:
+        return
+    planned = PLANNED.get(key, {})
+    if value in planned:
+        raise ConfigError(key, value, ", ".join(map(str, accepted)), f"{planned[value]} is not available in this version")
+    raise ConfigError(key, value, ", ".join(map(str, accepted)))
+
+
+def _positive(key: str, value, integer: bool = True, allow_zero: bool = False) -> None:
+    ok = (value >= 0 if allow_zero else value > 0) and math.isfinite(value)
+    if not ok:
+        kind = "integer" if integer else "number"
+        raise ConfigError(key, value, f"a {'non-negative' if allow_zero else 'positive'} {kind}")
+
+
+def world_size_of(cfg: Config) -> int:
+    return cfg.launcher.nproc_per_node
+
+
+def validate(cfg: Config) -> None:
+    m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
+
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _positive("optim.lr", o.lr, integer=False)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", list(o.betas), "two numbers in [0, 1), e.g. [0.9, 0.95]")
+    _positive("optim.eps", o.eps, integer=False)
+    _positive("optim.weight_decay", o.weight_decay, integer=False, allow_zero=True)
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "a number in [0, 1]")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError("optim.decay_fraction", o.decay_fraction, "a number in (0, 1]")
+
+    _choice("model.residual", m.residual, RESIDUALS)
+    for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "n_streams"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.ffn_hidden", m.ffn_hidden, allow_zero=True)
+    if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:
+        raise ConfigError("model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model} leaving an even head size")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", m.dropout, "a number in [0, 1)")
+
+    _choice("data.source", d.source, SOURCES)
+    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            "data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}",
+            "the sequence is longer than the model supports",
+        )
+    if not 0.0 < d.val_fraction <= 0.5:
+        raise ConfigError("data.val_fraction", d.val_fraction, "a number in (0, 0.5]")
+    if d.source == "files":
+        if not d.path:
+            raise ConfigError("data.path", d.path, "a text file, a directory or a glob, required with data.source=files")
+        if not glob.glob(os.path.expanduser(d.path), recursive=True):
+            raise ConfigError("data.path", d.path, "an existing text file, directory or glob", "nothing found at that path")
+
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "eval_batches", "keep_last"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    for key in ("eval_every", "checkpoint_every"):
+        _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
+    _positive("trainer.grad_clip", t.grad_clip, integer=False, allow_zero=True)
+    per_step = t.micro_batch_size * world_size_of(cfg)
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "trainer.global_batch_size", t.global_batch_size,
+            f"a multiple of {per_step}, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}",
+            f"it must split into micro-batches of trainer.micro_batch_size={t.micro_batch_size} "
+            f"on each of {world_size_of(cfg)} rank(s)",
+        )
+    if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
+        raise ConfigError("trainer.resume", t.resume, "auto, never, or an existing checkpoint directory")
+    _choice("trainer.precision", t.precision, PRECISIONS)
+
+    if cfg.probes.every != 0:
+        raise ConfigError("probes.every", cfg.probes.every, "0", "stability probes (issue #6) are not available in this version")
+    _positive("launcher.nproc_per_node", cfg.launcher.nproc_per_node)
+    _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
+    _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    _positive("seed", cfg.seed, allow_zero=True)
+
+    out = Path(cfg.out_dir)
+    if t.resume == "never" and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
+        raise ConfigError(
+            "out_dir", cfg.out_dir, "a new directory, or trainer.resume=auto to continue the run in it",
+            "it already holds a run and trainer.resume=never would overwrite it",
+        )
