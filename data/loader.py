@@ -1,10 +1,10 @@
-"""Packed fixed-length training windows from memory-mapped token files.
+"""Packed fixed-length training windows from memory-mapped token shards.
 
-The training split is cut into windows of `seq_len + 1` tokens at stride `seq_len` (inputs and
-targets shifted by one). Each epoch visits every window once in a permutation fixed by
-(seed, epoch); every optimizer micro-step takes `micro_batch * world_size` consecutive windows of
-that order, and rank r reads its own slice of them, so ranks never share a window and together
-cover the epoch. The position is two integers, which makes resuming exact.
+Each shard is cut into windows of `seq_len + 1` tokens at stride `seq_len` (inputs and targets
+shifted by one; windows never straddle shards). Each epoch visits every window once in a
+permutation fixed by (seed, epoch); every micro-step takes `micro_batch * world_size` consecutive
+windows of that order and rank r reads its own slice of them, so ranks never share a window and
+together cover the epoch. The position is two integers, which makes resuming exact.
 """
 from __future__ import annotations
 
@@ -17,24 +17,52 @@ from data.shards import load_manifest, read_tokens
 from data.sources import DataError
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
-    rows = torch.from_numpy(rows)
-    return rows[:, :-1], rows[:, 1:]
+class Windows:
+    """All windows of one split: window i -> (shard, start) through cumulative counts."""
+
+    def __init__(self, prepared: Path, split: str, seq_len: int):
+        self.manifest = load_manifest(prepared)
+        self.vocab_size = self.manifest["vocab_size"]
+        self.seq_len = seq_len
+        self.files, self.shards = [], []
+        for s in self.manifest["splits"][split]["shards"]:
+            path = prepared / s["file"]
+            tokens = read_tokens(path)
+            if len(tokens) != s["tokens"]:
+                raise DataError(f"token file {path} holds {len(tokens)} tokens; manifest.json says {s['tokens']}")
+            self.files.append(path)
+            self.shards.append(tokens)
+        counts = [max(0, (len(t) - 1) // seq_len) for t in self.shards]
+        self.offsets = np.cumsum([0, *counts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        rows = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, (i, s) in enumerate(zip(indices, shard_of)):
+            start = (int(i) - int(self.offsets[s])) * self.seq_len
+            rows[row] = self.shards[s][start : start + self.seq_len + 1]
+        if rows.size and rows.max() >= self.vocab_size:
+            bad = self.files[shard_of[int(np.argmax(rows.max(axis=1)))]]
+            raise DataError(f"token file {bad} holds token id {rows.max()} ≥ the vocab size {self.vocab_size}")
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
 
 
 class TokenLoader:
     def __init__(self, prepared: Path, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.manifest = load_manifest(prepared)
-        self.tokens = read_tokens(prepared / "train.bin")
+        self.windows = Windows(prepared, "train", seq_len)
+        self.manifest = self.windows.manifest
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
         self.rank, self.world_size = rank, world_size
-        self.n_windows = (len(self.tokens) - 1) // seq_len
+        self.n_windows = len(self.windows)
         self.steps_per_epoch = self.n_windows // (micro_batch * world_size)
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"{prepared / 'train.bin'} holds {len(self.tokens)} tokens, fewer than one batch of "
-                f"{micro_batch * world_size} windows of {seq_len + 1} tokens"
+                f"the training split of {prepared} holds {self.n_windows} windows of {seq_len + 1} tokens, "
+                f"fewer than one step's {micro_batch * world_size}"
             )
         self.epoch, self.step_in_epoch = 0, 0
         self._order: torch.Tensor | None = None
@@ -55,11 +83,10 @@ class TokenLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
-        per_step = self.micro_batch * self.world_size
-        begin = self.step_in_epoch * per_step + self.rank * self.micro_batch
+        begin = self.step_in_epoch * self.micro_batch * self.world_size + self.rank * self.micro_batch
         idx = self._epoch_order()[begin : begin + self.micro_batch].numpy()
         self.step_in_epoch += 1
-        return _windows(self.tokens, idx * self.seq_len, self.seq_len)
+        return self.windows.batch(idx)
 
     def state_dict(self) -> dict:
         return {
@@ -80,9 +107,9 @@ class TokenLoader:
 
 def validation_batches(prepared: Path, seq_len: int, micro_batch: int, n_batches: int, rank: int = 0, world_size: int = 1):
     """A fixed list of validation batches: the first windows of the split, striped over ranks."""
-    tokens = read_tokens(prepared / "val.bin")
-    n_windows = (len(tokens) - 1) // seq_len
-    if n_windows < world_size:
-        raise DataError(f"{prepared / 'val.bin'} holds {len(tokens)} tokens, too few for one validation window per rank")
-    starts = np.arange(rank, n_windows, world_size)[: n_batches * micro_batch] * seq_len
-    return [_windows(tokens, starts[i : i + micro_batch], seq_len) for i in range(0, len(starts), micro_batch)]
+    windows = Windows(prepared, "val", seq_len)
+    if len(windows) < world_size:
+        raise DataError(f"the validation split of {prepared} has {len(windows)} windows of {seq_len + 1} tokens, "
+                        f"fewer than one per rank ({world_size})")
+    idx = np.arange(rank, len(windows), world_size)[: n_batches * micro_batch]
+    return [windows.batch(idx[i : i + micro_batch]) for i in range(0, len(idx), micro_batch)]

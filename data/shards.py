@@ -1,14 +1,17 @@
-"""Pre-tokenized token files: a fixed binary header followed by the token ids.
+"""Pre-tokenized, versioned token shards, prepared once per (corpus, tokenizer, split rule).
 
-Header (8 little-endian int64): magic, format version, bytes per token, token count, vocab size,
-three reserved zeros. A prepared dataset is a directory `train.bin`, `val.bin`, `manifest.json`,
-written under a temporary name and renamed into place, so readers never see a partial one and
-two processes preparing the same data at once cannot corrupt it.
+A prepared dataset is a directory in `data.cache_dir` named by a fingerprint of its inputs:
+`train_NNNNN.bin` / `val_NNNNN.bin` shards, `manifest.json`, and `tokenizer.json` for learned
+tokenizers. Shard header (8 little-endian int64): magic, format version, bytes per token (2 when
+the vocabulary fits uint16, else 4), token count, vocab size, three reserved zeros. The directory
+is built under a temporary name and renamed into place while holding a file lock, so concurrent
+runs or ranks never see, or make, a partial one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,96 +19,178 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
+from tqdm import tqdm
 
-from data.sources import DataError, load_documents
-from data.tokenizer import build_tokenizer
+from data.sources import DataError, load_corpus
+from data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+
+log = logging.getLogger(__name__)
 
 MAGIC = 0x5634_4C41_4254_4F4B  # "V4LABTOK"
 VERSION = 1
-HEADER = np.dtype("<i8"), 8
-SPLIT_RULE = "crc32(name) % 10000 < val_fraction * 10000, at least one document"
+HEADER_WORDS = 8
+HEADER_BYTES = 8 * HEADER_WORDS
+SPLIT_RULE = "crc32(utf-8 text) % 10000 < val_fraction * 10000; at least one document on each side"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
+class ShardWriter:
+    """Streams token arrays into numbered shard files of at most `shard_tokens` tokens."""
+
+    def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int):
+        self.dir, self.split, self.vocab, self.limit = directory, split, vocab_size, shard_tokens
+        self.dtype = token_dtype(vocab_size)
+        self.shards: list[dict] = []
+        self.file, self.count = None, 0
+
+    def _open(self) -> None:
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        self.shards.append({"file": name, "tokens": 0})
+        self.file, self.count = open(self.dir / name, "wb"), 0
+        self.file.write(b"\0" * HEADER_BYTES)  # the real header goes in once the count is known
+
+    def _close(self) -> None:
+        header = np.array([MAGIC, VERSION, self.dtype.itemsize, self.count, self.vocab, 0, 0, 0], dtype="<i8")
+        self.file.seek(0)
+        self.file.write(header.tobytes())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.shards[-1]["tokens"] = self.count
+        self.file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self.file is None:
+                self._open()
+            take = tokens[: self.limit - self.count]
+            self.file.write(take.astype(self.dtype, copy=False).tobytes())
+            self.count += len(take)
+            tokens = tokens[len(take):]
+            if self.count == self.limit:
+                self._close()
+
+    def finish(self) -> list[dict]:
+        if self.file is not None:
+            self._close()
+        return self.shards
+
+
 def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
-    dtype = token_dtype(vocab_size)
-    header = np.array([MAGIC, VERSION, dtype.itemsize, len(tokens), vocab_size, 0, 0, 0], dtype=HEADER[0])
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(dtype, copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    """One whole shard file (tests and tools)."""
+    writer = ShardWriter(path.parent, "", vocab_size, max(1, len(tokens)))
+    writer.write(tokens)
+    (path.parent / writer.finish()[0]["file"]).rename(path)
 
 
 def read_tokens(path: Path) -> np.ndarray:
-    """Memory-map a token file after checking its header against its size."""
+    """Memory-map a shard after checking its header against its size."""
     size = path.stat().st_size if path.exists() else -1
-    nbytes = HEADER[0].itemsize * HEADER[1]
-    if size < nbytes:
+    if size < HEADER_BYTES:
         raise DataError(f"token file {path} is missing or shorter than its header ({size} bytes)")
-    header = np.fromfile(path, dtype=HEADER[0], count=HEADER[1])
-    magic, version, itemsize, count, vocab = (int(v) for v in header[:5])
+    magic, version, itemsize, count, vocab = (int(v) for v in np.fromfile(path, dtype="<i8", count=HEADER_WORDS)[:5])
     if magic != MAGIC:
         raise DataError(f"token file {path} has a wrong magic number: not a v4lab token file")
     if version != VERSION:
         raise DataError(f"token file {path} has format version {version}; this version reads {VERSION}")
-    if itemsize not in (2, 4) or size != nbytes + count * itemsize:
+    if itemsize not in (2, 4) or size != HEADER_BYTES + count * itemsize:
         raise DataError(
-            f"token file {path} is truncated or corrupt: header says {count} tokens of {itemsize} bytes, "
-            f"file holds {size - nbytes} bytes after the header"
+            f"token file {path} is truncated or corrupt: its header says {count} tokens of {itemsize} bytes, "
+            f"the file holds {size - HEADER_BYTES} bytes after the header"
         )
-    tokens = np.memmap(path, dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r", offset=nbytes, shape=(count,))
-    return tokens
+    return np.memmap(path, dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def is_validation(name: str, val_fraction: float) -> bool:
-    return zlib.crc32(name.encode()) % 10000 < val_fraction * 10000
+def _tokenizer_id(cfg) -> tuple[str, str]:
+    """(short label for the directory name, exact identity for the fingerprint)."""
+    spec = cfg.tokenizer
+    if spec in ("byte", "bpe"):
+        label = "byte" if spec == "byte" else f"bpe{cfg.vocab_size}"
+        return label, label
+    if spec.startswith("pretrained:"):
+        return spec.split(":", 1)[1].replace("/", "_"), spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.tokenizer={spec!r}: no tokenizer file there; accepted: byte, bpe, a tokenizer.json path, pretrained:NAME")
+    return path.stem, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fingerprint(docs, tokenizer_name: str, val_fraction: float) -> str:
-    h = hashlib.sha256(f"v{VERSION}|{tokenizer_name}|{SPLIT_RULE}|{val_fraction}".encode())
-    for name, text in zip(docs["name"], docs["text"]):
-        h.update(name.encode() + b"\0" + hashlib.sha256(text.encode()).digest())
-    return h.hexdigest()
+def fingerprint(corpus_fingerprint: str, tokenizer_identity: str, val_fraction: float, shard_tokens: int) -> str:
+    # Shard size is part of it: windows never straddle shards, so it shapes what the loader reads.
+    key = (f"format {VERSION}|corpus {corpus_fingerprint}|tokenizer {tokenizer_identity}|"
+           f"split {SPLIT_RULE}|{val_fraction}|shard {shard_tokens}")
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
-def prepare(source: str, path: str | None, tokenizer_name: str, val_fraction: float, cache_dir: str) -> Path:
-    """Tokenize a corpus once into `cache_dir/<source>-<tokenizer>-<fingerprint>`; reuse it after."""
-    docs = load_documents(source, path)
-    fp = fingerprint(docs, tokenizer_name, val_fraction)
-    out = Path(cache_dir).expanduser() / f"{source}-{tokenizer_name}-{fp[:16]}"
-    if (out / "manifest.json").exists():
-        return out
-    tok = build_tokenizer(tokenizer_name)
-    val = [is_validation(n, val_fraction) for n in docs["name"]]
-    if not any(val) or all(val):
-        # Tiny corpora: hold out the document that sorts first by hash, keep the rest for training.
-        first = min(range(len(val)), key=lambda i: zlib.crc32(docs["name"][i].encode()))
-        val = [i == first for i in range(len(val))] if len(val) > 1 else val
-    if len(val) < 2:
-        raise DataError(f"data.source={source!r} has {len(val)} document(s); a train/validation split needs 2 or more")
-    tokenized = docs.map(lambda b: {"ids": [tok.encode(t) for t in b["text"]]}, batched=True, remove_columns=["text"])
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _split(corpus, val_fraction: float, num_proc: int):
+    """Train/validation by document, from a hash of each document's text (order-independent)."""
+    keyed = corpus.map(lambda b: {"crc": [zlib.crc32(t.encode()) for t in b["text"]]}, batched=True,
+                       num_proc=num_proc, desc="split")
+    crc = np.asarray(keyed["crc"], dtype=np.int64)
+    if len(crc) < 2:
+        raise DataError(f"the corpus has {len(crc)} document(s); a train/validation split needs 2 or more")
+    is_val = crc % 10000 < val_fraction * 10000
+    if is_val.all() or not is_val.any():  # tiny corpora: hold out exactly one document
+        is_val = np.arange(len(crc)) == int(np.argmin(crc))
+    return corpus.select(np.flatnonzero(~is_val)), corpus.select(np.flatnonzero(is_val))
+
+
+def _build(cfg, corpus, fp: str, out: Path) -> None:
+    train_docs, val_docs = _split(corpus, cfg.val_fraction, cfg.num_proc)
+    if cfg.tokenizer == "bpe":
+        batches = (b["text"] for b in train_docs.iter(batch_size=256))
+        tok = train_bpe(batches, cfg.vocab_size)
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    eos = np.array([tok.eos_id], dtype=np.int64)
+
+    def encode(batch):
+        return {"ids": [np.concatenate([np.asarray(ids, dtype=np.int64), eos]) for ids in tok.encode_batch(batch["text"])]}
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    counts = {}
-    for split, keep in (("train", False), ("val", True)):
-        parts = [np.asarray(ids) for ids, v in zip(tokenized["ids"], val) if v == keep]
-        tokens = np.concatenate(parts)
-        write_tokens(tmp / f"{split}.bin", tokens, tok.vocab_size)
-        counts[split] = {"documents": len(parts), "tokens": int(len(tokens))}
+    splits = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids = docs.map(encode, batched=True, num_proc=cfg.num_proc, remove_columns=docs.column_names,
+                       desc=f"tokenize {split}")
+        writer = ShardWriter(tmp, split, tok.vocab_size, cfg.shard_tokens)
+        for batch in tqdm(ids.with_format("arrow").iter(batch_size=1024), desc=f"write {split}",
+                          total=-(-len(ids) // 1024), disable=len(ids) < 50_000):
+            tokens = batch.column("ids").combine_chunks().flatten().to_numpy()
+            if len(tokens) and tokens.max() >= tok.vocab_size:
+                raise DataError(f"tokenizer {cfg.tokenizer!r} produced id {tokens.max()} ≥ its vocab size {tok.vocab_size}")
+            writer.write(tokens)
+        shards = writer.finish()
+        splits[split] = {"documents": len(docs), "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    tok.save(tmp)
     manifest = {
-        "fingerprint": fp, "source": source, "path": path, "tokenizer": tokenizer_name,
-        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "split_rule": SPLIT_RULE,
-        "val_fraction": val_fraction, "format_version": VERSION, "splits": counts,
+        "fingerprint": fp, "format_version": VERSION, "source": cfg.source, "path": cfg.path, "name": cfg.name,
+        "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+        "split_rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "splits": splits,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process finished the same preparation first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.rename(tmp, out)
+
+
+def prepare(cfg) -> Path:
+    """Tokenize the configured corpus into the cache once; return the prepared directory."""
+    corpus = load_corpus(cfg)
+    label, identity = _tokenizer_id(cfg)
+    fp = fingerprint(corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)
+    cache = Path(cfg.cache_dir).expanduser()
+    out = cache / f"{cfg.source}-{label}-{fp[:16]}"
+    if (out / "manifest.json").exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").exists():  # another process may have built it while we waited
+            if out.exists():
+                shutil.rmtree(out)
+            log.info("preparing %s into %s", cfg.source, out)
+            _build(cfg, corpus, fp, out)
     return out
 
 
@@ -114,3 +199,10 @@ def load_manifest(prepared: Path) -> dict:
         return json.loads((prepared / "manifest.json").read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"prepared dataset {prepared} has no readable manifest.json: {e}") from None
+
+
+def load_tokenizer_of(prepared: Path, manifest: dict):
+    """The tokenizer a prepared dataset was made with (for decoding samples)."""
+    if manifest["tokenizer"] == "byte":
+        return ByteTokenizer()
+    return load_tokenizer(str(prepared / "tokenizer.json"))

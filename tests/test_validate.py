@@ -16,7 +16,12 @@ BAD = [
     (["launcher.nproc_per_node=2", "trainer.global_batch_size=16"], "trainer.global_batch_size", "multiple of 32"),
     (["data.source=files", "data.path=/no/such/corpus"], "data.path", "existing"),
     (["data.source=files"], "data.path", "required"),
-    (["data.source=hub9"], "data.source", "shakespeare, pycode, files"),
+    (["data.source=hub9"], "data.source", "shakespeare, pycode, files, hub"),
+    (["data.source=hub"], "data.name", "required"),
+    (["data.tokenizer=/no/such/tokenizer.json"], "data.tokenizer", "pretrained:NAME"),
+    (["data.tokenizer=bpe", "data.vocab_size=100"], "data.vocab_size", "257"),
+    (["data.shard_tokens=100"], "data.shard_tokens", "more than data.seq_len=256"),
+    (["data.num_proc=0"], "data.num_proc", "positive"),
     (["model.residual=mhc"], "model.residual", "not available"),
     (["model.residual=bogus"], "model.residual", "residual"),
     (["optim.name=muon"], "optim.name", "issue #4"),
@@ -68,3 +73,13 @@ def test_launch_rejects_unknown_group_option(tmp_path):
     proc = launch("optim=sgd", f"out_dir={tmp_path / 'r'}")
     assert proc.returncode != 0
     assert "optim/sgd" in proc.stderr and "adamw" in proc.stderr
+
+
+def test_launch_reports_bad_data_naming_it(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"body": "some text"}\n{"body": "more text"}\n')
+    proc = launch("data.source=files", f"data.path={tmp_path / 'corpus.jsonl'}", f"data.cache_dir={tmp_path / 'c'}",
+                  f"out_dir={tmp_path / 'run'}", "logger.wandb.mode=disabled")
+    assert proc.returncode == 3
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "text_field='text'" in err and "body" in err
+    assert "Traceback" not in proc.stderr

@@ -44,12 +44,19 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # shakespeare | pycode | files
-    path: Optional[str] = None  # files: a text file, a directory of them, or a glob
-    tokenizer: str = "byte"
+    source: str = "shakespeare"  # shakespeare | pycode | files | hub
+    path: Optional[str] = None  # files: a file, a directory or a glob (.txt and other text, .jsonl, .parquet)
+    name: Optional[str] = None  # hub: a dataset name, or a local dataset directory
+    config_name: Optional[str] = None  # hub: the dataset's configuration
+    split: str = "train"  # hub: the split to read (the validation split is carved out of it)
+    text_field: str = "text"  # column holding the text (json, parquet, hub)
+    tokenizer: str = "byte"  # byte | bpe | path to a tokenizer.json | pretrained:NAME
+    vocab_size: int = 4096  # bpe: vocabulary size to train
     seq_len: int = 256
     val_fraction: float = 0.05  # share of documents held out for validation
     cache_dir: str = "~/.cache/v4lab/data"
+    num_proc: int = 1  # processes for datasets.map during preparation
+    shard_tokens: int = 100_000_000  # tokens per shard file
 
 
 @dataclass

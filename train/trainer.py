@@ -85,10 +85,10 @@ class Trainer:
 
         d = cfg.data
         if self.rank == 0:  # one rank prepares, the others wait and reuse the cache
-            self.prepared = prepare(d.source, d.path, d.tokenizer, d.val_fraction, d.cache_dir)
+            self.prepared = prepare(d)
         barrier()
         if self.rank != 0:
-            self.prepared = prepare(d.source, d.path, d.tokenizer, d.val_fraction, d.cache_dir)
+            self.prepared = prepare(d)
         self.loader = TokenLoader(self.prepared, d.seq_len, t.micro_batch_size, cfg.seed, self.rank, self.world_size)
         self.val_batches = validation_batches(self.prepared, d.seq_len, t.micro_batch_size, t.eval_batches,
                                               self.rank, self.world_size)

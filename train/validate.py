@@ -19,8 +19,7 @@ PLANNED = {
     "model.residual": {"hc": "hyper-connections (issue #5)", "mhc": "manifold-constrained hyper-connections (issue #5)"},
 }
 SCHEDULES = ("cosine", "wsd", "constant")
-SOURCES = ("shakespeare", "pycode", "files")
-TOKENIZERS = ("byte",)
+SOURCES = ("shakespeare", "pycode", "files", "hub")
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -78,7 +77,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.dropout", m.dropout, "a number in [0, 1)")
 
     _choice("data.source", d.source, SOURCES)
-    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
@@ -91,7 +89,18 @@ def validate(cfg: Config) -> None:
         if not d.path:
             raise ConfigError("data.path", d.path, "a text file, a directory or a glob, required with data.source=files")
         if not glob.glob(os.path.expanduser(d.path), recursive=True):
-            raise ConfigError("data.path", d.path, "an existing text file, directory or glob", "nothing found at that path")
+            raise ConfigError("data.path", d.path, "an existing file, directory or glob", "nothing found at that path")
+    if d.source == "hub" and not d.name:
+        raise ConfigError("data.name", d.name, "a dataset name or local dataset directory, required with data.source=hub")
+    tokenizer_ok = d.tokenizer in ("byte", "bpe") or (d.tokenizer.startswith("pretrained:") and len(d.tokenizer) > 11) \
+        or Path(d.tokenizer).expanduser().is_file()
+    if not tokenizer_ok:
+        raise ConfigError("data.tokenizer", d.tokenizer, "byte, bpe, the path of an existing tokenizer.json, or pretrained:NAME")
+    if d.tokenizer == "bpe" and not 257 <= d.vocab_size <= 2**32 - 1:
+        raise ConfigError("data.vocab_size", d.vocab_size, "an integer ≥ 257 (256 bytes plus the end-of-document token)")
+    _positive("data.num_proc", d.num_proc)
+    if d.shard_tokens <= d.seq_len:
+        raise ConfigError("data.shard_tokens", d.shard_tokens, f"more than data.seq_len={d.seq_len}")
 
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "eval_batches", "keep_last"):
         _positive(f"trainer.{key}", getattr(t, key))
