@@ -1,6 +1,8 @@
 """The sublayers of a pre-norm decoder block: rotary attention and a SwiGLU feed-forward."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+@torch.no_grad()
+def max_causal_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per-head max of q·k/sqrt(d) over the batch and all causal (query, key) pairs: [H]."""
+    t = q.size(-2)
+    logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.size(-1))
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    return logits.masked_fill(future, float("-inf")).amax(dim=(0, 2, 3))
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention with rotary embeddings (PyTorch SDPA kernel)."""
 
@@ -29,13 +40,22 @@ class Attention(nn.Module):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        # Fused q, k, v are three matrices (and each head's rows one more level down): Muon
+        # orthogonalises each block on its own (optim/muon.py).
+        self.qkv.weight.row_blocks, self.qkv.weight.head_blocks = 3, n_heads
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.dropout = dropout
+        # Per-head max pre-softmax logit of the last forward, for QK-Clip and the probes. Costs an
+        # explicit QKᵀ, so it is computed only while `track_max_logits` is on.
+        self.track_max_logits = False
+        self.max_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.track_max_logits:
+            self.max_logits = max_causal_logits(q, k)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
@@ -46,6 +66,7 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.gate_up.weight.row_blocks = 2  # gate and up are separate matrices
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

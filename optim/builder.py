@@ -1,4 +1,4 @@
-"""Build the optimizer named by `optim.name` with parameter groups derived from the model."""
+"""Build the optimizer named by `optim.name`, with parameter groups derived from the model."""
 from __future__ import annotations
 
 import logging
@@ -6,26 +6,52 @@ import logging
 import torch
 from torch import nn
 
+from optim.muon import Muon
 from optim.params import classify_parameters, describe_groups
+from train.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def adamw_groups(model: nn.Module, cfg) -> list[dict]:
-    roles = classify_parameters(model)
+def _adamw_halves(roles: dict, cfg, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on the head (and hidden matrices, passed in `roles['matrix']` when AdamW
+    owns them); never on norms, biases, other 0/1-D parameters; on embeddings if configured."""
     decayed = roles["matrix"] + roles["head"] + (roles["embedding"] if cfg.decay_embeddings else [])
     plain = roles["norm"] + roles["scalar"] + ([] if cfg.decay_embeddings else roles["embedding"])
     groups = [
-        {"name": "adamw_decay", "params": [p for _, p in decayed], "weight_decay": cfg.weight_decay},
-        {"name": "adamw_no_decay", "params": [p for _, p in plain], "weight_decay": 0.0},
+        {"name": "adamw_decay", "params": [p for _, p in decayed], "weight_decay": weight_decay, "lr": lr},
+        {"name": "adamw_no_decay", "params": [p for _, p in plain], "weight_decay": 0.0, "lr": lr},
     ]
     return [g for g in groups if g["params"]]
 
 
+def adamw_groups(model: nn.Module, cfg) -> list[dict]:
+    return _adamw_halves(classify_parameters(model), cfg, cfg.lr, cfg.weight_decay)
+
+
+def muon_groups(model: nn.Module, cfg) -> list[dict]:
+    roles = classify_parameters(model)
+    if not roles["matrix"]:
+        raise ConfigError("optim.name", cfg.name, "adamw for this model",
+                          "Muon found no hidden weight matrix to optimise; it would silently be an AdamW run")
+    muon = {"name": "muon", "params": [p for _, p in roles["matrix"]], "use_muon": True,
+            "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    adam = _adamw_halves({**roles, "matrix": []}, cfg, cfg.adamw_lr, cfg.adamw_weight_decay)
+    return [muon] + [{**g, "use_muon": False} for g in adam]
+
+
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    if cfg.name != "adamw":
-        raise ValueError(f"optim.name={cfg.name!r} is not available; accepted: adamw")
-    groups = adamw_groups(model, cfg)
-    log.info("optimizer groups:\n%s", describe_groups(groups))
-    # foreach=True: one fused multi-tensor kernel per group rather than a Python loop per tensor.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    if cfg.name == "adamw":
+        groups = adamw_groups(model, cfg)
+        log.info("optimizer groups (AdamW):\n%s", describe_groups(groups))
+        # foreach=True: one multi-tensor kernel per group rather than a Python loop per tensor.
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    if cfg.name == "muon":
+        groups = muon_groups(model, cfg)
+        log.info("optimizer groups (Muon + AdamW):\n%s", describe_groups(groups))
+        return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                    ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, ns_schedule=cfg.ns_schedule,
+                    ns_method=cfg.ns_method, ns_dtype=cfg.ns_dtype, momentum_type=cfg.momentum_type,
+                    rms_target=cfg.rms_target, per_head=cfg.per_head, adamw_betas=tuple(cfg.betas),
+                    adamw_eps=cfg.eps)
+    raise ConfigError("optim.name", cfg.name, "adamw, muon")

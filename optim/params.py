@@ -40,5 +40,6 @@ def describe_groups(groups: list[dict]) -> str:
     lines = []
     for g in groups:
         n = sum(p.numel() for p in g["params"])
-        lines.append(f"{g['name']:<16} {len(g['params']):>4} tensors {n:>12,} params  wd={g['weight_decay']}")
+        lr = f"  lr={g['lr']}" if "lr" in g else ""
+        lines.append(f"{g['name']:<16} {len(g['params']):>4} tensors {n:>12,} params  wd={g['weight_decay']}{lr}")
     return "\n".join(lines)

@@ -47,6 +47,7 @@ def tiny_config(tmp_path, data_cache):
 
 def launch(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `python launch.py ARGS` as a user would, capturing its output."""
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    launched = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launched} | {"WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)

@@ -13,8 +13,10 @@ def read_metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_decreases_over_30_steps(tiny_config):
-    cfg = tiny_config("trainer.max_steps=30", "trainer.eval_every=0", "optim.lr=1e-2")
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_loss_decreases_over_30_steps(tiny_config, optim):
+    cfg = tiny_config(f"optim={optim}", "trainer.max_steps=30", "trainer.eval_every=0", "optim.lr=1e-2",
+                      "optim.warmup_steps=2")
     summary = Trainer(cfg).fit()
     losses = [m["loss"] for m in read_metrics(cfg.out_dir)]
     assert len(losses) == 30
@@ -99,3 +101,12 @@ def test_non_finite_loss_stops_with_error(tiny_config):
         t.fit()
     summary = json.loads((Path(cfg.out_dir) / "summary.json").read_text())
     assert summary["status"] == "diverged"
+
+
+def test_bf16_autocast_trains(tiny_config):
+    """precision=bf16 runs the forward under autocast over fp32 weights (what a GPU gets by default)."""
+    cfg = tiny_config("trainer.max_steps=3", "trainer.precision=bf16", "optim=muon", "optim.warmup_steps=2")
+    t = Trainer(cfg)
+    summary = t.fit()
+    assert summary["precision"] == "bf16" and torch.isfinite(torch.tensor(summary["final_val_loss"]))
+    assert all(p.dtype == torch.float32 for p in t.engine.module.parameters())

@@ -8,7 +8,7 @@ from train.validate import ConfigError, validate
 
 BAD = [
     # (overrides, key named in the error, words the error must contain)
-    (["optim.name=sgd"], "optim.name", "adamw"),
+    (["optim.name=sgd"], "optim.name", "adamw, muon"),
     (["optim.lr=0"], "optim.lr", "positive"),
     (["optim.lr=-0.001"], "optim.lr", "positive"),
     (["data.seq_len=512"], "data.seq_len", "model.max_seq_len=256"),
@@ -24,7 +24,10 @@ BAD = [
     (["data.num_proc=0"], "data.num_proc", "positive"),
     (["model.residual=mhc"], "model.residual", "not available"),
     (["model.residual=bogus"], "model.residual", "residual"),
-    (["optim.name=muon"], "optim.name", "issue #4"),
+    (["optim=muon", "optim.ns_schedule=newton"], "optim.ns_schedule", "v4_hybrid"),
+    (["optim=muon", "optim.momentum_type=heavy"], "optim.momentum_type", "classical"),
+    (["optim=muon", "optim.adamw_lr=0"], "optim.adamw_lr", "positive"),
+    (["optim=muon", "deepspeed.zero_stage=3"], "deepspeed.zero_stage", "0, 1 or 2"),
     (["model.n_heads=3"], "model.n_heads", "divisor"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "0, 1, 2, 3"),
     (["logger.wandb.mode=loud"], "logger.wandb.mode", "offline"),

@@ -30,9 +30,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    name: str = "adamw"  # adamw | muon
+    lr: float = 3e-3  # peak lr (with muon: of the Muon half)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (the AdamW half with muon)
     eps: float = 1e-8
     weight_decay: float = 0.1
     decay_embeddings: bool = False  # weight decay on embeddings (norms and biases never decay)
@@ -40,6 +40,20 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
     decay_fraction: float = 0.2  # wsd: share of the run spent decaying
+    # Muon (name=muon): hidden matrices; embeddings, head, norms and 0/1-D parameters use AdamW.
+    adamw_lr: float = 3e-3  # peak lr of the AdamW half
+    adamw_weight_decay: float = 0.1
+    momentum: float = 0.95
+    nesterov: bool = True
+    momentum_type: str = "classical"  # classical (V4: M = μM + G) | ema (torch: M = μM + (1-μ)G)
+    ns_schedule: str = "v4_hybrid"  # v4_hybrid | keller | polar_express
+    ns_steps: int = 5  # iterations for keller / polar_express (v4_hybrid is 8 + 2)
+    ns_method: str = "standard"  # standard | gram
+    ns_dtype: str = "bf16"  # bf16 | fp32
+    adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw (rms_target·sqrt(max(m, n))) | original
+    rms_target: float = 0.18
+    per_head: bool = False  # orthogonalise each attention head's q/k/v rows on their own
+    qk_clip_tau: float = 0.0  # QK-Clip threshold on the max attention logit (0 = off; Kimi K2: 100)
 
 
 @dataclass

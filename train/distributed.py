@@ -29,11 +29,16 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
     import deepspeed
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" not in os.environ:
+            # A one-rank group of our own. Only LOCAL_RANK is exported (DeepSpeed insists on it):
+            # RANK, WORLD_SIZE and the rendezvous address would make child processes (a spawned
+            # launch, a test's subprocess) believe they were launched as ranks of this group.
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device_for(int(os.environ.get("LOCAL_RANK", 0)))
 
 

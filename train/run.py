@@ -49,7 +49,7 @@ def run(dict_cfg: DictConfig) -> int:
         validate(cfg)
     except ConfigError as e:
         return fail(str(e), EXIT_CONFIG)
-    if cfg.launcher.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+    if cfg.launcher.nproc_per_node > 1 and "RANK" not in os.environ:
         return spawn_ranks(cfg)
 
     from train.trainer import Diverged, Trainer

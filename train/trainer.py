@@ -21,6 +21,8 @@ from data.loader import TokenLoader, validation_batches
 from data.shards import prepare
 from model import build_model
 from optim import build_optimizer, build_scheduler
+from optim.qk_clip import qk_clip, track_max_logits
+from optim.zero import bind_zero_partitions
 from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
 from train.config import Config
@@ -46,10 +48,12 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
-        # ZeRO-0 in fp32 clips without reporting the norm; there the trainer clips itself.
-        "gradient_clipping": t.grad_clip if (stage > 0 or precision == "bf16") else 0.0,
+        # ZeRO-0 clips without reporting the norm; there the trainer clips itself.
+        "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 as autocast over fp32 parameters: the optimizer (Muon included) sees whole fp32
+        # matrices at ZeRO-0, where DeepSpeed's bf16 mode would hand it flat fragments.
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -104,10 +108,14 @@ class Trainer:
             model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world_size, self.precision),
         )
+        bind_zero_partitions(self.engine)
+        if cfg.optim.qk_clip_tau > 0:
+            track_max_logits(self.engine.module)
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, reproducibly
 
         self.step, self.tokens, self.train_time = 0, 0, 0.0
         self.val_loss: float | None = None
+        self.optimizer_state_mb: float | None = None
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_last, self.rank, self.world_size)
         self.callbacks = {}
         if self.rank == 0:
@@ -135,6 +143,7 @@ class Trainer:
             if self.manual_clip and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._clip_grad_norm()
             self.engine.step()
+        clipped = qk_clip(self.engine.module, self.cfg.optim.qk_clip_tau) if self.cfg.optim.qk_clip_tau > 0 else None
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         loss = mean_over_ranks(loss_sum / self.accum).item()
@@ -149,8 +158,11 @@ class Trainer:
                 f"Lower optim.lr (now {self.cfg.optim.lr}) or raise optim.warmup_steps; "
                 f"the last good checkpoint is in {self.checkpointer.dir}"
             )
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                "tokens_per_s": self.tokens_per_step / elapsed}
+        metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
+                   "tokens_per_s": self.tokens_per_step / elapsed}
+        if clipped is not None:
+            metrics["qk_clip/heads_clipped"] = clipped
+        return metrics
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
@@ -168,6 +180,19 @@ class Trainer:
         return mean_over_ranks(total / len(self.val_batches)).item()
 
     # -- state ------------------------------------------------------------------------------
+    def optimizer_state_bytes(self) -> int:
+        """This rank's optimizer state (momentum, Adam moments): shrinks with ranks under ZeRO ≥ 1."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's complete parameters on every rank (gathered from ZeRO-3 partitions)."""
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.deepspeed.zero_stage == 3):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time,
                 "loader": self.loader.state_dict(), "rng": rng_state(),
@@ -216,6 +241,9 @@ class Trainer:
         """One optimizer step and what surrounds it in a run: evaluation, callbacks, checkpoint."""
         t = self.cfg.trainer
         metrics = self.train_step()
+        if self.step == 1 or self.optimizer_state_mb is None:
+            self.optimizer_state_mb = self.optimizer_state_bytes() / 2**20
+            log.info("rank %d: optimizer state %.2f MB", self.rank, self.optimizer_state_mb)
         last = self.step == self.max_steps
         if last or (t.eval_every and self.step % t.eval_every == 0):
             metrics["val_loss"] = self.val_loss = self.evaluate()
@@ -231,6 +259,7 @@ class Trainer:
             "tokens_per_s": self.tokens / self.train_time if self.train_time else None,
             "wall_s": time.perf_counter() - wall_start, "probe/amax_fwd": None, "probe/amax_bwd": None,
             "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision,
+            "optimizer_state_mb_per_rank": self.optimizer_state_mb,
         }
         if error:
             summary["error"] = error

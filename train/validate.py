@@ -11,11 +11,10 @@ from pathlib import Path
 
 from train.config import Config
 
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "muon")
 RESIDUALS = ("residual",)
 # Accepted by the contract but not built yet: rejected with a pointer instead of a silent fallback.
 PLANNED = {
-    "optim.name": {"muon": "the Muon optimizer (issue #4)"},
     "model.residual": {"hc": "hyper-connections (issue #5)", "mhc": "manifold-constrained hyper-connections (issue #5)"},
 }
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -66,6 +65,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "a number in [0, 1]")
     if not 0.0 < o.decay_fraction <= 1.0:
         raise ConfigError("optim.decay_fraction", o.decay_fraction, "a number in (0, 1]")
+
+    if o.name == "muon":
+        _positive("optim.adamw_lr", o.adamw_lr, integer=False)
+        _positive("optim.adamw_weight_decay", o.adamw_weight_decay, integer=False, allow_zero=True)
+        if not 0.0 <= o.momentum < 1.0:
+            raise ConfigError("optim.momentum", o.momentum, "a number in [0, 1)")
+        _choice("optim.momentum_type", o.momentum_type, ("classical", "ema"))
+        _choice("optim.ns_schedule", o.ns_schedule, ("v4_hybrid", "keller", "polar_express"))
+        if not 1 <= o.ns_steps < 100:
+            raise ConfigError("optim.ns_steps", o.ns_steps, "an integer from 1 to 99")
+        _choice("optim.ns_method", o.ns_method, ("standard", "gram"))
+        _choice("optim.ns_dtype", o.ns_dtype, ("bf16", "fp32"))
+        _choice("optim.adjust_lr_fn", o.adjust_lr_fn, ("match_rms_adamw", "original"))
+        _positive("optim.rms_target", o.rms_target, integer=False)
+        if cfg.deepspeed.zero_stage == 3:
+            raise ConfigError("deepspeed.zero_stage", 3, "0, 1 or 2 with optim=muon",
+                              "ZeRO-3 partitions each matrix across ranks and whole-matrix Muon is not built for it")
+
+    _positive("optim.qk_clip_tau", o.qk_clip_tau, integer=False, allow_zero=True)
+    if o.qk_clip_tau > 0 and cfg.deepspeed.zero_stage != 0:
+        raise ConfigError("optim.qk_clip_tau", o.qk_clip_tau, "0 (off), or deepspeed.zero_stage=0",
+                          "QK-Clip rescales the model's weights in place, which ZeRO ≥ 1 would overwrite "
+                          "from its own fp32 copy")
 
     _choice("model.residual", m.residual, RESIDUALS)
     for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "n_streams"):

@@ -1,0 +1,102 @@
+"""Orthogonalisation by Newton–Schulz iteration: X ← aX + b(XXᵀ)X + c(XXᵀ)²X.
+
+Each schedule is a list of (a, b, c) triples, one per iteration, plus a normalisation margin
+(X₀ = G / (margin·‖G‖_F)). Works on a batch of same-shape matrices `[..., m, n]` at once; tall
+matrices are transposed first so the Gram matrices are the small side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KELLER = (3.4445, -4.7750, 2.0315)
+V4_TAIL = (2.0, -1.5, 0.5)  # V4's last two iterations: converge the singular values to 1
+# Polar Express (arXiv 2505.16932, degree 5): optimal per-iteration polynomials; all but the last
+# are deflated by 1.01 (a/1.01, b/1.01³, c/1.01⁵) for half-precision safety; the last repeats.
+_POLAR_EXPRESS = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+]
+POLAR_EXPRESS_LAST = (1.875, -1.25, 0.375)
+SCHEDULES = ("keller", "v4_hybrid", "polar_express")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class NSSchedule:
+    coefficients: tuple[tuple[float, float, float], ...]
+    margin: float = 1.0
+
+
+def make_schedule(name: str | None, steps: int, coefficients=KELLER) -> NSSchedule:
+    """`None`: `steps` iterations of `coefficients` (torch.optim.Muon's convention).
+    `keller`: the same with Keller Jordan's triple; `v4_hybrid`: 8 of Keller's then 2 of
+    (2, −1.5, 0.5) (`steps` ignored); `polar_express`: the first `steps` Polar Express polynomials."""
+    if name is None:
+        return NSSchedule((tuple(coefficients),) * steps)
+    if name == "keller":
+        return NSSchedule((KELLER,) * steps)
+    if name == "v4_hybrid":
+        return NSSchedule((KELLER,) * 8 + (V4_TAIL,) * 2)
+    if name == "polar_express":
+        deflated = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS]
+        coeffs = (deflated + [POLAR_EXPRESS_LAST] * max(0, steps - len(deflated)))[:steps]
+        return NSSchedule(tuple(coeffs), margin=1.01)
+    raise ValueError(f"unknown Newton–Schulz schedule {name!r}; accepted: {', '.join(SCHEDULES)}")
+
+
+def orthogonalize(g: torch.Tensor, schedule: NSSchedule, *, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
+                  method: str = "standard") -> torch.Tensor:
+    """Approximate polar factor UVᵀ of each matrix in `g` [..., m, n], returned in `dtype`.
+
+    `method="gram"` iterates on the m×m Gram matrix instead of the m×n iterate (X_k = Q_k X₀ with
+    Q_k a polynomial in X₀X₀ᵀ), which costs O(m³) per iteration instead of O(m²n): cheaper for
+    wide matrices. Square matrices always use the standard iteration. The Gram iteration squares
+    the condition of what it multiplies and diverges in bf16 (σ' ≈ 15 seen after 5 steps), so it
+    always computes in fp32.
+    """
+    if method == "gram" and dtype == torch.bfloat16:
+        dtype = torch.float32
+    x = g.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * schedule.margin).clamp(min=eps)
+    if method == "gram" and x.size(-2) < x.size(-1):
+        x = _gram_iterations(x, schedule.coefficients)
+    else:
+        x = _standard_iterations(x, schedule.coefficients)
+    return x.mT if tall else x
+
+
+def _standard_iterations(x: torch.Tensor, coefficients) -> torch.Tensor:
+    if x.dim() == 2:  # the exact op sequence of torch.optim.Muon, so results agree bit for bit
+        for a, b, c in coefficients:
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x
+    batch_shape = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])
+    for a, b, c in coefficients:
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.reshape(*batch_shape, *x.shape[-2:])
+
+
+def _gram_iterations(x: torch.Tensor, coefficients) -> torch.Tensor:
+    r = x @ x.mT
+    eye = torch.eye(r.size(-1), dtype=r.dtype, device=r.device).expand_as(r)
+    q = None
+    for a, b, c in coefficients:
+        # p(R) = aI + bR + cR²; X ← p(R)X means Q ← p(R)Q and R ← p(R) R p(R) (p(R) commutes with R).
+        p = torch.baddbmm(a * eye, r, r, beta=1.0, alpha=c) if r.dim() == 3 else torch.addmm(a * eye, r, r, alpha=c)
+        p = p + b * r
+        q = p if q is None else p @ q
+        r = p @ r @ p
+    return q @ x

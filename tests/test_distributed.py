@@ -1,0 +1,52 @@
+"""2 ranks (gloo) against 1 rank with the same global batch, at every supported ZeRO stage, for
+AdamW and Muon; and exact resume of sharded Muon state. The 2-rank side runs in one torchrun."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, compose_config
+from tests.distributed_runs import COMBOS, overrides
+from train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "distributed_runs.py"), str(out), str(data_cache)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, torch.load(out / "params.pt")
+
+
+@pytest.mark.parametrize("optim,stage", COMBOS, ids=[f"{o}-zero{s}" for o, s in COMBOS])
+def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, tmp_path, data_cache):
+    _, params = two_rank_runs
+    one = [o if not o.startswith("launcher.") else "launcher.nproc_per_node=1" for o in overrides(optim, 0)]
+    cfg = compose_config(one, out_dir=tmp_path / "one", cache_dir=data_cache)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    reference = trainer.full_state_dict()
+    assert params[f"{optim}{stage}"].keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.allclose(params[f"{optim}{stage}"][name], value, atol=5e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sharded_muon_resumes_exactly(stage, two_rank_runs):
+    out, _ = two_rank_runs
+
+    def rows(run):
+        lines = (out / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+    assert rows(f"muon{stage}_resumed") == rows(f"muon{stage}")
+    assert len(rows(f"muon{stage}")) == 10
