@@ -6,9 +6,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.block import Block
 from model.layers import rope_tables
+from model.mhc import StreamReduce
 
 
 def ffn_hidden_size(d_model: int, requested: int) -> int:
@@ -25,10 +27,16 @@ class Transformer(nn.Module):
         self.vocab_size = vocab_size
         self.max_seq_len = cfg.max_seq_len
         hidden = ffn_hidden_size(cfg.d_model, cfg.ffn_hidden)
+        # One stream has nothing to mix: hc/mhc with n_streams=1 is the plain residual model.
+        self.n_streams = cfg.n_streams if cfg.residual != "residual" and cfg.n_streams > 1 else 1
+        residual = cfg.residual if self.n_streams > 1 else "residual"
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, hidden, cfg.norm_eps, cfg.dropout) for _ in range(cfg.n_layers)
+            Block(cfg.d_model, cfg.n_heads, hidden, cfg.norm_eps, cfg.dropout, residual, self.n_streams, i,
+                  cfg.sinkhorn_iters)
+            for i in range(cfg.n_layers)
         )
+        self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model) if self.n_streams > 1 else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -40,13 +48,15 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Normal(0, init_std) for linear and embedding weights; hyper-connection gates and biases
+        keep the values their module gave them."""
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
+        for name, module in self.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)) or module.weight is getattr(self, "_tied", None):
                 continue
             # GPT-2's scaling: projections that write into the residual stream shrink with depth.
-            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out.weight", "ffn.down.weight")) else 1.0
-            nn.init.normal_(p, mean=0.0, std=std * scale)
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out", "ffn.down")) else 1.0
+            nn.init.normal_(module.weight, mean=0.0, std=std * scale)
 
     def output_parameters(self) -> list[nn.Parameter]:
         """Parameters of the output head, which optimizers treat apart from hidden matrices."""
@@ -54,8 +64,15 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         x = self.embed(idx)
+        if self.n_streams > 1:  # the embedding, copied into every stream
+            x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.size(-1))
         for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin)
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin)
+        if self.reduce is not None:
+            x = self.reduce(x)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits

@@ -34,6 +34,10 @@ from torch.optim.adamw import adamw as adamw_update
 from optim.newton_schulz import DTYPES, KELLER, make_schedule, orthogonalize
 
 MOMENTUM_TYPES = ("ema", "classical")
+# Same-shape matrices up to this size are orthogonalised as one batch: for small matrices the
+# per-matmul overhead dominates (4 stacked 128×704 matrices: 3.7 ms batched, 7.0 ms one by one on
+# 2 CPU cores); from about 512×512 the matmuls are compute-bound and batching only adds copies.
+BATCH_MAX_ELEMENTS = 512 * 512
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
@@ -153,12 +157,13 @@ class Muon(torch.optim.Optimizer):
         for i, m in enumerate(wide):
             by_shape[m.shape[1:]].append(i)
         out: list[torch.Tensor | None] = [None] * len(mats)
-        for indices in by_shape.values():
-            if len(indices) == 1 and wide[indices[0]].size(0) == 1:
-                stacked = orthogonalize(wide[indices[0]][0], schedule, **kwargs).unsqueeze(0)
-            else:
-                stacked = orthogonalize(torch.cat([wide[i] for i in indices]), schedule, **kwargs)
-            for i, o in zip(indices, stacked.split([wide[i].size(0) for i in indices])):
+        for shape, indices in by_shape.items():
+            if math.prod(shape) <= BATCH_MAX_ELEMENTS:
+                stacked = torch.cat([wide[i] for i in indices])
+                results = orthogonalize(stacked, schedule, **kwargs).split([wide[i].size(0) for i in indices])
+            else:  # big matrices keep the matmul units busy alone; stacking them would only copy
+                results = [torch.stack([orthogonalize(w, schedule, **kwargs) for w in wide[i]]) for i in indices]
+            for i, o in zip(indices, results):
                 out[i] = o.mT if mats[i].size(1) > mats[i].size(2) else o
         return out
 
@@ -174,7 +179,7 @@ class Muon(torch.optim.Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         for p, v, o in zip(params, views, self._orthogonalize_all(updates, group)):
             p.mul_(1 - lr * wd)
-            p.add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * lr_scale(v[1], v[2], group["adjust_lr_fn"], group["rms_target"]))
+            p.add_(o.reshape(p.shape), alpha=-lr * lr_scale(v[1], v[2], group["adjust_lr_fn"], group["rms_target"]))
 
     def _muon_step_partitioned(self, group: dict, part: Partition) -> None:
         (flat,) = group["params"]

@@ -2,6 +2,8 @@
 
 Roles: `matrix` (hidden ≥2-D weights: what Muon orthogonalises), `embedding`, `head` (output
 projection), `norm` (normalisation gains), `scalar` (biases and every other 0/1-D parameter).
+A module can declare a parameter's role with `param.optim_role` (hyper-connection static biases
+are 2-D but are biases, not weights).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ def classify_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parame
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(module, nn.Embedding):
+            if hasattr(p, "optim_role"):  # declared by its module (e.g. hyper-connection biases)
+                role = p.optim_role
+            elif isinstance(module, nn.Embedding):
                 role = "embedding"
             elif id(p) in head_ids:
                 role = "head"

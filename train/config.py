@@ -26,6 +26,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     residual: str = "residual"  # residual | hc | mhc
     n_streams: int = 4  # hyper-connection expansion rate (hc, mhc)
+    sinkhorn_iters: int = 20  # mhc: Sinkhorn–Knopp iterations
+    activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
 
 
 @dataclass

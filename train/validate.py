@@ -12,10 +12,9 @@ from pathlib import Path
 from train.config import Config
 
 OPTIMIZERS = ("adamw", "muon")
-RESIDUALS = ("residual",)
+RESIDUALS = ("residual", "hc", "mhc")
 # Accepted by the contract but not built yet: rejected with a pointer instead of a silent fallback.
 PLANNED = {
-    "model.residual": {"hc": "hyper-connections (issue #5)", "mhc": "manifold-constrained hyper-connections (issue #5)"},
 }
 SCHEDULES = ("cosine", "wsd", "constant")
 SOURCES = ("shakespeare", "pycode", "files", "hub")
@@ -90,7 +89,7 @@ def validate(cfg: Config) -> None:
                           "from its own fp32 copy")
 
     _choice("model.residual", m.residual, RESIDUALS)
-    for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "n_streams"):
+    for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "n_streams", "sinkhorn_iters"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.ffn_hidden", m.ffn_hidden, allow_zero=True)
     if m.d_model % m.n_heads or (m.d_model // m.n_heads) % 2:

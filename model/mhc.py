@@ -1,0 +1,111 @@
+"""Hyper-connections: n parallel residual streams, read, written and mixed by every sublayer.
+
+For each sublayer F (attention or FFN, each with its own coefficients) and stream state
+X ∈ R^{n×C} per token:
+
+    x_in = Σ_i pre_i X_i        y = F(x_in)        X' = post ⊗ y + res · X      (res: n×n, output × input)
+
+`mhc` (manifold-constrained, arXiv 2512.24880): from the RMS-normalised flattened state v',
+m = v'φᵀ; pre = sigmoid(α_pre·m + b_pre), post = 2·sigmoid(α_post·m + b_post),
+res = Sinkhorn(α_res·m + b_res), doubly stochastic, so every product of res matrices has
+row and column sums 1 and the residual stream cannot amplify.
+`hc` (Zhu et al., arXiv 2409.19606): each stream normalised on its own, tanh dynamics, no
+constraint; static init pre = one-hot(sublayer index mod n), res = I, post = 1.
+
+α gates start at 0.01 and static biases at the values above, so at initialisation with identical
+streams both reduce to a plain pre-norm residual. The static biases and α gates are AdamW
+parameters (`optim_role = "scalar"`); the projections φ / W are matrices, which Muon takes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.sinkhorn import sinkhorn
+
+KINDS = ("hc", "mhc")
+
+
+def _scalar(t: torch.Tensor) -> nn.Parameter:
+    p = nn.Parameter(t)
+    p.optim_role = "scalar"  # a bias or gate, whatever its shape: AdamW, no weight decay
+    return p
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32, or wider if already wider (float64 in gradient checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class HyperConnection(nn.Module):
+    """Read/write/mix coefficients of one sublayer, and their application."""
+
+    def __init__(self, kind: str, n: int, d_model: int, index: int, sinkhorn_iters: int = 20,
+                 alpha_init: float = 0.01, eps: float = 1e-6):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"hyper-connection kind {kind!r}; accepted: {', '.join(KINDS)}")
+        self.kind, self.n, self.iters, self.eps = kind, n, sinkhorn_iters, eps
+        self.alpha = _scalar(torch.full((3,), alpha_init))  # pre, post, res
+        if kind == "mhc":
+            self.phi = nn.Linear(n * d_model, n * n + 2 * n, bias=False)
+            self.b_pre = _scalar(torch.zeros(n))
+            self.b_post = _scalar(torch.zeros(n))
+            self.b_res = _scalar(torch.zeros(n, n))
+        else:
+            self.proj = nn.Linear(d_model, n + 2, bias=False)  # per stream: pre, post, its res column
+            self.b_pre = _scalar(F.one_hot(torch.tensor(index % n), n).float())
+            self.b_post = _scalar(torch.ones(n))
+            self.b_res = _scalar(torch.eye(n))
+        self.record = False  # when set, keep token-averaged coefficients for the probes
+        self.recorded: dict[str, torch.Tensor] = {}
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pre [..., n], post [..., n], res [..., n, n] for stream state x [..., n, C]; fp32."""
+        n = self.n
+        a_pre, a_post, a_res = self.alpha.unbind()
+        if self.kind == "mhc":
+            m = _wide(self.phi(rms(x.flatten(-2), self.eps)))
+            pre = torch.sigmoid(a_pre * m[..., :n] + self.b_pre)
+            post = 2 * torch.sigmoid(a_post * m[..., n : 2 * n] + self.b_post)
+            res = sinkhorn(a_res * m[..., 2 * n :].unflatten(-1, (n, n)) + self.b_res, self.iters)
+        else:
+            d = _wide(torch.tanh(self.proj(rms(x, self.eps))))  # [..., n (stream), n + 2]
+            pre = self.b_pre + a_pre * d[..., 0]
+            post = self.b_post + a_post * d[..., 1]
+            res = self.b_res + a_res * d[..., 2:].transpose(-1, -2)  # stream j's row feeds column j
+        return pre, post, res
+
+    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        pre, post, res = self.coefficients(x)
+        if self.record:
+            self.recorded = {"res": res.detach().mean(dim=(0, 1)), "pre": pre.detach().mean(dim=(0, 1)),
+                             "post": post.detach().mean(dim=(0, 1))}
+        dtype = x.dtype
+        x_in = torch.einsum("btn,btnc->btc", pre.to(dtype), x)
+        y = sublayer(x_in)
+        return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + res.to(dtype) @ x
+
+
+class StreamReduce(nn.Module):
+    """The streams' weighted sum before the final norm: mhc uses sigmoid weights of the same
+    dynamic form (no Sinkhorn); hc sums the streams as Zhu et al. do."""
+
+    def __init__(self, kind: str, n: int, d_model: int, alpha_init: float = 0.01, eps: float = 1e-6):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        if kind == "mhc":
+            self.phi = nn.Linear(n * d_model, n, bias=False)
+            self.alpha = _scalar(torch.full((1,), alpha_init))  # 1-D: DeepSpeed cannot broadcast 0-D
+            self.bias = _scalar(torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "mhc":
+            return x.sum(dim=-2)
+        w = torch.sigmoid(self.alpha * _wide(self.phi(rms(x.flatten(-2), self.eps))) + self.bias)
+        return torch.einsum("btn,btnc->btc", w.to(x.dtype), x)
