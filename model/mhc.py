@@ -86,10 +86,12 @@ class HyperConnection(nn.Module):
         if self.record:
             self.recorded = {"res": res.detach().mean(dim=(0, 1)), "pre": pre.detach().mean(dim=(0, 1)),
                              "post": post.detach().mean(dim=(0, 1))}
+        # Contiguous operands: a batched matmul over strided ones (slices of m) falls back to a
+        # per-token loop, several times slower.
         dtype = x.dtype
-        x_in = torch.einsum("btn,btnc->btc", pre.to(dtype), x)
+        x_in = (pre.to(dtype).contiguous().unsqueeze(-2) @ x).squeeze(-2)
         y = sublayer(x_in)
-        return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + res.to(dtype) @ x
+        return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + res.to(dtype).contiguous() @ x
 
 
 class StreamReduce(nn.Module):
@@ -108,4 +110,4 @@ class StreamReduce(nn.Module):
         if self.kind != "mhc":
             return x.sum(dim=-2)
         w = torch.sigmoid(self.alpha * _wide(self.phi(rms(x.flatten(-2), self.eps))) + self.bias)
-        return torch.einsum("btn,btnc->btc", w.to(x.dtype), x)
+        return (w.to(x.dtype).unsqueeze(-2) @ x).squeeze(-2)

@@ -39,7 +39,8 @@ def _to_matrix_first(z: torch.Tensor) -> torch.Tensor:
 
 
 def _to_tokens_last(p: torch.Tensor, shape) -> torch.Tensor:
-    return p.permute(2, 0, 1).reshape(shape)
+    # contiguous: batched matmuls with strided operands fall back to a per-token loop
+    return p.permute(2, 0, 1).reshape(shape).contiguous()
 
 
 class _Sinkhorn(torch.autograd.Function):

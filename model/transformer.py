@@ -64,8 +64,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         x = self.embed(idx)
-        if self.n_streams > 1:  # the embedding, copied into every stream
-            x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.size(-1))
+        if self.n_streams > 1:  # the embedding, copied into every stream (a real copy: matmuls
+            # over a stride-0 expanded tensor fall back to a per-token loop, 8x slower)
+            x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.size(-1)).contiguous()
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
