@@ -33,7 +33,8 @@ BAD = [
     (["logger.wandb.mode=loud"], "logger.wandb.mode", "offline"),
     (["trainer.precision=fp8"], "trainer.precision", "bf16"),
     (["trainer.resume=/no/such/ckpt"], "trainer.resume", "auto, never"),
-    (["probes.every=10"], "probes.every", "not available"),
+    (["probes.every=-1"], "probes.every", "non-negative"),
+    (["probes.every=10", "deepspeed.zero_stage=3"], "probes.every", "zero_stage=3"),
 ]
 
 

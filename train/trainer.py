@@ -26,6 +26,7 @@ from optim.zero import bind_zero_partitions
 from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
 from train.config import Config
+from train.probes import StabilityProbes
 from train.distributed import barrier, init_distributed, mean_over_ranks
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,10 @@ class Trainer:
             track_max_logits(self.engine.module)
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, reproducibly
 
+        self.probes = None
+        if cfg.probes.every > 0 and self.rank == 0:  # local computation only: rank 0 probes, logs
+            x, y = self.val_batches[0]
+            self.probes = StabilityProbes(self.engine.module, (x.to(self.device), y.to(self.device)), cfg.probes.every)
         self.step, self.tokens, self.train_time = 0, 0, 0.0
         self.val_loss: float | None = None
         self.optimizer_state_mb: float | None = None
@@ -196,12 +201,15 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time,
                 "loader": self.loader.state_dict(), "rng": rng_state(),
+                "probes": self.probes.state_dict() if self.probes else None,
                 "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens, self.train_time = state["step"], state["tokens"], state["train_time"]
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
+        if self.probes and state.get("probes"):
+            self.probes.load_state_dict(state["probes"])
         for k, cb in self.callbacks.items():
             cb.load_state_dict(state["callbacks"].get(k, {}))
 
@@ -240,7 +248,11 @@ class Trainer:
     def run_step(self) -> dict:
         """One optimizer step and what surrounds it in a run: evaluation, callbacks, checkpoint."""
         t = self.cfg.trainer
+        if self.probes:
+            self.probes.before_step(self.step + 1)
         metrics = self.train_step()
+        if self.probes:
+            self.probes.after_step(metrics)
         if self.step == 1 or self.optimizer_state_mb is None:
             self.optimizer_state_mb = self.optimizer_state_bytes() / 2**20
             log.info("rank %d: optimizer state %.2f MB", self.rank, self.optimizer_state_mb)
@@ -257,7 +269,10 @@ class Trainer:
         summary = {
             "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
             "tokens_per_s": self.tokens / self.train_time if self.train_time else None,
-            "wall_s": time.perf_counter() - wall_start, "probe/amax_fwd": None, "probe/amax_bwd": None,
+            "wall_s": time.perf_counter() - wall_start,
+            "probe/amax_fwd": self.probes.max_amax_fwd if self.probes else None,
+            "probe/amax_bwd": self.probes.max_amax_bwd if self.probes else None,
+            "probe/spikes": self.probes.spikes if self.probes else None,
             "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision,
             "optimizer_state_mb_per_rank": self.optimizer_state_mb,
         }

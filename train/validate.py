@@ -13,9 +13,6 @@ from train.config import Config
 
 OPTIMIZERS = ("adamw", "muon")
 RESIDUALS = ("residual", "hc", "mhc")
-# Accepted by the contract but not built yet: rejected with a pointer instead of a silent fallback.
-PLANNED = {
-}
 SCHEDULES = ("cosine", "wsd", "constant")
 SOURCES = ("shakespeare", "pycode", "files", "hub")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -29,13 +26,9 @@ class ConfigError(ValueError):
         super().__init__(f"invalid configuration {key}={value!r}{reason}. Accepted: {accepted}.")
 
 
-def _choice(key: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value in accepted:
-        return
-    planned = PLANNED.get(key, {})
-    if value in planned:
-        raise ConfigError(key, value, ", ".join(map(str, accepted)), f"{planned[value]} is not available in this version")
-    raise ConfigError(key, value, ", ".join(map(str, accepted)))
+def _choice(key: str, value, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ConfigError(key, value, ", ".join(map(str, accepted)))
 
 
 def _positive(key: str, value, integer: bool = True, allow_zero: bool = False) -> None:
@@ -140,8 +133,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("trainer.resume", t.resume, "auto, never, or an existing checkpoint directory")
     _choice("trainer.precision", t.precision, PRECISIONS)
 
-    if cfg.probes.every != 0:
-        raise ConfigError("probes.every", cfg.probes.every, "0", "stability probes (issue #6) are not available in this version")
+    _positive("probes.every", cfg.probes.every, allow_zero=True)
+    if cfg.probes.every and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("probes.every", cfg.probes.every, "0 with deepspeed.zero_stage=3",
+                          "the probes read whole parameters, which ZeRO-3 partitions across ranks")
     _positive("launcher.nproc_per_node", cfg.launcher.nproc_per_node)
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
