@@ -1,0 +1,50 @@
+"""The report renders from a sweep, lists every run, and labels a diverged run."""
+import json
+
+import pytest
+
+from tests.conftest import launch
+from train.report import load_runs, write_report
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    proc = launch("-m", "experiment=smoke", "optim=adamw,muon", "model.residual=residual,mhc", "model.n_streams=2",
+                  "trainer.max_steps=6", "trainer.eval_every=3", "probes.every=3", "logger.wandb.mode=disabled",
+                  f"out_dir={root / 'sweep'}", f"data.cache_dir={root / 'cache'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "sweep"
+
+
+def test_report_renders_every_run_of_a_2x2_sweep(sweep):
+    report = write_report([sweep])
+    text = report.read_text()
+    runs = load_runs([sweep])
+    assert len(runs) == 4 and len({r.group for r in runs}) == 4
+    for r in runs:
+        assert str(r.path) in text
+    for group in ("optim=adamw, residual=mhc", "optim=muon, residual=residual"):
+        assert group in text
+    for png in ("loss.png", "val_loss.png", "grad_norm.png", "probe_amax_fwd.png", "amax_vs_depth.png",
+                "probe_update_weight_ratio_matrix.png"):
+        assert (sweep / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_diverged_and_running_runs_are_labelled(sweep, tmp_path):
+    import shutil
+    diverged, running = tmp_path / "diverged", tmp_path / "running"
+    shutil.copytree(sweep / "0", diverged)
+    shutil.copytree(sweep / "1", running)
+    summary = json.loads((diverged / "summary.json").read_text())
+    (diverged / "summary.json").write_text(json.dumps({**summary, "status": "diverged", "final_val_loss": None}))
+    (running / "summary.json").unlink()
+    text = write_report([tmp_path]).read_text()
+    assert "**diverged**" in text and "**running**" in text and "1 diverged" in text
+
+
+def test_report_on_a_single_run(sweep, tmp_path):
+    text = write_report([sweep / "2"], out=tmp_path).read_text()
+    assert "1 run(s)" in text and "completed" in text

@@ -1,0 +1,253 @@
+"""Turn finished (or running) runs into a markdown report with PNG plots.
+
+    python -m train.report DIR [DIR ...] [--out REPORT_DIR] [--target-loss X]
+
+Every directory below the given ones that holds a `metrics.jsonl` is a run; runs are grouped by
+the config values that differ between them (seeds aside), so a sweep over optimizer × residual
+× seed gives one row per optimizer × residual with mean ± std over seeds. Diverged and unfinished
+runs are reported as such, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+IGNORED = ("seed", "out_dir", "logger.", "data.cache_dir", "trainer.progress", "trainer.resume")
+ALIASES = {"optim.name": "optim", "model.residual": "residual"}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    rows: list[dict]
+    summary: dict | None
+    group: str = ""
+    label: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.summary is None:
+            last = self.rows[-1] if self.rows else {}
+            if any(isinstance(v, float) and not math.isfinite(v) for v in last.values()) or \
+                    any(last.get(k) is None for k in ("loss", "grad_norm") if k in last):
+                return "diverged"
+            return "running"
+        return self.summary.get("status", "completed")
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in self.rows if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def max_of(self, key: str) -> float | None:
+        vals = [r[key] for r in self.rows if isinstance(r.get(key), (int, float))]
+        return max(vals) if vals else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        if self.summary and self.summary.get("final_val_loss") is not None and self.status == "completed":
+            return self.summary["final_val_loss"]
+        return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if not isinstance(v, list) else tuple(v)
+    return out
+
+
+def load_runs(dirs: list[Path]) -> list[Run]:
+    runs = []
+    for d in dirs:
+        for metrics in sorted(Path(d).rglob("metrics.jsonl")):
+            path = metrics.parent
+            rows = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    break  # cut short by a kill
+            config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+            summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else None
+            runs.append(Run(path, config, rows, summary))
+    flat = [_flatten(r.config) for r in runs]
+    common = set.intersection(*(set(f) for f in flat)) if flat else set()  # keys of older schemas aside
+    varying = sorted((k for k in common if not k.startswith(IGNORED) and len({f[k] for f in flat}) > 1),
+                     key=lambda k: (k not in ALIASES, list(ALIASES).index(k) if k in ALIASES else 0, k))
+    for run, f in zip(runs, flat):
+        short = {ALIASES.get(k, k): f.get(k) for k in varying}
+        run.group = ", ".join(f"{k}={v}" for k, v in short.items()) or "all runs"
+        run.label = f"{run.group} seed={f.get('seed')}" if len(runs) > 1 else run.path.name
+    return runs
+
+
+def tokens_to_reach(run: Run, target: float) -> int | None:
+    return next((r["tokens"] for r in run.rows if r.get("val_loss") is not None and r["val_loss"] <= target), None)
+
+
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def _fmt(x, spec=".3g") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def group_table(runs: list[Run], target: float) -> str:
+    groups = defaultdict(list)
+    for r in runs:
+        groups[r.group].append(r)
+    lines = [f"| group | runs | final val loss (mean ± std) | tokens to val loss ≤ {target:.3f} | max Amax fwd | "
+             "max Amax bwd | spikes | tokens/s | status |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(groups.items()):
+        finals = [r.final_val_loss for r in rs if r.final_val_loss is not None]
+        reach = [t for t in (tokens_to_reach(r, target) for r in rs) if t is not None]
+        fwd = [v for v in (r.max_of("probe/amax_fwd") for r in rs) if v is not None]
+        bwd = [v for v in (r.max_of("probe/amax_bwd") for r in rs) if v is not None]
+        spikes = [v for v in (r.max_of("probe/spikes") for r in rs) if v is not None]
+        tps = [statistics.mean(r.series("tokens_per_s")[1]) for r in rs if r.series("tokens_per_s")[1]]
+        status = ", ".join(f"{n} {s}" for s, n in sorted(_count(r.status for r in rs).items()))
+        lines.append(
+            f"| {name} | {len(rs)} | {_mean_std(finals)} | "
+            f"{f'{statistics.mean(reach):,.0f} ({len(reach)}/{len(rs)})' if reach else 'not reached'} | "
+            f"{_fmt(max(fwd) if fwd else None)} | {_fmt(max(bwd) if bwd else None)} | "
+            f"{_fmt(sum(spikes) if spikes else None, 'g')} | {_fmt(statistics.mean(tps) if tps else None, ',.0f')} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def _count(items) -> dict:
+    out = defaultdict(int)
+    for i in items:
+        out[i] += 1
+    return out
+
+
+def run_table(runs: list[Run]) -> str:
+    lines = ["| run | status | steps | tokens | final val loss | max Amax fwd | max Amax bwd | spikes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        last = r.rows[-1] if r.rows else {}
+        lines.append(f"| {r.label} (`{r.path}`) | **{r.status}** | {last.get('step', 0)} | {last.get('tokens', 0):,} | "
+                     f"{_fmt(r.final_val_loss, '.4f')} | {_fmt(r.max_of('probe/amax_fwd'))} | "
+                     f"{_fmt(r.max_of('probe/amax_bwd'))} | {_fmt(r.max_of('probe/spikes'), 'g')} |")
+    return "\n".join(lines)
+
+
+def _colors(runs: list[Run]) -> dict[str, str]:
+    cmap = plt.get_cmap("tab10")
+    return {g: cmap(i % 10) for i, g in enumerate(sorted({r.group for r in runs}))}
+
+
+def plot(runs: list[Run], out: Path, key: str, title: str, ylabel: str, log: bool = False, name: str = "") -> str | None:
+    colors = _colors(runs)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn, labelled = False, set()
+    for r in runs:
+        x, y = r.series(key)
+        if not x:
+            continue
+        drawn = True
+        label = r.group if r.group not in labelled else None
+        labelled.add(r.group)
+        style = "--" if r.status == "diverged" else "-"
+        ax.plot(x, y, style, color=colors[r.group], label=label + (" (diverged)" if r.status == "diverged" and label else "")
+                if label else None, alpha=0.8, marker="o" if len(x) < 30 else None, markersize=3)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    file = out / f"{name or key.replace('/', '_')}.png"
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file.name
+
+
+def plot_depth(runs: list[Run], out: Path) -> str | None:
+    """Composite forward gain against depth, from each run's last probe."""
+    colors = _colors(runs)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn, labelled = False, set()
+    for r in runs:
+        probed = [row for row in r.rows if "probe/amax_fwd_depth/sublayer0" in row]
+        if not probed:
+            continue
+        last = probed[-1]
+        depth = sorted(int(k.rsplit("sublayer", 1)[1]) for k in last if k.startswith("probe/amax_fwd_depth/"))
+        ax.plot([d + 1 for d in depth], [last[f"probe/amax_fwd_depth/sublayer{d}"] for d in depth], "-o", markersize=3,
+                color=colors[r.group], label=r.group if r.group not in labelled else None)
+        labelled.add(r.group)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(title="Composite Amax gain (forward) vs depth, last probe", xlabel="sublayers composed", ylabel="gain")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "amax_vs_depth.png", dpi=110)
+    plt.close(fig)
+    return "amax_vs_depth.png"
+
+
+def write_report(dirs: list[Path], out: Path | None = None, target: float | None = None) -> Path:
+    runs = load_runs(dirs)
+    if not runs:
+        raise SystemExit(f"error: no run (a directory with metrics.jsonl) under {', '.join(map(str, dirs))}")
+    out = out or Path(dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    finals = [r.final_val_loss for r in runs if r.final_val_loss is not None]
+    if target is None:  # the loss every completed run reached: compares how fast each got there
+        target = max(finals) if finals else min((v for r in runs for v in r.series("val_loss")[1]), default=0.0)
+    figures = [
+        plot(runs, out, "loss", "Training loss", "loss"),
+        plot(runs, out, "val_loss", "Validation loss", "loss"),
+        plot(runs, out, "grad_norm", "Gradient norm", "‖g‖", log=True),
+        plot(runs, out, "probe/amax_fwd", "Composite Amax gain (forward) vs step", "gain", log=True),
+        plot(runs, out, "probe/amax_bwd", "Composite Amax gain (backward) vs step", "gain", log=True),
+        plot_depth(runs, out),
+        plot(runs, out, "probe/update_weight_ratio/matrix", "Update/weight ratio, hidden matrices", "ratio", log=True),
+        plot(runs, out, "probe/max_logit", "Max attention logit", "logit"),
+    ]
+    md = [f"# Run report\n\n{len(runs)} run(s) from {', '.join(f'`{d}`' for d in dirs)}.\n",
+          "## Groups\n", group_table(runs, target), "\n## Runs\n", run_table(runs), "\n## Plots\n"]
+    md += [f"![{f}]({f})\n" for f in figures if f]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="where report.md and the PNGs go (default: the first DIR)")
+    ap.add_argument("--target-loss", type=float, default=None, help="val loss for 'tokens to reach'")
+    args = ap.parse_args()
+    print(write_report(args.dirs, args.out, args.target_loss))
+
+
+if __name__ == "__main__":
+    main()
