@@ -38,8 +38,11 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+def normalized_projection(x: torch.Tensor, proj: nn.Linear, eps: float) -> torch.Tensor:
+    """proj(x / rms(x)) computed as proj(x) / rms(x): the projection is linear, and scaling its few
+    outputs instead of the wide input saves a pass over the n·C-wide stream state."""
+    mean_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.size(-1)
+    return proj(x) * torch.rsqrt(mean_sq + eps)
 
 
 class HyperConnection(nn.Module):
@@ -70,12 +73,12 @@ class HyperConnection(nn.Module):
         n = self.n
         a_pre, a_post, a_res = self.alpha.unbind()
         if self.kind == "mhc":
-            m = _wide(self.phi(rms(x.flatten(-2), self.eps)))
+            m = _wide(normalized_projection(x.flatten(-2), self.phi, self.eps))
             pre = torch.sigmoid(a_pre * m[..., :n] + self.b_pre)
             post = 2 * torch.sigmoid(a_post * m[..., n : 2 * n] + self.b_post)
             res = sinkhorn(a_res * m[..., 2 * n :].unflatten(-1, (n, n)) + self.b_res, self.iters)
         else:
-            d = _wide(torch.tanh(self.proj(rms(x, self.eps))))  # [..., n (stream), n + 2]
+            d = _wide(torch.tanh(normalized_projection(x, self.proj, self.eps)))  # [..., n (stream), n + 2]
             pre = self.b_pre + a_pre * d[..., 0]
             post = self.b_post + a_post * d[..., 1]
             res = self.b_res + a_res * d[..., 2:].transpose(-1, -2)  # stream j's row feeds column j
@@ -91,7 +94,8 @@ class HyperConnection(nn.Module):
         dtype = x.dtype
         x_in = (pre.to(dtype).contiguous().unsqueeze(-2) @ x).squeeze(-2)
         y = sublayer(x_in)
-        return post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2) + res.to(dtype).contiguous() @ x
+        written = post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2)
+        return torch.baddbmm(written.flatten(0, 1), res.to(dtype).contiguous().flatten(0, 1), x.flatten(0, 1)).view_as(x)
 
 
 class StreamReduce(nn.Module):
@@ -109,5 +113,5 @@ class StreamReduce(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "mhc":
             return x.sum(dim=-2)
-        w = torch.sigmoid(self.alpha * _wide(self.phi(rms(x.flatten(-2), self.eps))) + self.bias)
+        w = torch.sigmoid(self.alpha * _wide(normalized_projection(x.flatten(-2), self.phi, self.eps)) + self.bias)
         return (w.to(x.dtype).unsqueeze(-2) @ x).squeeze(-2)
