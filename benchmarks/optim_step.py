@@ -65,8 +65,9 @@ def main() -> None:
         model = build_model(cfg.model, 256)
         matrices = [p for _, p in classify_parameters(model)["matrix"]]
         n = sum(p.numel() for p in model.parameters())
-        steps = args.steps if n < 10_000_000 else max(2, args.steps // 5)
-        times = alternate({k: step_fn(make, matrices) for k, make in CONTENDERS.items()}, steps, args.rounds)
+        big = n > 10_000_000  # seconds per step on 2 CPU cores: fewer steps and rounds
+        steps, rounds = (max(1, args.steps // 5), max(2, args.rounds // 2)) if big else (args.steps, args.rounds)
+        times = alternate({k: step_fn(make, matrices) for k, make in CONTENDERS.items()}, steps, rounds)
         ms = {k: 1e3 * median(v) for k, v in times.items()}
         print(f"\n{label}: {n:,} parameters, {len(matrices)} hidden matrices "
               f"({sum(p.numel() for p in matrices):,} elements); max |ours - torch| after 3 steps "

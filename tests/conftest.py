@@ -51,3 +51,28 @@ def launch(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in launched} | {"WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class Crash(Exception):
+    """Stands for a process killed mid-run."""
+
+
+def interrupted_run(cfg, after_step: int) -> None:
+    """Train `cfg` until `after_step` steps are done, then die as a killed process would: no
+    final checkpoint, no summary; only what the run had written by then survives."""
+    from train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    step = trainer.train_step
+
+    def crashing_step():
+        if trainer.step == after_step:
+            raise Crash
+        return step()
+
+    trainer.train_step = crashing_step
+    try:
+        trainer.fit()
+    except Crash:
+        return
+    raise AssertionError(f"the run ended before step {after_step}")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import TINY, compose_config  # noqa: E402
+from tests.conftest import TINY, compose_config, interrupted_run  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 COMBOS = [("adamw", 0), ("adamw", 1), ("adamw", 2), ("adamw", 3), ("muon", 0), ("muon", 1), ("muon", 2)]
@@ -27,10 +27,6 @@ def overrides(optim: str, stage: int) -> list[str]:
             "trainer.eval_every=5", "trainer.checkpoint_every=5", "launcher.nproc_per_node=2"]
 
 
-class Crash(Exception):
-    pass
-
-
 def main(out: Path, cache: Path) -> None:
     results = {}
     for optim, stage in COMBOS:
@@ -41,19 +37,7 @@ def main(out: Path, cache: Path) -> None:
 
         if optim == "muon" and stage > 0:  # sharded optimizer state must survive a checkpoint round trip
             cfg = compose_config(overrides(optim, stage), out_dir=out / f"{optim}{stage}_resumed", cache_dir=cache)
-            t = Trainer(cfg)
-            original = t.train_step
-
-            def crash_after_7():
-                if t.step == 7:
-                    raise Crash
-                return original()
-
-            t.train_step = crash_after_7
-            try:
-                t.fit()
-            except Crash:
-                pass
+            interrupted_run(cfg, after_step=7)
             Trainer(cfg).fit()
     if dist.get_rank() == 0:
         torch.save(results, out / "params.pt")

@@ -1,5 +1,4 @@
 """Prepared token files and the loader: reuse, header checks, determinism, resume, rank slices."""
-import json
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ AdamW and Muon; and exact resume of sharded Muon state. The 2-rank side runs in 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

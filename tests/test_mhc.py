@@ -1,5 +1,8 @@
 """Hyper-connections: reduction to the plain residual, doubly stochastic mixing, exact gradients,
 the probe hook, parameter routing, and training with both optimizers."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,10 +130,7 @@ def test_routing_of_hyper_connection_parameters():
 def test_hyper_connections_train(residual, optim, tiny_config):
     cfg = tiny_config(f"model.residual={residual}", "model.n_streams=4", f"optim={optim}", "optim.lr=1e-2",
                       "trainer.max_steps=30", "trainer.eval_every=0", "trainer.checkpoint_every=0")
-    t = Trainer(cfg)
-    t.fit()
-    import json
-    from pathlib import Path
+    Trainer(cfg).fit()
     losses = [json.loads(line)["loss"] for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 

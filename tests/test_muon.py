@@ -38,6 +38,11 @@ def test_parity_with_torch_muon(kwargs):
     assert run_pair(lambda p: torch.optim.Muon(p, **kwargs), lambda p: Muon(p, **kwargs)) <= 1e-6
 
 
+def test_parity_for_large_matrices_outside_the_batched_path():
+    shapes = [(520, 520), (520, 520), (300, 1000)]  # above BATCH_MAX_ELEMENTS: one by one
+    assert run_pair(lambda p: torch.optim.Muon(p), lambda p: Muon(p), shapes=shapes, steps=5) <= 1e-6
+
+
 def test_defaults_match_torch():
     p = [torch.nn.Parameter(torch.randn(4, 4))]
     ours, ref = Muon(p).defaults, torch.optim.Muon(p).defaults

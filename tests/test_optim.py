@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from model import build_model
 from optim import build_optimizer, lr_multiplier

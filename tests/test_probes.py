@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import interrupted_run
 from train.probes import SpikeDetector, amax_gains, spectral_norm
 from train.trainer import Trainer
 
@@ -72,17 +73,7 @@ def test_probe_state_survives_resume(tiny_config, tmp_path):
     ref_summary = Trainer(ref).fit()
     cfg = tiny_config(*common)
     cfg.out_dir = str(tmp_path / "cut")
-    t = Trainer(cfg)
-    original = t.train_step
-
-    def crash():
-        if t.step == 5:
-            raise KeyboardInterrupt
-        return original()
-
-    t.train_step = crash
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    interrupted_run(cfg, after_step=5)
     summary = Trainer(cfg).fit()
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
     assert strip(rows(cfg.out_dir)) == strip(rows(ref.out_dir))

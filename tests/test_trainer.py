@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, compose_config
+from tests.conftest import CONFIGS, compose_config, interrupted_run
 from train.trainer import Diverged, Trainer
 
 
@@ -61,10 +61,6 @@ def test_experiment_preset_trains_two_steps(name, tmp_path, data_cache):
     assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_continues_exactly(tiny_config, tmp_path):
     """Kill a run after step 7 (last checkpoint at 5); the resumed run's log equals an uninterrupted one."""
     common = ("trainer.max_steps=10", "trainer.eval_every=5", "trainer.checkpoint_every=5", "model.dropout=0.1")
@@ -74,17 +70,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
 
     cfg = tiny_config(*common)
     cfg.out_dir = str(tmp_path / "resumed")
-    t = Trainer(cfg)
-    original = t.train_step
-
-    def crash_after_7():
-        if t.step == 7:
-            raise Crash
-        return original()
-
-    t.train_step = crash_after_7
-    with pytest.raises(Crash):
-        t.fit()
+    interrupted_run(cfg, after_step=7)
     assert len(read_metrics(cfg.out_dir)) == 7
     Trainer(cfg).fit()
     def without_speed(rows):

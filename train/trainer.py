@@ -104,10 +104,10 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(d.seq_len)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
-        self.manual_clip = deepspeed_config(cfg, self.world_size, self.precision)["gradient_clipping"] == 0.0
+        ds_config = deepspeed_config(cfg, self.world_size, self.precision)
+        self.manual_clip = ds_config["gradient_clipping"] == 0.0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.world_size, self.precision),
+            model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         )
         bind_zero_partitions(self.engine)
         if cfg.optim.qk_clip_tau > 0:
