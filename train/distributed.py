@@ -53,3 +53,12 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter exits: gloo's threads still running at
+    exit abort the process ("terminate called without an active exception", seen on rank 1)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -52,6 +52,7 @@ def run(dict_cfg: DictConfig) -> int:
     if cfg.launcher.nproc_per_node > 1 and "RANK" not in os.environ:
         return spawn_ranks(cfg)
 
+    from train.distributed import shutdown_distributed
     from train.trainer import Diverged, Trainer
 
     try:
@@ -60,6 +61,9 @@ def run(dict_cfg: DictConfig) -> int:
         return fail(str(e), EXIT_DATA)
     except Diverged as e:
         return fail(str(e), EXIT_DIVERGED)
+    finally:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs share one process group
+            shutdown_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         out = Path(cfg.out_dir)
         wandb_dir = next(iter(sorted((out / "wandb").glob("*run-*"))), None)
