@@ -120,7 +120,7 @@ def test_validation_batches_are_fixed(prepared):
 
 @pytest.mark.parametrize("damage,words", [
     (lambda b: b[:-3], "truncated"),
-    (lambda b: b"XXXXXXXX" + b[8:], "magic"),
+    (lambda b: b"NOTMAGIC" + b[8:], "magic"),
     (lambda b: b[:8] + (7).to_bytes(8, "little") + b[16:], "version 7"),
     (lambda b: b[:20], "shorter than its header"),
 ])
