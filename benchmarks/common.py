@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,20 @@ def load_config(overrides: list[str]) -> Config:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def benchmark_trainer(overrides: list[str], start_callbacks: bool = False):
+    """A Trainer that only trains: no evaluation, checkpoints or progress bar, a practically
+    endless schedule (its warm-up is what a few timed steps see), output in a temporary dir."""
+    from train.trainer import Trainer
+
+    cfg = load_config(["trainer.max_steps=1000000", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+                       "trainer.progress=false", f"out_dir={tempfile.mkdtemp(prefix='bench-')}", *overrides])
+    trainer = Trainer(cfg)
+    if start_callbacks:  # the metrics file and wandb, as in a real run
+        for cb in trainer.callbacks.values():
+            cb.on_train_start(trainer)
+    return trainer
 
 
 def alternate(contenders: dict, steps: int, rounds: int, warmup_rounds: int = 1) -> dict[str, list[float]]:

@@ -11,10 +11,9 @@ import argparse
 import tempfile
 import time
 
-from benchmarks.common import load_config
+from benchmarks.common import benchmark_trainer, load_config
 from data.loader import TokenLoader
 from data.shards import load_manifest, prepare
-from train.trainer import Trainer
 
 
 def timed_prepare(cfg) -> tuple[float, dict]:
@@ -40,16 +39,14 @@ def main() -> None:
         rows.append((tokenizer, seconds, tokens))
     byte_tokens = rows[0][2]
 
-    cfg = load_config(["data=pycode", f"data.cache_dir={cache}", "trainer.progress=false",
-                       "logger.wandb.mode=disabled", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-                       f"out_dir={tempfile.mkdtemp(prefix='bench-train-')}"])
+    trainer = benchmark_trainer(["data=pycode", f"data.cache_dir={cache}", "logger.wandb.mode=disabled"])
+    cfg = trainer.cfg
     loader = TokenLoader(prepare(cfg.data), cfg.data.seq_len, cfg.trainer.micro_batch_size, seed=0)
     start = time.perf_counter()
     for _ in range(args.batches):
         next(loader)
     loader_tps = args.batches * cfg.trainer.micro_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
 
-    trainer = Trainer(cfg)
     for _ in range(3):
         trainer.train_step()
     start = time.perf_counter()

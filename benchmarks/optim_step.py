@@ -9,16 +9,14 @@ Target: ours in torch-equivalent mode ≤ 0.7× torch.optim.Muon's step time, wi
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
 
-from benchmarks.common import alternate, load_config, median
+from benchmarks.common import alternate, benchmark_trainer, load_config, median
 from model import build_model
 from optim.muon import Muon
 from optim.params import classify_parameters
-from train.trainer import Trainer
 
 MODELS = {
     "default (d=128, 4 layers)": [],
@@ -77,9 +75,7 @@ def main() -> None:
                   f"{v / ms['torch.optim.AdamW']:.1f}x AdamW")
 
     # The optimizer's share of a full training step of the default model with optim=muon.
-    cfg = load_config(["optim=muon", "trainer.progress=false", "logger.wandb.mode=disabled", "trainer.eval_every=0",
-                       "trainer.checkpoint_every=0", f"out_dir={tempfile.mkdtemp(prefix='bench-optim-')}"])
-    trainer = Trainer(cfg)
+    trainer = benchmark_trainer(["optim=muon", "logger.wandb.mode=disabled"])
     optimizer = trainer.optimizer
     spent = []
     original = optimizer.step

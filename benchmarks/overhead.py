@@ -8,16 +8,14 @@ alternating in one process. Prints tokens/s of each and ours / plain (target ≥
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
 
-from benchmarks.common import alternate, load_config, median
+from benchmarks.common import alternate, benchmark_trainer, median
 from data.loader import TokenLoader
 from model import build_model
 from optim import build_scheduler
 from optim.builder import adamw_groups
-from train.trainer import Trainer
 
 
 def plain_loop(cfg, prepared, vocab_size):
@@ -49,14 +47,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="hydra overrides, as for launch.py")
     args = ap.parse_args()
 
-    out = tempfile.mkdtemp(prefix="overhead-")
-    cfg = load_config([
-        "trainer.max_steps=1000000", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-        "trainer.progress=false", f"out_dir={out}", *args.overrides,
-    ])
-    trainer = Trainer(cfg)
-    for cb in trainer.callbacks.values():
-        cb.on_train_start(trainer)
+    trainer = benchmark_trainer(args.overrides, start_callbacks=True)
+    cfg = trainer.cfg
     contenders = {
         "plain": plain_loop(cfg, trainer.prepared, trainer.loader.manifest["vocab_size"]),
         "ours": trainer.run_step,

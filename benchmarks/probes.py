@@ -7,10 +7,8 @@ Target: ≤ 5 % at the interval the presets use (probes.every=50).
 from __future__ import annotations
 
 import argparse
-import tempfile
 
-from benchmarks.common import alternate, load_config, median
-from train.trainer import Trainer
+from benchmarks.common import alternate, benchmark_trainer, median
 
 
 def main() -> None:
@@ -21,12 +19,8 @@ def main() -> None:
     args = ap.parse_args()
     trainers = {}
     for name, every in (("probes off", 0), (f"probes every {args.every}", args.every)):
-        cfg = load_config(["trainer.max_steps=1000000", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-                           "trainer.progress=false", "logger.wandb.mode=disabled", f"probes.every={every}",
-                           f"out_dir={tempfile.mkdtemp(prefix='bench-probes-')}", *args.overrides])
-        trainers[name] = Trainer(cfg)
-        for cb in trainers[name].callbacks.values():
-            cb.on_train_start(trainers[name])
+        trainers[name] = benchmark_trainer(["logger.wandb.mode=disabled", f"probes.every={every}", *args.overrides],
+                                           start_callbacks=True)
     times = alternate({k: t.run_step for k, t in trainers.items()}, args.every, args.rounds)
     ms = {k: 1e3 * median(v) for k, v in times.items()}
     off, on = ms["probes off"], ms[f"probes every {args.every}"]

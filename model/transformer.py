@@ -52,7 +52,7 @@ class Transformer(nn.Module):
         keep the values their module gave them."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Embedding)) or module.weight is getattr(self, "_tied", None):
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
                 continue
             # GPT-2's scaling: projections that write into the residual stream shrink with depth.
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out", "ffn.down")) else 1.0

@@ -253,7 +253,7 @@ class Trainer:
         metrics = self.train_step()
         if self.probes:
             self.probes.after_step(metrics)
-        if self.step == 1 or self.optimizer_state_mb is None:
+        if self.optimizer_state_mb is None:  # once the first step has created the state
             self.optimizer_state_mb = self.optimizer_state_bytes() / 2**20
             log.info("rank %d: optimizer state %.2f MB", self.rank, self.optimizer_state_mb)
         last = self.step == self.max_steps
