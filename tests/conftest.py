@@ -45,12 +45,17 @@ def tiny_config(tmp_path, data_cache):
     return make
 
 
-def launch(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    """Run `python launch.py ARGS` as a user would, capturing its output."""
+def launch_env(**extra) -> dict:
+    """This process's environment without the variables that would make a child think it is a rank."""
     launched = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launched} | {"WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in launched}
+    return env | {"WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def launch(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """Run `python launch.py ARGS` as a user would, capturing its output."""
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env or launch_env())
 
 
 class Crash(Exception):

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 PREFIX = "step_"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from as asked."""
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -62,7 +66,8 @@ class Checkpointer:
         final, tmp = self.dir / f"{PREFIX}{step:08d}", self.dir / f".tmp-{PREFIX}{step:08d}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+            for stale in self.dir.glob(f".tmp-{PREFIX}*"):  # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
         barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
         torch.save(trainer_state, tmp / f"trainer_state_rank{self.rank}.pt")
@@ -99,12 +104,13 @@ class Checkpointer:
     def load(self, engine, ckpt: Path) -> dict:
         why = problems(ckpt)
         if why is not None:
-            raise RuntimeError(f"checkpoint {ckpt} is unusable: {why}")
+            raise CheckpointError(f"checkpoint {ckpt} is unusable: {why}")
         saved_world = json.loads((ckpt / "manifest.json").read_text())["world_size"]
         if saved_world != self.world_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {ckpt} was written by {saved_world} rank(s); this run has {self.world_size}. "
-                f"Resume with launcher.nproc_per_node={saved_world}"
+                f"Resume with launcher.nnodes × launcher.nproc_per_node = {saved_world} ranks (resharding "
+                f"a checkpoint to another world size is not supported), or start afresh in a new out_dir"
             )
         engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)

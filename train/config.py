@@ -88,6 +88,10 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | path to a checkpoint directory
     precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
     progress: bool = True
+    # A step whose loss or gradient is not finite is never applied. stop: checkpoint the last good
+    # state and exit with an error; skip: count it, log it and go on (at most max_skipped_steps).
+    on_nonfinite: str = "stop"  # stop | skip
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -97,7 +101,14 @@ class ProbesConfig:
 
 @dataclass
 class LauncherConfig:
-    nproc_per_node: int = 1
+    nproc_per_node: int = 1  # ranks per node
+    nnodes: int = 1  # > 1: run launch.py on every node with its launcher.node_rank (torchrun rendezvous)
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # node 0's address, reachable from every node
+    master_port: int = 29500
+    hostfile: Optional[str] = None  # DeepSpeed hostfile: DeepSpeed's launcher starts every node from here
+    dry_run: bool = False  # print the command(s) and environment, run nothing
+    collective_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the run
 
 
 @dataclass

@@ -3,9 +3,12 @@ a plain `python launch.py` becomes a one-rank group of its own, so the same Deep
 runs everywhere."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -24,11 +27,23 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def die_with_launcher() -> None:
+    """A rank started by torchrun dies with it: were torchrun killed outright (SIGKILL, no chance
+    to stop its workers), orphaned ranks would train on and write into the run directory."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # it died before we asked
+        os._exit(1)
+
+
 def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
     """(rank, world size, device); idempotent, so tests can build several trainers in one process."""
     import deepspeed
 
     if not dist.is_initialized():
+        die_with_launcher()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         if "RANK" not in os.environ:

@@ -1,12 +1,13 @@
 """What `launch.py` does with a composed config: validate, fan out to ranks, train, report."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +17,7 @@ from train.validate import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED = 2, 3, 4
+EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED, EXIT_CHECKPOINT = 2, 3, 4, 5
 
 
 def typed_config(cfg: DictConfig) -> Config:
@@ -27,13 +28,30 @@ def typed_config(cfg: DictConfig) -> Config:
     return config
 
 
-def spawn_ranks(cfg: Config) -> int:
-    """Re-run this command under torchrun with one process per local rank."""
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("out_dir=")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.launcher.nproc_per_node}", sys.argv[0], *overrides, f"out_dir={cfg.out_dir}"]
-    log.info("launching %d ranks: %s", cfg.launcher.nproc_per_node, " ".join(cmd))
-    return subprocess.run(cmd).returncode
+class RunDirectoryBusy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def run_directory_lock(cfg: Config):
+    """Rank 0 holds `out_dir/.lock` while the run lives (the OS drops it when the process dies, even
+    by SIGKILL), so a second run in the same directory, or a resume while ranks of the previous
+    launch still run, stops with an error instead of writing over it."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield
+        return
+    path = Path(cfg.out_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunDirectoryBusy(f"out_dir={cfg.out_dir} is in use by another run that is still alive; wait for it, "
+                               f"stop it (its checkpoints stay valid), or choose another out_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def fail(message: str, code: int) -> int:
@@ -44,27 +62,52 @@ def fail(message: str, code: int) -> int:
 def run(dict_cfg: DictConfig) -> int:
     from data.sources import DataError
 
+    from train import launcher
+
+    overrides = list(HydraConfig.get().overrides.task)
     try:
         cfg = typed_config(dict_cfg)
         validate(cfg)
+        launcher.adopt_submitit_task(cfg)
     except ConfigError as e:
         return fail(str(e), EXIT_CONFIG)
-    if cfg.launcher.nproc_per_node > 1 and "RANK" not in os.environ:
-        return spawn_ranks(cfg)
+    plan = launcher.plan_launch(cfg, overrides)
+    if cfg.launcher.dry_run:
+        print(launcher.describe(plan, cfg, overrides), flush=True)
+        out = Path(cfg.out_dir)
+        if out.is_dir() and not any(out.iterdir()):  # made by Hydra for the job; nothing ran
+            out.rmdir()
+        return 0
+    if plan is not None:
+        try:
+            with run_directory_lock(cfg):  # refused here already, before any rank starts
+                pass
+        except RunDirectoryBusy as e:
+            return fail(str(e), EXIT_CONFIG)
+        return launcher.execute(plan, cfg)
 
+    from train.checkpoint import CheckpointError
     from train.distributed import shutdown_distributed
     from train.trainer import Diverged, Trainer
 
     try:
-        summary = Trainer(cfg).fit()
+        with run_directory_lock(cfg):
+            summary = Trainer(cfg).fit()
+    except RunDirectoryBusy as e:
+        return fail(str(e), EXIT_CONFIG)
     except DataError as e:
         return fail(str(e), EXIT_DATA)
     except Diverged as e:
         return fail(str(e), EXIT_DIVERGED)
+    except CheckpointError as e:
+        return fail(str(e), EXIT_CHECKPOINT)
     finally:
         if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs share one process group
             shutdown_distributed()
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0 and summary["status"] == "preempted":
+        print(f"\nstopped by {summary['signal']} after step {summary['steps']}; checkpoint "
+              f"{summary['checkpoint']}. Run the same command to resume.", flush=True)
+    elif int(os.environ.get("RANK", 0)) == 0:
         out = Path(cfg.out_dir)
         wandb_dir = next(iter(sorted((out / "wandb").glob("*run-*"))), None)
         print(

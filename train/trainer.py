@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -26,14 +27,16 @@ from optim.zero import bind_zero_partitions
 from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
 from train.config import Config
-from train.probes import StabilityProbes
 from train.distributed import barrier, init_distributed, mean_over_ranks
+from train.preemption import StopSignals
+from train.probes import StabilityProbes
+from train.provenance import record_start
 
 log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
-    """The loss or gradient norm became non-finite."""
+    """The loss or gradient norm became non-finite (and the run is to stop)."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -82,7 +85,7 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.trainer
         self.out_dir = Path(cfg.out_dir)
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(cfg.launcher.collective_timeout_s)
         self.max_steps = t.max_steps
         self.accum = t.global_batch_size // (t.micro_batch_size * self.world_size)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
@@ -118,7 +121,8 @@ class Trainer:
         if cfg.probes.every > 0 and self.rank == 0:  # local computation only: rank 0 probes, logs
             x, y = self.val_batches[0]
             self.probes = StabilityProbes(self.engine.module, (x.to(self.device), y.to(self.device)), cfg.probes.every)
-        self.step, self.tokens, self.train_time = 0, 0, 0.0
+        self.step, self.tokens, self.train_time, self.skipped_steps = 0, 0, 0.0, 0
+        self.last_checkpoint: tuple[int, Path] | None = None
         self.val_loss: float | None = None
         self.optimizer_state_mb: float | None = None
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_last, self.rank, self.world_size)
@@ -136,6 +140,9 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
         start = time.perf_counter()
+        # what a stop on a non-finite step rolls back to: the data position and RNG before it
+        before = (self.loader.state_dict(), rng_state()) if self.cfg.trainer.on_nonfinite == "stop" else None
+        skipped_before = self.engine.skipped_steps
         lr = self.scheduler.get_last_lr()[0]
         self.engine.train()
         loss_sum = torch.zeros((), device=self.device)
@@ -147,6 +154,7 @@ class Trainer:
             loss_sum += loss.detach().float()
             if self.manual_clip and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._clip_grad_norm()
+                self._skip_update_if(not math.isfinite(grad_norm))
             self.engine.step()
         clipped = qk_clip(self.engine.module, self.cfg.optim.qk_clip_tau) if self.cfg.optim.qk_clip_tau > 0 else None
         if grad_norm is None:
@@ -158,16 +166,46 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise Diverged(
-                f"the run diverged at step {self.step}: loss={loss}, grad_norm={grad_norm}. "
-                f"Lower optim.lr (now {self.cfg.optim.lr}) or raise optim.warmup_steps; "
-                f"the last good checkpoint is in {self.checkpointer.dir}"
-            )
+            self._non_finite(loss, grad_norm, applied=self.engine.skipped_steps == skipped_before, before=before)
         metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                   "tokens_per_s": self.tokens_per_step / elapsed}
+                   "tokens_per_s": self.tokens_per_step / elapsed, "skipped_steps": self.skipped_steps}
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
         return metrics
+
+    def _skip_update_if(self, non_finite: bool) -> None:
+        """ZeRO-0: drop the gradients so the optimizer leaves every parameter and state alone, and
+        raise the `overflow` flag by which DeepSpeed's engine counts a skipped step and holds the LR
+        schedule. ZeRO ≥ 1 optimizers check for overflow and skip by themselves."""
+        self.optimizer.overflow = non_finite
+        if non_finite:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _non_finite(self, loss: float, grad_norm: float, applied: bool, before) -> None:
+        t = self.cfg.trainer
+        what = f"step {self.step} had loss={loss}, grad_norm={grad_norm}"
+        advice = (f"Lower optim.lr (now {self.cfg.optim.lr}) or raise optim.warmup_steps "
+                  f"(now {self.cfg.optim.warmup_steps})")
+        if applied:  # cannot happen with finite gradients and a non-finite loss; never continue silently
+            raise Diverged(f"the run diverged: {what} and the update was applied. {advice}; the last good "
+                           f"checkpoint is in {self.checkpointer.dir}")
+        if t.on_nonfinite == "skip" and self.skipped_steps < t.max_skipped_steps:
+            self.skipped_steps += 1
+            log.warning("%s: update skipped (%d of at most trainer.max_skipped_steps=%d)", what,
+                        self.skipped_steps, t.max_skipped_steps)
+            return
+        # The update was not applied: step back to the last good state and checkpoint it.
+        self.step -= 1
+        self.tokens -= self.tokens_per_step
+        if before is not None:
+            self.loader.load_state_dict(before[0])
+            set_rng_state(before[1])
+        ckpt = self.save_checkpoint()
+        why = (f"more than trainer.max_skipped_steps={t.max_skipped_steps} steps were skipped"
+               if t.on_nonfinite == "skip" else "trainer.on_nonfinite=stop")
+        raise Diverged(f"the run diverged at step {self.step + 1}: {what}; its update was not applied and "
+                       f"{why}. The last good state (step {self.step}) is checkpointed in {ckpt}. {advice}, "
+                       f"or set trainer.on_nonfinite=skip to step over isolated bad batches.")
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
@@ -200,12 +238,13 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time,
-                "loader": self.loader.state_dict(), "rng": rng_state(),
+                "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict(), "rng": rng_state(),
                 "probes": self.probes.state_dict() if self.probes else None,
                 "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens, self.train_time = state["step"], state["tokens"], state["train_time"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         if self.probes and state.get("probes"):
@@ -214,7 +253,9 @@ class Trainer:
             cb.load_state_dict(state["callbacks"].get(k, {}))
 
     def save_checkpoint(self) -> Path:
-        return self.checkpointer.save(self.engine, self.step, self.state_dict())
+        path = self.checkpointer.save(self.engine, self.step, self.state_dict())
+        self.last_checkpoint = (self.step, path)
+        return path
 
     def maybe_resume(self) -> None:
         resume = self.cfg.trainer.resume
@@ -233,17 +274,31 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+            record_start(self.out_dir, self.step, self.world_size)
         for cb in self.callbacks.values():
             cb.on_train_start(self)
-        try:
-            while self.step < self.max_steps:
-                self.run_step()
-        except Diverged as e:
-            self._finish("diverged", wall_start, error=str(e))
-            raise
+        with StopSignals(self.device) as stop:
+            try:
+                while self.step < self.max_steps:
+                    self.run_step()
+                    signum = stop.agreed()
+                    if signum is not None and self.step < self.max_steps:
+                        return self._preempt(signum, stop, wall_start)
+            except Diverged as e:
+                self._finish("diverged", wall_start, error=str(e))
+                raise
         if self.val_loss is None:  # resumed at the end: nothing trained, still report the final loss
             self.val_loss = self.evaluate()
         return self._finish("completed", wall_start)
+
+    def _preempt(self, signum: int, stop: StopSignals, wall_start: float) -> dict:
+        step, path = self.last_checkpoint or (None, None)
+        if step != self.step:
+            path = self.save_checkpoint()
+        name = signal.Signals(signum).name
+        summary = self._finish("preempted", wall_start, signal=name, checkpoint=str(path))
+        stop.hand_over(signum)  # e.g. submitit requeues the SLURM job here
+        return summary
 
     def run_step(self) -> dict:
         """One optimizer step and what surrounds it in a run: evaluation, callbacks, checkpoint."""
@@ -265,7 +320,7 @@ class Trainer:
             self.save_checkpoint()
         return metrics
 
-    def _finish(self, status: str, wall_start: float, error: str | None = None) -> dict:
+    def _finish(self, status: str, wall_start: float, error: str | None = None, **extra) -> dict:
         summary = {
             "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
             "tokens_per_s": self.tokens / self.train_time if self.train_time else None,
@@ -274,7 +329,7 @@ class Trainer:
             "probe/amax_bwd": self.probes.max_amax_bwd if self.probes else None,
             "probe/spikes": self.probes.spikes if self.probes else None,
             "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision,
-            "optimizer_state_mb_per_rank": self.optimizer_state_mb,
+            "optimizer_state_mb_per_rank": self.optimizer_state_mb, "skipped_steps": self.skipped_steps, **extra,
         }
         if error:
             summary["error"] = error

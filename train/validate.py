@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from train.config import Config
+from train.launcher import read_hostfile, world_size
 
 OPTIMIZERS = ("adamw", "muon")
 RESIDUALS = ("residual", "hc", "mhc")
@@ -38,8 +39,30 @@ def _positive(key: str, value, integer: bool = True, allow_zero: bool = False) -
         raise ConfigError(key, value, f"a {'non-negative' if allow_zero else 'positive'} {kind}")
 
 
-def world_size_of(cfg: Config) -> int:
-    return cfg.launcher.nproc_per_node
+def _launcher(cfg: Config) -> None:
+    lc = cfg.launcher
+    _positive("launcher.nproc_per_node", lc.nproc_per_node)
+    _positive("launcher.nnodes", lc.nnodes)
+    if not 0 <= lc.node_rank < lc.nnodes:
+        raise ConfigError("launcher.node_rank", lc.node_rank, f"an integer from 0 to launcher.nnodes-1={lc.nnodes - 1}")
+    if not 1 <= lc.master_port <= 65535:
+        raise ConfigError("launcher.master_port", lc.master_port, "a TCP port from 1 to 65535")
+    if not lc.master_addr:
+        raise ConfigError("launcher.master_addr", lc.master_addr, "node 0's host name or IP address")
+    _positive("launcher.collective_timeout_s", lc.collective_timeout_s)
+    if lc.hostfile is not None:
+        if not Path(lc.hostfile).expanduser().is_file():
+            raise ConfigError("launcher.hostfile", lc.hostfile, "the path of an existing DeepSpeed hostfile")
+        try:
+            hosts = read_hostfile(lc.hostfile)
+        except ValueError as e:
+            raise ConfigError("launcher.hostfile", lc.hostfile, "lines of 'HOSTNAME slots=N'", str(e)) from None
+        if lc.nnodes > len(hosts):
+            raise ConfigError("launcher.nnodes", lc.nnodes, f"at most the {len(hosts)} host(s) in {lc.hostfile}")
+        fewest = min(slots for _, slots in hosts[: lc.nnodes])
+        if lc.nproc_per_node > fewest:
+            raise ConfigError("launcher.nproc_per_node", lc.nproc_per_node,
+                              f"at most {fewest}, the fewest slots among the first {lc.nnodes} host(s) of {lc.hostfile}")
 
 
 def validate(cfg: Config) -> None:
@@ -121,23 +144,25 @@ def validate(cfg: Config) -> None:
     for key in ("eval_every", "checkpoint_every"):
         _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
     _positive("trainer.grad_clip", t.grad_clip, integer=False, allow_zero=True)
-    per_step = t.micro_batch_size * world_size_of(cfg)
+    per_step = t.micro_batch_size * world_size(cfg)
     if t.global_batch_size % per_step:
         raise ConfigError(
             "trainer.global_batch_size", t.global_batch_size,
             f"a multiple of {per_step}, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}",
             f"it must split into micro-batches of trainer.micro_batch_size={t.micro_batch_size} "
-            f"on each of {world_size_of(cfg)} rank(s)",
+            f"on each of {world_size(cfg)} rank(s)",
         )
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
         raise ConfigError("trainer.resume", t.resume, "auto, never, or an existing checkpoint directory")
     _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    _positive("trainer.max_skipped_steps", t.max_skipped_steps, allow_zero=True)
 
     _positive("probes.every", cfg.probes.every, allow_zero=True)
     if cfg.probes.every and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("probes.every", cfg.probes.every, "0 with deepspeed.zero_stage=3",
                           "the probes read whole parameters, which ZeRO-3 partitions across ranks")
-    _positive("launcher.nproc_per_node", cfg.launcher.nproc_per_node)
+    _launcher(cfg)
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _positive("seed", cfg.seed, allow_zero=True)

@@ -1,0 +1,151 @@
+"""Faults inside one process: non-finite steps (stop and skip), a corrupt or half-written newest
+checkpoint, and a checkpoint from another world size."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import Crash, interrupted_run
+from train.checkpoint import CheckpointError
+from train.trainer import Diverged, Trainer
+
+COMMON = ("trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_every=4")
+
+
+def rows(out_dir):
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+
+def poison(trainer, bad_steps):
+    """NaN activations in the forward pass of the given (1-based) steps."""
+    def hook(module, args, output):
+        if module.training and trainer.step + 1 in bad_steps:
+            return output * float("nan")
+    trainer.engine.module.embed.register_forward_hook(hook)
+
+
+@pytest.fixture
+def reference(tiny_config, tmp_path):
+    cfg = tiny_config(*COMMON)
+    cfg.out_dir = str(tmp_path / "ref")
+    Trainer(cfg).fit()
+    return rows(cfg.out_dir)
+
+
+def test_stop_checkpoints_the_last_good_state(tiny_config, reference):
+    """A NaN at step 6 stops the run with a checkpoint of step 5; resuming it (data fixed) gives the
+    uninterrupted trajectory: the bad update was never applied and nothing else moved."""
+    cfg = tiny_config(*COMMON)
+    trainer = Trainer(cfg)
+    poison(trainer, {6})
+    with pytest.raises(Diverged, match=r"diverged at step 6.*not applied.*step 5\) is checkpointed"):
+        trainer.fit()
+    ckpt_dir = Path(cfg.out_dir) / "checkpoints"
+    assert (ckpt_dir / "latest").read_text().strip() == "step_00000005"
+    assert json.loads((Path(cfg.out_dir) / "summary.json").read_text())["status"] == "diverged"
+
+    Trainer(cfg).fit()
+    assert rows(cfg.out_dir) == reference
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_skip_leaves_parameters_and_optimizer_alone(tiny_config, stage):
+    cfg = tiny_config(*COMMON, "trainer.on_nonfinite=skip", "trainer.max_skipped_steps=2",
+                      f"deepspeed.zero_stage={stage}")
+    trainer = Trainer(cfg)
+    initial = trainer.full_state_dict()
+    poison(trainer, set(range(1, 9)))
+    with pytest.raises(Diverged, match="more than trainer.max_skipped_steps=2"):
+        trainer.fit()
+    for name, value in trainer.full_state_dict().items():
+        assert torch.equal(value, initial[name]), name
+    assert trainer.optimizer_state_bytes() == 0  # no optimizer step ever ran
+    assert [r["skipped_steps"] for r in rows(cfg.out_dir)] == [1, 2]
+    assert trainer.scheduler.last_epoch == 0  # the LR schedule waits for real steps
+
+
+def test_skip_continues_past_an_isolated_bad_step(tiny_config):
+    cfg = tiny_config(*COMMON, "trainer.on_nonfinite=skip")
+    trainer = Trainer(cfg)
+    poison(trainer, {3})
+    summary = trainer.fit()
+    log = rows(cfg.out_dir)
+    assert [r["skipped_steps"] for r in log] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert log[2]["loss"] is None and log[2]["grad_norm"] is None  # non-finite values are logged as null
+    assert summary["status"] == "completed" and summary["skipped_steps"] == 1
+    assert all(r["loss"] is not None for r in log[3:])
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, reference, caplog):
+    cfg = tiny_config(*COMMON, "trainer.checkpoint_every=3")
+    Trainer(cfg).fit()
+    ckpts = Path(cfg.out_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000006", "step_00000008"]
+    state = ckpts / "step_00000008" / "trainer_state_rank0.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as by a full disk
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert "step_00000008 is unusable" in caplog.text and trainer.step == 8
+    assert [r["step"] for r in rows(cfg.out_dir)] == list(range(1, 9))
+    assert [r["loss"] for r in rows(cfg.out_dir)] == [r["loss"] for r in reference]
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_config, reference, monkeypatch):
+    """A run dying while it writes step 8 leaves a temporary directory only; resume uses step 4
+    and the next save removes the leftover."""
+    cfg = tiny_config(*COMMON)
+    trainer = Trainer(cfg)
+    save = trainer.checkpointer.save
+
+    def dying_save(engine, step, state):
+        if step == 8:
+            engine.save_checkpoint(str(trainer.checkpointer.dir), tag=".tmp-step_00000008", save_latest=False)
+            raise Crash
+        return save(engine, step, state)
+    trainer.checkpointer.save = dying_save
+    with pytest.raises(Crash):
+        trainer.fit()
+    ckpts = Path(cfg.out_dir) / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    assert (ckpts / ".tmp-step_00000008").is_dir()
+
+    Trainer(cfg).fit()
+    assert rows(cfg.out_dir) == reference
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_resume_with_another_world_size_is_refused(tiny_config):
+    cfg = tiny_config(*COMMON)
+    interrupted_run(cfg, after_step=5)
+    manifest = Path(cfg.out_dir) / "checkpoints" / "step_00000004" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps(data | {"world_size": 2}))
+    with pytest.raises(CheckpointError, match=r"written by 2 rank\(s\); this run has 1"):
+        Trainer(cfg).fit()
+
+
+def test_preemption_signal_checkpoints_then_hands_over(tiny_config):
+    """SIGUSR2 mid-run (SLURM's warning through submitit): the step finishes, a checkpoint is
+    written, and only then the handler that was installed before the run (submitit's requeue) runs."""
+    import os
+    import signal
+
+    cfg = tiny_config(*COMMON)
+    trainer = Trainer(cfg)
+    seen = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(
+        (s, (Path(cfg.out_dir) / "checkpoints" / "latest").read_text().strip())))
+
+    def hook(module, args, output):
+        if module.training and trainer.step + 1 == 3:
+            os.kill(os.getpid(), signal.SIGUSR2)
+    trainer.engine.module.embed.register_forward_hook(hook)
+    try:
+        summary = trainer.fit()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert summary["status"] == "preempted" and summary["signal"] == "SIGUSR2" and summary["steps"] == 3
+    assert seen == [(signal.SIGUSR2, "step_00000003")]
+    assert len(rows(cfg.out_dir)) == 3

@@ -1,0 +1,92 @@
+"""`launcher.dry_run=true` prints the exact launcher command lines without running anything: one
+node with torchrun, a torchrun rendezvous across nodes, a DeepSpeed hostfile, SLURM's sbatch file."""
+import os
+import shlex
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, launch
+
+PY = sys.executable
+ENTRY = str(ROOT / "launch.py")
+
+
+def dry_run(tmp_path, *args):
+    out = tmp_path / "run"
+    proc = launch("launcher.dry_run=true", f"out_dir={out}", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not out.exists(), "a dry run wrote its out_dir"
+    return out, proc.stdout
+
+
+def commands(stdout):
+    return [shlex.split(line) for line in stdout.splitlines() if line.startswith("  ") and PY in line]
+
+
+def test_one_process(tmp_path):
+    out, stdout = dry_run(tmp_path, "seed=3")
+    assert commands(stdout) == [[PY, ENTRY, "seed=3", f"out_dir={out}"]]
+
+
+def test_local_ranks_use_torchrun(tmp_path):
+    out, stdout = dry_run(tmp_path, "launcher.nproc_per_node=2", "trainer.global_batch_size=32")
+    assert commands(stdout) == [[PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ENTRY,
+                                 "launcher.nproc_per_node=2", "trainer.global_batch_size=32", f"out_dir={out}"]]
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 2)}" in stdout
+
+
+def test_torchrun_rendezvous_across_nodes(tmp_path):
+    args = ["launcher.nnodes=3", "launcher.node_rank=1", "launcher.master_addr=10.1.2.3", "launcher.master_port=4567",
+            "trainer.global_batch_size=48"]
+    out, stdout = dry_run(tmp_path, *args)
+    shared = args[0:1] + args[2:]
+
+    def node(k):
+        return [PY, "-m", "torch.distributed.run", "--nnodes=3", f"--node_rank={k}", "--nproc_per_node=1",
+                "--master_addr=10.1.2.3", "--master_port=4567", ENTRY, *shared, f"launcher.node_rank={k}",
+                f"out_dir={out}"]
+    assert commands(stdout) == [node(1), node(0), node(2)]
+    assert "node 1 would run" in stdout and "node 2 would run" in stdout
+
+
+def test_deepspeed_hostfile(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two boxes\nworker-1 slots=8\nworker-2 slots=8\n")
+    args = [f"launcher.hostfile={hostfile}", "launcher.nnodes=2", "launcher.nproc_per_node=8",
+            "launcher.master_addr=worker-1", "trainer.global_batch_size=256"]
+    out, stdout = dry_run(tmp_path, *args)
+    assert commands(stdout) == [[PY, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--num_nodes=2",
+                                 "--num_gpus=8", "--master_addr=worker-1", "--master_port=29500", "--no_local_rank",
+                                 ENTRY, *args, f"out_dir={out}"]]
+
+
+@pytest.mark.parametrize("args,key", [
+    (["launcher.hostfile=/no/such/hosts"], "launcher.hostfile"),
+    (["launcher.nnodes=2", "launcher.node_rank=2", "trainer.global_batch_size=32"], "launcher.node_rank"),
+    (["launcher.master_port=70000"], "launcher.master_port"),
+])
+def test_bad_launcher_settings_are_refused(tmp_path, args, key):
+    proc = launch("launcher.dry_run=true", f"out_dir={tmp_path / 'run'}", *args)
+    assert proc.returncode == 2 and f"invalid configuration {key}=" in proc.stderr
+
+
+def test_slurm_sbatch_file(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = launch("-m", "hydra/launcher=slurm", "launcher.dry_run=true", f"out_dir={sweep}", "launcher.nnodes=2",
+                  "launcher.nproc_per_node=4", "trainer.global_batch_size=128", "seed=0,1,2",
+                  "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --array=0-2%3", "#SBATCH --signal=USR2@120",
+                 "export SUBMITIT_EXECUTOR=slurm", "WORLD_SIZE=8"):
+        assert line in proc.stdout, line
+    assert f"srun --unbuffered --output {sweep}/.submitit/" in proc.stdout
+    assert not list(sweep.glob("[0-9]*")), "a dry run started a job"
+
+
+def test_slurm_layout_must_be_one_task_per_rank(tmp_path):
+    proc = launch("-m", "hydra/launcher=submitit_slurm", "launcher.dry_run=true", f"out_dir={tmp_path / 's'}",
+                  "launcher.nproc_per_node=2", "trainer.global_batch_size=32")
+    assert proc.returncode == 2 and "hydra.launcher.tasks_per_node=1" in proc.stderr

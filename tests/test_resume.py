@@ -1,0 +1,199 @@
+"""Real processes, really killed: `python launch.py` SIGKILLed at an arbitrary step and resumed,
+SIGTERM (pre-emption), two launcher agents rendezvousing as two nodes, a node that dies, and
+SLURM's one-task-per-rank layout through submitit's local executor. Every resumed or relaunched
+run must log exactly what the uninterrupted run logged (fp32 on CPU: bitwise)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, launch, launch_env
+from train.distributed import free_port
+
+pytestmark = pytest.mark.slow
+
+# The killed runs are started with max_steps=1000 and resumed with max_steps=20: a constant
+# schedule makes the trajectory independent of max_steps, so the kill can wait for any step.
+COMMON = ["model=tiny", "data.seq_len=32", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
+          "trainer.eval_batches=2", "trainer.progress=false", "optim.warmup_steps=2", "optim.schedule=constant",
+          "logger.wandb.mode=disabled", "trainer.eval_every=5", "trainer.checkpoint_every=5"]
+ENV = launch_env(OMP_NUM_THREADS="1")  # two ranks share two cores, however they are launched
+OPTIMS = ("adamw", "muon")
+
+
+def rows(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+
+def run(*args, **kw):
+    flags = [a for a in args if a.startswith("-")]  # Hydra reads its flags before the overrides
+    proc = launch(*flags, *COMMON, *[a for a in args if a not in flags], env=ENV, timeout=300, **kw)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def start(*args, log: Path) -> subprocess.Popen:
+    """launch.py in its own process group (so the whole tree can be killed), output to `log`."""
+    out = open(log, "w")
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *COMMON, *map(str, args)], cwd=ROOT, env=ENV,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL launch.py and everything under it (torchrun puts its ranks in sessions of their own)."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= step:
+            return
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before step {step}"
+        time.sleep(0.01)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """20 steps of each optimizer at 1 and at 2 ranks: one Hydra sweep per world size (the 2-rank
+    sweep also shows that a multirun of multi-rank jobs works)."""
+    base = tmp_path_factory.mktemp("reference")
+    for ranks in (1, 2):
+        run("-m", "optim=adamw,muon", "trainer.max_steps=20", f"launcher.nproc_per_node={ranks}",
+            f"out_dir={base / str(ranks)}", f"data.cache_dir={cache}")
+    refs = {}
+    for ranks in (1, 2):
+        for job, optim in enumerate(OPTIMS):
+            out = base / str(ranks) / str(job)
+            assert json.loads((out / "summary.json").read_text())["world_size"] == ranks
+            refs[ranks, optim] = rows(out)
+            assert len(refs[ranks, optim]) == 20
+    return refs
+
+
+@pytest.mark.parametrize("ranks,optim", [(1, "adamw"), (1, "muon"), (2, "adamw"), (2, "muon")])
+def test_sigkill_at_any_step_then_resume(ranks, optim, uninterrupted, tmp_path, cache):
+    out = tmp_path / "run"
+    args = [f"optim={optim}", f"launcher.nproc_per_node={ranks}", f"out_dir={out}", f"data.cache_dir={cache}"]
+    proc = start(*args, "trainer.max_steps=1000", log=tmp_path / "killed.log")
+    kill_after = random.Random(f"{ranks}-{optim}").randint(6, 16)
+    wait_for_step(out, kill_after, proc)
+    kill_tree(proc)  # launch.py, torchrun and every rank, mid-step or mid-save
+    assert not (out / "summary.json").exists()
+    killed_at = len(rows(out))
+
+    run(*args, "trainer.max_steps=20")
+    assert rows(out) == uninterrupted[ranks, optim]
+    starts = json.loads((out / "environment.json").read_text())
+    assert [s["from_step"] for s in starts] == [0, 5 * (starts[1]["from_step"] // 5)]
+    assert killed_at - 5 <= starts[1]["from_step"] <= killed_at  # lost at most the steps since a checkpoint
+    assert starts[0]["git"] is None or len(starts[0]["git"]["commit"]) == 40
+    assert {"torch", "deepspeed", "hydra-core"} <= starts[0]["packages"].keys()
+
+
+@pytest.mark.parametrize("ranks,optim", [(1, "muon"), (2, "adamw")])
+def test_sigterm_checkpoints_and_exits_zero(ranks, optim, uninterrupted, tmp_path, cache):
+    out = tmp_path / "run"
+    args = [f"optim={optim}", f"launcher.nproc_per_node={ranks}", f"out_dir={out}", f"data.cache_dir={cache}"]
+    proc = start(*args, "trainer.max_steps=1000", log=tmp_path / "term.log")
+    wait_for_step(out, 7, proc)
+    proc.send_signal(signal.SIGTERM)  # to launch.py only, as a scheduler or `kill` would
+    assert proc.wait(timeout=120) == 0, (tmp_path / "term.log").read_text()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["status"] == "preempted" and summary["signal"] == "SIGTERM"
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert len(rows(out)) == stopped and stopped < 20
+    assert "stopped by SIGTERM" in (tmp_path / "term.log").read_text()
+
+    run(*args, "trainer.max_steps=20")
+    assert rows(out) == uninterrupted[ranks, "adamw" if optim == "adamw" else "muon"]
+
+
+def test_two_nodes_over_loopback_match_one_node(uninterrupted, tmp_path, cache):
+    """Two launcher agents started separately (node ranks 0 and 1, one rank each) rendezvous over
+    127.0.0.1 and train together exactly like 2 ranks on one node."""
+    out = tmp_path / "run"
+    args = ["optim=adamw", "trainer.max_steps=20", "launcher.nnodes=2", f"launcher.master_port={free_port()}",
+            f"out_dir={out}", f"data.cache_dir={cache}"]
+    node1 = start(*args, "launcher.node_rank=1", log=tmp_path / "node1.log")
+    run(*args, "launcher.node_rank=0")
+    assert node1.wait(timeout=120) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    assert rows(out) == uninterrupted[2, "adamw"]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_a_dead_node_fails_the_other_promptly(tmp_path, cache):
+    out = tmp_path / "run"
+    args = ["trainer.max_steps=1000", "launcher.nnodes=2", f"launcher.master_port={free_port()}",
+            "launcher.collective_timeout_s=30", f"out_dir={out}", f"data.cache_dir={cache}"]
+    node1 = start(*args, "launcher.node_rank=1", log=tmp_path / "node1.log")
+    node0 = start(*args, "launcher.node_rank=0", log=tmp_path / "node0.log")
+    try:
+        wait_for_step(out, 3, node0)
+        kill_tree(node1)
+        t0 = time.time()
+        code = node0.wait(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in (node0, node1):
+            if p.poll() is None:
+                kill_tree(p)
+    log = (tmp_path / "node0.log").read_text()
+    assert code != 0 and waited < 60, f"status {code} after {waited:.0f} s"
+    assert "error: the ranks' launcher exited with status" in log
+
+
+def test_slurm_layout_through_submitit(uninterrupted, tmp_path, cache):
+    """hydra-submitit-launcher's local executor starts the job as 2 tasks, as sbatch would with
+    --ntasks-per-node=2: each task becomes one rank, and training matches torchrun's 2 ranks."""
+    sweep = tmp_path / "sweep"
+    run("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "launcher.nproc_per_node=2",
+        "optim=adamw", "trainer.max_steps=20", f"out_dir={sweep}", f"data.cache_dir={cache}")
+    assert rows(sweep / "0") == uninterrupted[2, "adamw"]
+    assert json.loads((sweep / "0" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_live_run_directory_is_guarded_and_ranks_die_with_torchrun(tmp_path, cache):
+    """While a run lives, a second launch into its out_dir is refused; SIGKILL on torchrun alone
+    takes its ranks down with it (no orphan keeps writing), and the run then resumes."""
+    import psutil
+
+    out = tmp_path / "run"
+    args = ["optim=adamw", "launcher.nproc_per_node=2", f"out_dir={out}", f"data.cache_dir={cache}"]
+    proc = start(*args, "trainer.max_steps=1000", log=tmp_path / "first.log")
+    try:
+        wait_for_step(out, 3, proc)
+        second = launch(*COMMON, *args, "trainer.max_steps=20", env=ENV)
+        assert second.returncode == 2 and "is in use by another run that is still alive" in second.stderr
+        torchrun = psutil.Process(proc.pid).children()[0]
+        ranks = torchrun.children()
+        assert len(ranks) == 2
+        torchrun.kill()
+        _, alive = psutil.wait_procs(ranks, timeout=20)
+        assert not alive, "ranks outlived their launcher"
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    last = int((out / "checkpoints" / "latest").read_text().strip()[len("step_"):])
+    run(*args, f"trainer.max_steps={last + 3}")
+    assert [r["step"] for r in rows(out)] == list(range(1, last + 4))
