@@ -2,37 +2,40 @@
 
 `residual` is the plain pre-norm block, x + F(norm(x)). `hc` and `mhc` carry n streams
 [B, T, n, C] and change how each sublayer reads from and writes to them (model/mhc.py), not the
-sublayers themselves.
+sublayers themselves. The sublayers are given: dense or V4 attention, SwiGLU or MoE (which also
+reads the token ids, for hash routing).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from model.layers import Attention, SwiGLU
 from model.mhc import HyperConnection
+from model.moe import MoE
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ffn_hidden: int, norm_eps: float, dropout: float,
+    def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module, norm_eps: float, dropout: float,
                  residual: str = "residual", n_streams: int = 1, layer: int = 0, sinkhorn_iters: int = 20):
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.attn = Attention(d_model, n_heads, dropout)
+        self.attn = attn
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.ffn = SwiGLU(d_model, ffn_hidden)
+        self.ffn = ffn
+        self.ffn_reads_ids = isinstance(ffn, MoE)
         self.drop = nn.Dropout(dropout)
         self.hyper = residual != "residual"
         if self.hyper:
             self.attn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer, sinkhorn_iters)
             self.ffn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer + 1, sinkhorn_iters)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor | None = None):
         def attn(h):
             return self.drop(self.attn(self.attn_norm(h), cos, sin))
 
         def ffn(h):
-            return self.drop(self.ffn(self.ffn_norm(h)))
+            h = self.ffn_norm(h)
+            return self.drop(self.ffn(h, ids) if self.ffn_reads_ids else self.ffn(h))
 
         if self.hyper:
             return self.ffn_hc(self.attn_hc(x, attn), ffn)

@@ -1,16 +1,21 @@
-"""The decoder-only language model: embedding, a stack of blocks, final norm, LM head."""
+"""The decoder-only language model: embedding, a stack of blocks, final norm, LM head; with
+V4's parts when configured (V4 attention, MoE, multi-token prediction) and their extra losses."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.attention import V4Attention, layer_kinds
 from model.block import Block
-from model.layers import rope_tables
+from model.layers import Attention, SwiGLU, rope_tables
 from model.mhc import StreamReduce
+from model.moe import MoE
+from model.mtp import MTP, mtp_loss
 
 
 def ffn_hidden_size(d_model: int, requested: int) -> int:
@@ -31,11 +36,28 @@ class Transformer(nn.Module):
         self.n_streams = cfg.n_streams if cfg.residual != "residual" and cfg.n_streams > 1 else 1
         residual = cfg.residual if self.n_streams > 1 else "residual"
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.kinds = layer_kinds(cfg.n_layers, cfg.attn.layers) if cfg.attention == "v4" else ["dense"] * cfg.n_layers
+
+        def attention(kind: str) -> nn.Module:
+            if kind == "dense":
+                return Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+            return V4Attention(cfg.d_model, cfg.n_heads, cfg.attn, kind, cfg.max_seq_len, cfg.norm_eps)
+
+        def ffn(layer: int) -> nn.Module:
+            return MoE(cfg.d_model, cfg.moe, layer, vocab_size) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, hidden)
+
         self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, hidden, cfg.norm_eps, cfg.dropout, residual, self.n_streams, i,
-                  cfg.sinkhorn_iters)
+            Block(cfg.d_model, attention(self.kinds[i]), ffn(i), cfg.norm_eps, cfg.dropout, residual, self.n_streams,
+                  i, cfg.sinkhorn_iters)
             for i in range(cfg.n_layers)
         )
+        # V4's MTP block: a plain pre-norm block with the cheapest attention of the trunk
+        self.mtp = MTP(cfg.d_model, Block(cfg.d_model, attention("window" if cfg.attention == "v4" else "dense"),
+                                          ffn(cfg.n_layers), cfg.norm_eps, cfg.dropout), cfg.norm_eps) \
+            if cfg.mtp_depth else None
+        self.mtp_weight = cfg.mtp_weight
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.loss_count = 0
         self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model) if self.n_streams > 1 else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -57,6 +79,9 @@ class Transformer(nn.Module):
             # GPT-2's scaling: projections that write into the residual stream shrink with depth.
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out", "ffn.down")) else 1.0
             nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+        for module in self.modules():  # weights held outside nn.Linear (stacked experts, grouped projections)
+            if hasattr(module, "init_weights"):
+                module.init_weights(std, 1 / math.sqrt(2 * self.cfg.n_layers))
 
     def output_parameters(self) -> list[nn.Parameter]:
         """Parameters of the output head, which optimizers treat apart from hidden matrices."""
@@ -69,23 +94,90 @@ class Transformer(nn.Module):
             x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.size(-1)).contiguous()
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+                x = checkpoint(block, x, self.rope_cos, self.rope_sin, idx, use_reentrant=False)
             else:
-                x = block(x, self.rope_cos, self.rope_sin)
+                x = block(x, self.rope_cos, self.rope_sin, idx)
         if self.reduce is not None:
             x = self.reduce(x)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        lm = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        if not self.training:  # evaluation: the next-token loss alone, comparable across models
+            return lm
+        return self._training_loss(lm, x, targets)
+
+    def _training_loss(self, lm: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss backward sees: next-token loss, weighted MTP loss, the indexers' KL and the
+        MoE balance loss; each is kept (detached) for the step's metrics."""
+        parts, total = {"lm": lm}, lm
+        if self.mtp is not None:
+            h = self.mtp(hidden[:, :-1], self.embed(targets[:, :-1]), targets[:, :-1], self.rope_cos, self.rope_sin)
+            parts["mtp"] = mtp_loss(self.head(h), targets)
+            total = total + self.mtp_weight * parts["mtp"]
+        for module in self.modules():
+            aux = getattr(module, "aux_loss", None)
+            if aux is not None:
+                key = "indexer_kl" if isinstance(module, V4Attention) else "moe_balance"
+                parts[key] = parts.get(key, 0.0) + aux
+                total = total + aux
+                module.aux_loss = None
+        for k, v in parts.items():
+            self.loss_sums[k] = self.loss_sums.get(k, 0.0) + v.detach().float()
+        self.loss_count += 1
+        return total
+
+    # -- what the trainer calls around each optimizer step ---------------------------------------
+    def on_step_start(self, step: int, lr_decaying: bool) -> None:
+        """Before optimizer step `step` (0-based): CSA goes sparse after the indexer's warm-up;
+        the MTP weight drops once the learning rate decays."""
+        for module in self.modules():
+            if isinstance(module, V4Attention) and module.kind == "csa":
+                module.sparse = step >= self.cfg.attn.indexer_warmup_steps
+        self.mtp_weight = self.cfg.mtp_weight_decayed if lr_decaying else self.cfg.mtp_weight
+
+    def on_step_end(self, applied: bool = True) -> dict[str, float]:
+        """After the optimizer step: MoE bias updates (none if the step was skipped), and the
+        step's loss parts and expert loads (means over micro-batches and ranks) for the metrics."""
+        metrics = {}
+        if self.loss_count and len(self.loss_sums) > 1:
+            keys = sorted(self.loss_sums)
+            values = torch.stack([self.loss_sums[k] for k in keys]) / self.loss_count
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(values)
+                values /= dist.get_world_size()
+            metrics.update({f"loss/{k}": float(v) for k, v in zip(keys, values)})
+            if self.mtp is not None:
+                metrics["mtp_weight"] = self.mtp_weight
+        self.loss_sums, self.loss_count = {}, 0
+        moes = [(f"layer{i}", b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]
+        if self.mtp is not None and isinstance(self.mtp.block.ffn, MoE):
+            moes.append(("mtp", self.mtp.block.ffn))
+        for name, moe in moes:
+            metrics[f"moe/{name}/load_max_over_mean"] = moe.update_bias(applied)["load_max_over_mean"]
+        if moes:
+            metrics["moe/load_max_over_mean"] = max(v for k, v in metrics.items() if k.endswith("load_max_over_mean"))
+            biases = torch.cat([m.bias for _, m in moes])
+            metrics["moe/bias_min"], metrics["moe/bias_max"] = float(biases.min()), float(biases.max())
+        return metrics
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_active_params(self) -> int:
+        """Parameters one token uses: routed experts count only top_k of n_experts."""
+        inactive = sum((m.gate_up.numel() + m.down.numel()) * (m.n_experts - m.top_k) // m.n_experts
+                       for m in self.modules() if isinstance(m, MoE))
+        return self.num_params() - inactive
+
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6·N for the matmuls plus attention's 12·L·d·T (PaLM's accounting)."""
-        n = sum(p.numel() for n_, p in self.named_parameters() if not n_.startswith("embed"))
-        return 6 * n + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
+        """Training FLOPs per token: 6 × active non-embedding parameters for the matmuls, plus 3 ×
+        the attention scores and weighted values (dense: 4·d·T per layer, PaLM's accounting; V4:
+        window, selected or all compressed entries, and the indexer)."""
+        n = self.num_active_params() - self.embed.weight.numel()
+        attention = sum(m.attention_flops(seq_len) if isinstance(m, V4Attention) else 4 * self.cfg.d_model * seq_len
+                        for m in self.modules() if isinstance(m, (V4Attention, Attention)))
+        return int(6 * n + 3 * attention)
 
 
 def build_model(cfg, vocab_size: int) -> Transformer:

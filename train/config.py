@@ -13,6 +13,39 @@ from hydra.core.config_store import ConfigStore
 
 
 @dataclass
+class AttentionConfig:
+    """V4 attention (model.attention=v4): a sliding window of raw tokens plus compressed entries."""
+    layers: List[str] = field(default_factory=list)  # window | csa | hca per layer; [] = V4-Flash's shape
+    window: int = 64  # raw tokens each query sees (itself included)
+    head_dim: int = 32
+    rope_dim: int = 16  # RoPE on the last rope_dim channels of queries and the shared key/value
+    q_lora: int = 64  # rank of the query projection
+    out_groups: int = 2  # grouped low-rank output projection: head groups ...
+    out_lora: int = 64  # ... each projected to this rank
+    csa_ratio: int = 4  # tokens per compressed entry (CSA pools 2x that, overlapping)
+    csa_topk: int = 16  # compressed entries the indexer selects per query
+    hca_ratio: int = 16  # tokens per compressed entry in HCA (dense over entries)
+    index_heads: int = 4
+    index_dim: int = 16
+    indexer_warmup_steps: int = 100  # CSA attends densely (indexer learns by KL) before sparse top-k
+    indexer_kl_weight: float = 1.0
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeekMoE (model.ffn=moe): shared + fine-grained routed SwiGLU experts."""
+    n_experts: int = 8
+    top_k: int = 2
+    n_shared: int = 1
+    expert_hidden: int = 64
+    route_scale: float = 1.5  # selected affinities are normalised, then scaled by this
+    bias_gamma: float = 0.001  # auxiliary-loss-free balancing: selection-bias step per optimizer step
+    balance_weight: float = 1.0e-4  # sequence-wise balance loss
+    hash_layers: int = 1  # the first layers route by a fixed token-id hash
+    clamp: float = 10.0  # SwiGLU clamps: gate <= clamp, linear part in [-clamp, clamp]
+
+
+@dataclass
 class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
@@ -28,6 +61,13 @@ class ModelConfig:
     n_streams: int = 4  # hyper-connection expansion rate (hc, mhc)
     sinkhorn_iters: int = 20  # mhc: Sinkhorn–Knopp iterations
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+    attention: str = "dense"  # dense (multi-head RoPE) | v4 (window + compressed entries, model.attn)
+    ffn: str = "dense"  # dense (SwiGLU) | moe (model.moe)
+    mtp_depth: int = 0  # 1: V4's next-next-token block
+    mtp_weight: float = 0.3  # MTP loss weight, ...
+    mtp_weight_decayed: float = 0.1  # ... and once the learning rate decays
+    attn: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass

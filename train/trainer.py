@@ -104,6 +104,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.loader.manifest["vocab_size"])
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_active_params = model.num_active_params()
         self.flops_per_token = model.flops_per_token(d.seq_len)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
@@ -134,8 +135,9 @@ class Trainer:
                 self.callbacks["wandb"] = WandbLogger(cfg.logger.wandb, self.out_dir, resolved)
             if t.progress:
                 self.callbacks["progress"] = ProgressBar()
-        log.info("model: %s parameters, %s FLOPs/token; precision %s; %d rank(s), %d micro-batch(es) per step",
-                 f"{self.n_params:,}", f"{self.flops_per_token:,}", self.precision, self.world_size, self.accum)
+        log.info("model: %s parameters (%s active per token), %s training FLOPs/token; precision %s; %d rank(s), %d micro-batch(es) per step",
+                 f"{self.n_params:,}", f"{self.n_active_params:,}", f"{self.flops_per_token:,}", self.precision,
+                 self.world_size, self.accum)
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -144,6 +146,10 @@ class Trainer:
         before = (self.loader.state_dict(), rng_state()) if self.cfg.trainer.on_nonfinite == "stop" else None
         skipped_before = self.engine.skipped_steps
         lr = self.scheduler.get_last_lr()[0]
+        module = self.engine.module
+        if hasattr(module, "on_step_start"):  # V4 parts: sparse attention after warm-up, MTP weight
+            module.on_step_start(self.step, lr_decaying=self.step >= self.cfg.optim.warmup_steps
+                                 and lr < self.scheduler.base_lrs[0] * (1 - 1e-6))
         self.engine.train()
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
@@ -165,10 +171,15 @@ class Trainer:
         self.tokens += self.tokens_per_step
         elapsed = time.perf_counter() - start
         self.train_time += elapsed
+        applied = self.engine.skipped_steps == skipped_before
+        # MoE bias updates and the loss parts; `loss` stays the next-token loss, comparable across models
+        parts = module.on_step_end(applied) if hasattr(module, "on_step_end") else {}
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self._non_finite(loss, grad_norm, applied=self.engine.skipped_steps == skipped_before, before=before)
+            self._non_finite(loss, grad_norm, applied=applied, before=before)
+        if "loss/lm" in parts:
+            parts["loss/total"], loss = loss, parts.pop("loss/lm")
         metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                   "tokens_per_s": self.tokens_per_step / elapsed, "skipped_steps": self.skipped_steps}
+                   "tokens_per_s": self.tokens_per_step / elapsed, "skipped_steps": self.skipped_steps, **parts}
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
         return metrics
@@ -328,7 +339,8 @@ class Trainer:
             "probe/amax_fwd": self.probes.max_amax_fwd if self.probes else None,
             "probe/amax_bwd": self.probes.max_amax_bwd if self.probes else None,
             "probe/spikes": self.probes.spikes if self.probes else None,
-            "n_params": self.n_params, "world_size": self.world_size, "precision": self.precision,
+            "n_params": self.n_params, "n_active_params": self.n_active_params,
+            "flops_per_token": self.flops_per_token, "world_size": self.world_size, "precision": self.precision,
             "optimizer_state_mb_per_rank": self.optimizer_state_mb, "skipped_steps": self.skipped_steps, **extra,
         }
         if error:

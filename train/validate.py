@@ -65,6 +65,47 @@ def _launcher(cfg: Config) -> None:
                               f"at most {fewest}, the fewest slots among the first {lc.nnodes} host(s) of {lc.hostfile}")
 
 
+def _v4_parts(cfg: Config) -> None:
+    m, a, e = cfg.model, cfg.model.attn, cfg.model.moe
+    _choice("model.attention", m.attention, ("dense", "v4"))
+    _choice("model.ffn", m.ffn, ("dense", "moe"))
+    _choice("model.mtp_depth", m.mtp_depth, (0, 1))
+    for key in ("mtp_weight", "mtp_weight_decayed"):
+        _positive(f"model.{key}", getattr(m, key), integer=False, allow_zero=True)
+    if m.attention == "v4":
+        if a.layers and (len(a.layers) != m.n_layers or not set(a.layers) <= {"window", "csa", "hca"}):
+            raise ConfigError("model.attn.layers", list(a.layers),
+                              f"[] (V4-Flash's pattern) or model.n_layers={m.n_layers} entries of window, csa, hca")
+        for key in ("window", "head_dim", "q_lora", "out_groups", "out_lora", "csa_ratio", "csa_topk", "hca_ratio",
+                    "index_heads", "index_dim"):
+            _positive(f"model.attn.{key}", getattr(a, key))
+        _positive("model.attn.indexer_warmup_steps", a.indexer_warmup_steps, allow_zero=True)
+        _positive("model.attn.indexer_kl_weight", a.indexer_kl_weight, integer=False, allow_zero=True)
+        if a.rope_dim % 2 or not 0 <= a.rope_dim <= a.head_dim:
+            raise ConfigError("model.attn.rope_dim", a.rope_dim, f"an even number from 0 to model.attn.head_dim={a.head_dim}")
+        if m.n_heads % a.out_groups:
+            raise ConfigError("model.attn.out_groups", a.out_groups, f"a divisor of model.n_heads={m.n_heads}")
+    if m.ffn == "moe":
+        for key in ("n_experts", "top_k", "expert_hidden"):
+            _positive(f"model.moe.{key}", getattr(e, key))
+        if e.top_k > e.n_experts:
+            raise ConfigError("model.moe.top_k", e.top_k, f"at most model.moe.n_experts={e.n_experts}")
+        for key in ("n_shared", "hash_layers"):
+            _positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
+        for key in ("route_scale", "clamp"):
+            _positive(f"model.moe.{key}", getattr(e, key), integer=False)
+        for key in ("bias_gamma", "balance_weight"):
+            _positive(f"model.moe.{key}", getattr(e, key), integer=False, allow_zero=True)
+    v4 = [k for k, on in (("model.attention=v4", m.attention == "v4"), ("model.ffn=moe", m.ffn == "moe"),
+                          ("model.mtp_depth=1", m.mtp_depth == 1)) if on]
+    if v4 and m.activation_checkpointing:
+        raise ConfigError("model.activation_checkpointing", True, f"false with {', '.join(v4)}",
+                          "their auxiliary losses and expert loads are side outputs that recomputation would repeat")
+    if m.attention == "v4" and cfg.optim.qk_clip_tau > 0:
+        raise ConfigError("optim.qk_clip_tau", cfg.optim.qk_clip_tau, "0 with model.attention=v4",
+                          "V4 attention normalises queries and keys with RMSNorm instead")
+
+
 def validate(cfg: Config) -> None:
     m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
 
@@ -112,6 +153,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.n_heads", m.n_heads, f"a divisor of model.d_model={m.d_model} leaving an even head size")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError("model.dropout", m.dropout, "a number in [0, 1)")
+    _v4_parts(cfg)
 
     _choice("data.source", d.source, SOURCES)
     _positive("data.seq_len", d.seq_len)

@@ -1,0 +1,144 @@
+"""DeepSeek-V4 attention: every query attends, in one softmax, to a sliding window of raw tokens
+and to compressed entries of the whole past (REFERENCE.md §3).
+
+- queries: low-rank projection, RMSNorm, up to heads; one shared key/value head (K = V), RMSNorm;
+  RoPE on the last `rope_dim` channels of both; the output is rotated back by the query's own
+  position (inverse RoPE), so what a value contributes depends on relative position only;
+- a learnable sink logit per head joins the softmax denominator;
+- output: heads in `out_groups` groups, each projected to rank `out_lora`, then to d_model;
+- kinds per layer: `window` (raw window only), `csa` (entries of `csa_ratio` tokens, overlapping,
+  the top-k chosen by the lightning indexer; dense over all visible entries during the indexer's
+  warm-up), `hca` (entries of `hca_ratio` tokens, dense).
+
+The window is computed in chunks of `window` queries against their chunk and the previous one,
+so memory grows as T·window, not T².
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.compressor import Compressor, rope_last, visible_entries
+from model.indexer import Indexer, kl_to_attention, select_topk
+from model.layers import rope_tables
+
+KINDS = ("window", "csa", "hca")
+
+
+def layer_kinds(n_layers: int, layers: list[str]) -> list[str]:
+    """The configured pattern, or V4-Flash's shape scaled down: its 2 window-only layers of 43
+    (at least one), then CSA and HCA alternating."""
+    if layers:
+        return list(layers)
+    n_window = max(1, round(2 * n_layers / 43))
+    return ["window"] * n_window + [("csa", "hca")[i % 2] for i in range(n_layers - n_window)]
+
+
+def window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
+    """[C, w, 2w] bool for chunked window attention: query (chunk c, row r) at position c·w + r
+    may see key (chunk c, column j) at position (c−1)·w + j."""
+    n_chunks = -(-seq_len // window)
+    q = (torch.arange(n_chunks, device=device)[:, None] * window + torch.arange(window, device=device))[:, :, None]
+    k = (torch.arange(n_chunks, device=device)[:, None] * window - window
+         + torch.arange(2 * window, device=device))[:, None, :]
+    return (k <= q) & (q - k < window) & (k >= 0)
+
+
+class V4Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, cfg, kind: str, max_seq_len: int, eps: float):
+        super().__init__()
+        self.kind, self.n_heads, self.head_dim, self.rope_dim = kind, n_heads, cfg.head_dim, cfg.rope_dim
+        self.window, self.topk, self.kl_weight = cfg.window, cfg.csa_topk, cfg.indexer_kl_weight
+        self.ratio = {"window": 0, "csa": cfg.csa_ratio, "hca": cfg.hca_ratio}[kind]
+        hd, groups = cfg.head_dim, cfg.out_groups
+        self.q_down = nn.Linear(d_model, cfg.q_lora, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.q_lora, eps=eps)
+        self.q_up = nn.Linear(cfg.q_lora, n_heads * hd, bias=False)
+        self.q_up.weight.head_blocks = n_heads
+        self.kv = nn.Linear(d_model, hd, bias=False)
+        self.kv_norm = nn.RMSNorm(hd, eps=eps)
+        self.sink = nn.Parameter(torch.zeros(n_heads))
+        # [groups, rank, heads·hd / groups]: Muon orthogonalises each group's projection on its own
+        self.out_down = nn.Parameter(torch.empty(groups, cfg.out_lora, n_heads * hd // groups))
+        self.out = nn.Linear(groups * cfg.out_lora, d_model, bias=False)
+        self.compressor = None if kind == "window" else Compressor(
+            d_model, hd, self.ratio, overlap=kind == "csa", rope_dim=cfg.rope_dim, eps=eps)
+        self.indexer = Indexer(d_model, cfg.q_lora, cfg.index_heads, cfg.index_dim, self.ratio, eps) \
+            if kind == "csa" else None
+        self.sparse = False  # CSA: top-k entries (after the indexer's warm-up) or all visible ones
+        self.aux_loss: torch.Tensor | None = None  # the indexer's KL of the last training forward
+        cos, sin = rope_tables(max_seq_len, max(cfg.rope_dim, 2), 10000.0)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, std: float, out_scale: float) -> None:
+        nn.init.normal_(self.out_down, std=std)
+        nn.init.normal_(self.out.weight, std=std * out_scale)
+
+    def forward(self, x: torch.Tensor, *unused) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, hd, w = self.n_heads, self.head_dim, self.window
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        q_latent = self.q_norm(self.q_down(x))
+        q = rope_last(self.q_up(q_latent).view(b, t, h, hd).transpose(1, 2), cos, sin, self.rope_dim)
+        kv = rope_last(self.kv_norm(self.kv(x)), cos, sin, self.rope_dim)  # [B, T, hd], key and value
+        q = q * hd ** -0.5
+
+        # window scores, chunked: [B, H, C, w, 2w]
+        n_chunks = -(-t // w)
+        pad = n_chunks * w - t
+        qc = F.pad(q, (0, 0, 0, pad)).view(b, h, n_chunks, w, hd)
+        kc = F.pad(kv, (0, 0, w, pad)).unfold(1, 2 * w, w).transpose(-1, -2)  # [B, C, 2w, hd]
+        s_win = torch.einsum("bhcqd,bckd->bhcqk", qc, kc)
+        s_win = s_win.masked_fill(~window_mask(t, w, x.device), float("-inf"))
+        s_win = s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :t]
+
+        parts = [s_win]
+        entries = selected = chosen = index_scores = None
+        if self.compressor is not None:
+            entries = self.compressor(x, cos, sin)  # [B, N, hd]
+            visible = visible_entries(t, self.ratio, x.device)  # [T, N]
+            if self.indexer is not None and (self.sparse or self.training):
+                index_scores = self.indexer(x, q_latent, cos, sin)
+            if self.indexer is not None and self.sparse:
+                selected, chosen = select_topk(index_scores, visible, self.topk)  # [B, T, k]
+                picked = torch.gather(entries[:, None].expand(b, t, -1, hd), 2,
+                                      selected[..., None].expand(-1, -1, -1, hd))  # [B, T, k, hd]
+                s_comp = torch.einsum("bhtd,btkd->bhtk", q, picked).masked_fill(~chosen[:, None], float("-inf"))
+                entries = picked
+            else:
+                s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
+            parts.append(s_comp)
+        parts.append(self.sink.view(1, h, 1, 1).expand(b, h, t, 1).to(q.dtype))
+        wide = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax under bf16 autocast
+        probs = torch.softmax(torch.cat(parts, dim=-1).to(wide), dim=-1).type_as(q)
+
+        p_win = F.pad(probs[..., : 2 * w], (0, 0, 0, pad)).view(b, h, n_chunks, w, 2 * w)
+        out = torch.einsum("bhcqk,bckd->bhcqd", p_win, kc).reshape(b, h, n_chunks * w, hd)[:, :, :t]
+        if entries is not None:
+            p_comp = probs[..., 2 * w: -1]
+            out = out + (torch.einsum("bhtk,btkd->bhtd", p_comp, entries) if selected is not None
+                         else torch.einsum("bhtn,bnd->bhtd", p_comp, entries))
+            if index_scores is not None and self.training:
+                target = p_comp.sum(1)  # attention over entries, summed over heads
+                if selected is not None:
+                    self.aux_loss = self.kl_weight * kl_to_attention(
+                        torch.gather(index_scores, 2, selected), target, chosen)
+                else:
+                    self.aux_loss = self.kl_weight * kl_to_attention(index_scores, target, visible.expand(b, -1, -1))
+        out = rope_last(out, cos, -sin, self.rope_dim)  # inverse RoPE at the query's position
+        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1)  # [B, T, G, H·hd/G]
+        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down).flatten(2))
+
+    def attention_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per token of scores and weighted values (projections are counted as
+        parameters), averaged over the positions of a sequence of `seq_len`."""
+        per_key = 4 * self.n_heads * self.head_dim
+        keys = min(self.window, seq_len)
+        if self.kind != "window":
+            entries = seq_len // self.ratio / 2  # visible on average
+            keys += min(self.topk, entries) if self.kind == "csa" and self.sparse else entries
+            if self.indexer is not None:
+                keys += 2 * self.indexer.n_heads * self.indexer.dim * entries / per_key
+        return per_key * keys

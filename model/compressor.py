@@ -1,0 +1,64 @@
+"""KV compression for V4 attention: each block of `ratio` tokens becomes one entry.
+
+An entry is a per-channel softmax-gated average of its tokens' projections, the gate logits
+carrying a learned bias for each position inside the block; CSA's entries overlap, each pooling
+its own block and the one before (2·ratio tokens). The entry is RMS-normalised and rotated to the
+position of its block's first token. Query t may use entry i only once every token it pools is at
+or before t: `i < floor((t + 1) / ratio)` (`visible_entries`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.layers import apply_rope
+
+
+def visible_entries(seq_len: int, ratio: int, device=None) -> torch.Tensor:
+    """[T, N] bool: query t may attend to compressed entry i."""
+    t = torch.arange(seq_len, device=device)
+    i = torch.arange(seq_len // ratio, device=device)
+    return i[None, :] < ((t + 1) // ratio)[:, None]
+
+
+def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """RoPE on the last `rope_dim` channels of x [..., T, D] (cos/sin: [T, rope_dim/2])."""
+    if rope_dim == 0:
+        return x
+    return torch.cat((x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], cos, sin)), dim=-1)
+
+
+class Compressor(nn.Module):
+    def __init__(self, d_model: int, dim: int, ratio: int, overlap: bool, rope_dim: int, eps: float):
+        super().__init__()
+        self.ratio, self.overlap, self.rope_dim = ratio, overlap, rope_dim
+        self.proj = nn.Linear(d_model, dim, bias=False)
+        self.gate = nn.Linear(d_model, dim, bias=False)
+        self.pos_bias = nn.Parameter(torch.zeros((2 if overlap else 1) * ratio, dim))
+        self.pos_bias.optim_role = "scalar"  # a bias, whatever its shape
+        self.norm = nn.RMSNorm(dim, eps=eps)
+
+    def pooled_positions(self, n_entries: int) -> torch.Tensor:
+        """[N, width] token position each gate slot of each entry reads (negative: none)."""
+        start = torch.arange(n_entries)[:, None] * self.ratio - (self.ratio if self.overlap else 0)
+        return start + torch.arange(self.pos_bias.size(0))[None, :]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d_model] → entries [B, T // ratio, dim] (only complete blocks)."""
+        b, t, _ = x.shape
+        n = t // self.ratio
+        x = x[:, : n * self.ratio]
+        value = self.proj(x).view(b, n, self.ratio, -1)
+        logit = self.gate(x).view(b, n, self.ratio, -1)
+        if self.overlap:  # prepend the previous block; entry 0 has none
+            value = torch.cat((F.pad(value, (0, 0, 0, 0, 1, 0))[:, :n], value), dim=2)
+            prev = F.pad(logit, (0, 0, 0, 0, 1, 0), value=float("-inf"))[:, :n]
+            logit = torch.cat((prev, logit), dim=2)
+        weight = torch.softmax((logit + self.pos_bias).to(torch.promote_types(logit.dtype, torch.float32)),
+                               dim=2).type_as(value)
+        entries = self.norm((weight * value).sum(dim=2))
+        if not self.rope_dim:
+            return entries
+        first = torch.arange(n, device=x.device) * self.ratio  # each block's first position
+        return rope_last(entries, cos[first], sin[first], self.rope_dim)

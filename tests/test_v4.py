@@ -1,0 +1,223 @@
+"""V4's architecture: attention (window, CSA, HCA), compressor, indexer, MoE, MTP, and the
+V4-tiny preset training end to end."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.attention import V4Attention, layer_kinds, window_mask
+from model.compressor import Compressor, visible_entries
+from model.indexer import kl_to_attention, select_topk
+from model.moe import MoE
+from optim.params import classify_parameters
+from tests.conftest import compose_config, interrupted_run
+from train.config import AttentionConfig, MoEConfig
+from train.trainer import Trainer
+
+D, H = 16, 2
+
+
+def attention(kind, ratio=4, window=5, topk=3, sparse=False):
+    cfg = AttentionConfig(window=window, head_dim=8, rope_dim=4, q_lora=8, out_groups=2, out_lora=4,
+                          csa_ratio=ratio, csa_topk=topk, hca_ratio=ratio, index_heads=2, index_dim=4)
+    torch.manual_seed(0)
+    attn = V4Attention(D, H, cfg, kind, max_seq_len=64, eps=1e-6).double()
+    for p in attn.parameters():  # away from the zero init of sinks and position biases
+        torch.nn.init.normal_(p, std=0.3)
+    attn.sparse = sparse
+    return attn
+
+
+CASES = [("window", 1, False)] + [(k, r, s) for r in (2, 3, 4) for k, s in (("csa", False), ("csa", True), ("hca", False))]
+
+
+@pytest.mark.parametrize("kind,ratio,sparse", CASES, ids=[f"{k}-m{r}{'-sparse' if s else ''}" for k, r, s in CASES])
+def test_no_position_sees_the_future(kind, ratio, sparse):
+    """d out[t] / d x[s] is exactly zero for every s > t (chunk edges and partial blocks included)."""
+    attn = attention(kind, ratio, sparse=sparse).eval()
+    x = torch.randn(1, 23, D, dtype=torch.float64, requires_grad=True)
+    out = attn(x)
+    for t in range(23):
+        (grad,) = torch.autograd.grad(out[0, t].sum(), x, retain_graph=True)
+        assert torch.all(grad[0, t + 1:] == 0), f"position {t} depends on a later token"
+        assert grad[0, t].abs().sum() > 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("ratio", [1, 2, 3, 4])
+def test_entry_visibility_is_the_brute_force_rule(ratio, overlap):
+    """An entry is visible to query t exactly when every token it pools (found by differentiating
+    the compressor) is at or before t."""
+    torch.manual_seed(0)
+    comp = Compressor(D, 8, ratio, overlap, rope_dim=0, eps=1e-6).double()
+    T = 13
+    x = torch.randn(1, T, D, dtype=torch.float64, requires_grad=True)
+    entries = comp(x, None, None)
+    reads = []
+    for i in range(entries.size(1)):
+        (grad,) = torch.autograd.grad(entries[0, i].sum(), x, retain_graph=True)
+        reads.append({p for p in range(T) if grad[0, p].abs().sum() > 0})
+    assert reads == [{p for p in row.tolist() if p >= 0} for row in comp.pooled_positions(len(reads))]
+    brute = torch.tensor([[max(r) <= t for r in reads] for t in range(T)]).reshape(T, len(reads))
+    assert torch.equal(visible_entries(T, ratio), brute)
+
+
+def test_window_mask_is_the_brute_force_window():
+    for t, w in ((10, 3), (12, 4), (5, 8)):
+        mask = window_mask(t, w)
+        for c in range(mask.size(0)):
+            for r in range(w):
+                for j in range(2 * w):
+                    q, k = c * w + r, c * w - w + j
+                    assert mask[c, r, j] == (0 <= k <= q < k + w)
+
+
+def test_indexer_topk_is_the_brute_force_ranking():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 12, 6)
+    visible = visible_entries(12, 2)
+    index, valid = select_topk(scores, visible, k=3)
+    for b in range(2):
+        for t in range(12):
+            ranked = sorted((i for i in range(6) if visible[t, i]), key=lambda i: -scores[b, t, i].item())[:3]
+            assert index[b, t][valid[b, t]].tolist() == ranked
+
+
+def test_sparse_with_k_at_least_all_entries_equals_dense():
+    x = torch.randn(2, 23, D, dtype=torch.float64)
+    dense = attention("csa", ratio=2, topk=100, sparse=False).eval()(x)
+    sparse = attention("csa", ratio=2, topk=100, sparse=True).eval()(x)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
+    fewer = attention("csa", ratio=2, topk=2, sparse=True).eval()(x)
+    assert not torch.allclose(fewer, dense)  # so the comparison above can tell
+
+
+def test_indexer_kl_target_and_direction():
+    target = torch.tensor([[[0.5, 0.5, 0.0]]])
+    allowed = torch.tensor([[[True, True, False]]])
+    assert kl_to_attention(torch.tensor([[[0.0, 0.0, 9.0]]]), target, allowed) < 1e-6  # masked entry ignored
+    assert kl_to_attention(torch.tensor([[[3.0, 0.0, 0.0]]]), target, allowed) > 0.5
+
+
+def moe(**overrides):
+    torch.manual_seed(0)
+    m = MoE(D, replace(MoEConfig(n_experts=4, top_k=2, n_shared=1, expert_hidden=8, hash_layers=0), **overrides),
+            layer=0, vocab_size=32)
+    m.init_weights(0.5, 1.0)
+    return m
+
+
+def test_moe_output_is_the_explicit_sum_over_selected_experts():
+    m = moe()
+    m.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))  # selection bias in play
+    x, ids = torch.randn(3, 5, D), torch.randint(0, 32, (3, 5))
+    out = m(x, ids)
+    scores, chosen, weights = m.route(x.reshape(-1, D), ids.reshape(-1))
+    for n, token in enumerate(x.reshape(-1, D)):
+        assert set(chosen[n].tolist()) == set((scores[n] + m.bias).topk(2).indices.tolist())
+        expected = m.shared(token) + sum(w * m.expert(int(e), token[None])[0] for e, w in zip(chosen[n], weights[n]))
+        torch.testing.assert_close(out.reshape(-1, D)[n], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights.sum(-1), torch.full((15,), 1.5))  # normalised, times route_scale
+    assert torch.equal(scores, torch.nn.functional.softplus(x.reshape(-1, D) @ m.router.t()).sqrt())
+
+
+def test_bias_updates_move_a_skewed_load_toward_balance():
+    m = moe(bias_gamma=0.01)
+    with torch.no_grad():
+        m.router[0] += 2.0 * m.router[1:].abs().mean()  # expert 0 attracts most tokens
+        m.router[1] += 1.0 * m.router[1:].abs().mean()
+    torch.manual_seed(1)
+    x = torch.randn(4, 64, D) + 0.5
+    ids = torch.zeros(4, 64, dtype=torch.long)
+    imbalance = []
+    for _ in range(150):
+        m(x, ids)
+        imbalance.append(m.update_bias()["load_max_over_mean"])
+    assert imbalance[0] > 1.5
+    assert imbalance[-1] < 0.7 * imbalance[0]
+    assert m.bias[0] < 0 < m.bias[2:].max()
+    assert "bias" in m.state_dict() and not any(p is m.bias for p in m.parameters())
+
+
+def test_hash_routing_is_a_fixed_function_of_token_and_layer():
+    cfg = MoEConfig(n_experts=6, top_k=2, hash_layers=2)
+    a, b, later = MoE(D, cfg, 1, 50), MoE(D, cfg, 1, 50), MoE(D, cfg, 0, 50)
+    assert torch.equal(a.hash_table, b.hash_table) and not torch.equal(a.hash_table, later.hash_table)
+    assert all(len(set(row.tolist())) == 2 for row in a.hash_table)
+    ids = torch.randint(0, 50, (2, 7))
+    a.init_weights(0.5, 1.0)
+    _, chosen, _ = a.route(torch.randn(14, D), ids.reshape(-1))
+    assert torch.equal(chosen, a.hash_table[ids.reshape(-1)])
+    assert not MoE(D, cfg, 2, 50).hashed
+
+
+def test_mtp_predicts_the_token_after_next():
+    from model import build_model
+    from model.mtp import mtp_loss
+
+    targets = torch.randint(0, 10, (2, 6))
+    oracle = torch.nn.functional.one_hot(targets[:, 1:], 10).float() * 50  # position t knows token t+2
+    assert mtp_loss(oracle, targets) < 1e-6
+    assert mtp_loss(torch.roll(oracle, 1, dims=1), targets) > 10
+
+    cfg = compose_config(["model=v4_tiny", "model.d_model=32", "model.n_layers=2", "model.n_heads=2"]).model
+    model = build_model(cfg, 64).train()
+    seen = {}
+    model.mtp.register_forward_hook(lambda mod, args, out: seen.update(hidden=args[0], next_ids=args[2]))
+    idx = torch.randint(0, 64, (2, 16))
+    targets = torch.cat((idx[:, 1:], torch.randint(0, 64, (2, 1))), dim=1)
+    model(idx, targets)
+    assert seen["hidden"].shape[1] == 15 and torch.equal(seen["next_ids"], targets[:, :-1])  # token t+1 at t
+
+
+def test_v4_parameters_are_routed_to_the_right_optimizer():
+    from model import build_model
+
+    model = build_model(compose_config(["model=v4_tiny"]).model, 256)
+    roles = {name: role for role, items in classify_parameters(model).items() for name, _ in items}
+    assert roles["blocks.1.ffn.gate_up"] == roles["blocks.1.ffn.down"] == "matrix"  # [E, out, in]: per expert
+    assert roles["blocks.1.attn.out_down"] == "matrix"  # [groups, rank, in]: per group
+    assert roles["blocks.1.attn.compressor.pos_bias"] == roles["blocks.1.attn.sink"] == "scalar"
+    assert roles["blocks.1.attn.q_norm.weight"] == "norm"
+    assert layer_kinds(4, []) == ["window", "csa", "hca", "csa"]
+    assert model.num_active_params() < model.num_params()
+
+
+def read(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+V4_RUN = ["model=v4_tiny", "data.seq_len=64", "trainer.micro_batch_size=8", "trainer.global_batch_size=8",
+          "model.attn.indexer_warmup_steps=20", "model.attn.window=16", "optim=muon", "optim.warmup_steps=5"]
+
+
+def test_v4_tiny_trains_with_muon(tiny_config):
+    cfg = tiny_config(*V4_RUN, "trainer.max_steps=50", "trainer.eval_every=25")
+    summary = Trainer(cfg).fit()
+    rows = read(cfg.out_dir)
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert {"loss/mtp", "loss/indexer_kl", "loss/moe_balance", "loss/total", "moe/load_max_over_mean",
+            "moe/bias_min", "moe/bias_max", "mtp_weight"} <= rows[-1].keys()
+    assert rows[-1]["loss/total"] > rows[-1]["loss"]  # the MTP and auxiliary terms are on top
+    assert summary["n_active_params"] < summary["n_params"] and summary["flops_per_token"] > 0
+    assert summary["final_val_loss"] < losses[0]
+
+
+def test_v4_tiny_resumes_exactly(tiny_config, tmp_path):
+    """MoE biases, the sparse switch and the MTP weight come back with the checkpoint."""
+    common = (*V4_RUN, "model.attn.indexer_warmup_steps=4", "trainer.max_steps=10", "trainer.eval_every=5",
+              "trainer.checkpoint_every=5")
+    ref = tiny_config(*common)
+    ref.out_dir = str(tmp_path / "ref")
+    Trainer(ref).fit()
+    cfg = tiny_config(*common)
+    cfg.out_dir = str(tmp_path / "resumed")
+    interrupted_run(cfg, after_step=7)
+    Trainer(cfg).fit()
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(read(cfg.out_dir)) == strip(read(ref.out_dir))
