@@ -34,10 +34,12 @@ def reference(tiny_config, tmp_path):
     return rows(cfg.out_dir)
 
 
-def test_stop_checkpoints_the_last_good_state(tiny_config, reference):
-    """A NaN at step 6 stops the run with a checkpoint of step 5; resuming it (data fixed) gives the
-    uninterrupted trajectory: the bad update was never applied and nothing else moved."""
-    cfg = tiny_config(*COMMON)
+@pytest.mark.parametrize("policy", ["trainer.on_nonfinite=stop", "trainer.on_nonfinite=skip"])
+def test_stop_checkpoints_the_last_good_state(tiny_config, reference, policy):
+    """A NaN at step 6 stops the run (skip: beyond max_skipped_steps=0) with a checkpoint of step
+    5; resuming it (data fixed) gives the uninterrupted trajectory: the bad update was never
+    applied and nothing else moved."""
+    cfg = tiny_config(*COMMON, policy, "trainer.max_skipped_steps=0")
     trainer = Trainer(cfg)
     poison(trainer, {6})
     with pytest.raises(Diverged, match=r"diverged at step 6.*not applied.*step 5\) is checkpointed"):
@@ -48,6 +50,19 @@ def test_stop_checkpoints_the_last_good_state(tiny_config, reference):
 
     Trainer(cfg).fit()
     assert rows(cfg.out_dir) == reference
+
+
+def test_resume_takes_the_learning_rate_of_the_new_launch(tiny_config, reference):
+    cfg = tiny_config(*COMMON)
+    trainer = Trainer(cfg)
+    poison(trainer, {6})
+    with pytest.raises(Diverged):
+        trainer.fit()
+    lower = tiny_config(*COMMON, f"optim.lr={cfg.optim.lr / 4}")
+    Trainer(lower).fit()
+    log = rows(cfg.out_dir)
+    assert [r["lr"] for r in log[:5]] == [r["lr"] for r in reference[:5]]
+    assert [r["lr"] for r in log[5:]] == pytest.approx([r["lr"] / 4 for r in reference[5:]], rel=1e-12)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -149,3 +164,16 @@ def test_preemption_signal_checkpoints_then_hands_over(tiny_config):
     assert summary["status"] == "preempted" and summary["signal"] == "SIGUSR2" and summary["steps"] == 3
     assert seen == [(signal.SIGUSR2, "step_00000003")]
     assert len(rows(cfg.out_dir)) == 3
+
+
+def test_a_swap_cut_short_keeps_the_old_copy_findable(tiny_config, reference):
+    """Re-saving a step moves the old copy aside before the new one takes its name; a crash in
+    between leaves `.replaced-step_N`, which resume still finds."""
+    cfg = tiny_config(*COMMON)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    ckpts = Path(cfg.out_dir) / "checkpoints"
+    trainer.save_checkpoint()  # step 8 again: swapped in, the old copy removed
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000004", "step_00000008"]
+    (ckpts / "step_00000008").rename(ckpts / ".replaced-step_00000008")  # as if killed mid-swap
+    assert Trainer(cfg).checkpointer.newest_valid() == ckpts / ".replaced-step_00000008"

@@ -66,6 +66,7 @@ def test_deepspeed_hostfile(tmp_path):
     (["launcher.hostfile=/no/such/hosts"], "launcher.hostfile"),
     (["launcher.nnodes=2", "launcher.node_rank=2", "trainer.global_batch_size=32"], "launcher.node_rank"),
     (["launcher.master_port=70000"], "launcher.master_port"),
+    (["launcher.nnodes=2", "trainer.global_batch_size=32"], "launcher.master_addr"),
 ])
 def test_bad_launcher_settings_are_refused(tmp_path, args, key):
     proc = launch("launcher.dry_run=true", f"out_dir={tmp_path / 'run'}", *args)
@@ -80,7 +81,7 @@ def test_slurm_sbatch_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --array=0-2%3", "#SBATCH --signal=USR2@120",
-                 "export SUBMITIT_EXECUTOR=slurm", "WORLD_SIZE=8"):
+                 "export SUBMITIT_EXECUTOR=slurm"):
         assert line in proc.stdout, line
     assert f"srun --unbuffered --output {sweep}/.submitit/" in proc.stdout
     assert not list(sweep.glob("[0-9]*")), "a dry run started a job"
@@ -90,3 +91,24 @@ def test_slurm_layout_must_be_one_task_per_rank(tmp_path):
     proc = launch("-m", "hydra/launcher=submitit_slurm", "launcher.dry_run=true", f"out_dir={tmp_path / 's'}",
                   "launcher.nproc_per_node=2", "trainer.global_batch_size=32")
     assert proc.returncode == 2 and "hydra.launcher.tasks_per_node=1" in proc.stderr
+
+
+def test_multi_node_needs_an_explicit_shared_out_dir():
+    proc = launch("launcher.dry_run=true", "launcher.nnodes=2", "launcher.master_addr=10.0.0.1",
+                  "trainer.global_batch_size=32")
+    assert proc.returncode == 2 and "invalid configuration out_dir=" in proc.stderr
+
+
+def test_submitit_task_becomes_one_rank():
+    from train.launcher import submitit_rank_env
+
+    env = submitit_rank_env(5, 1, 8, 2, 1, "node-a", 29500, 123456)
+    assert env == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+                   "MASTER_ADDR": "node-a", "MASTER_PORT": str(29500 + 456)}
+    assert submitit_rank_env(0, 0, 2, 1, 0, "h", 65500, 123456)["MASTER_PORT"] == str(65500 - 456)
+
+
+def test_slurm_sweep_over_the_layout_is_refused(tmp_path):
+    proc = launch("-m", "hydra/launcher=slurm", "launcher.dry_run=true", f"out_dir={tmp_path / 's'}",
+                  "launcher.nproc_per_node=1,2", "trainer.global_batch_size=32")
+    assert proc.returncode == 2 and "launcher.nproc_per_node=1,2" in proc.stderr

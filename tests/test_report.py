@@ -26,6 +26,8 @@ def test_report_renders_every_run_of_a_2x2_sweep(sweep):
     assert len(runs) == 4 and len({r.group for r in runs}) == 4
     for r in runs:
         assert str(r.path) in text
+        n = r.summary["n_params"]
+        assert f"{n:,} ({r.summary['n_active_params']:,})" in text  # total and active parameters
     for group in ("optim=adamw, residual=mhc", "optim=muon, residual=residual"):
         assert group in text
     for png in ("loss.png", "val_loss.png", "grad_norm.png", "probe_amax_fwd.png", "amax_vs_depth.png",

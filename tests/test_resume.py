@@ -132,8 +132,8 @@ def test_two_nodes_over_loopback_match_one_node(uninterrupted, tmp_path, cache):
     """Two launcher agents started separately (node ranks 0 and 1, one rank each) rendezvous over
     127.0.0.1 and train together exactly like 2 ranks on one node."""
     out = tmp_path / "run"
-    args = ["optim=adamw", "trainer.max_steps=20", "launcher.nnodes=2", f"launcher.master_port={free_port()}",
-            f"out_dir={out}", f"data.cache_dir={cache}"]
+    args = ["optim=adamw", "trainer.max_steps=20", "launcher.nnodes=2", "launcher.master_addr=127.0.0.1",
+            f"launcher.master_port={free_port()}", f"out_dir={out}", f"data.cache_dir={cache}"]
     node1 = start(*args, "launcher.node_rank=1", log=tmp_path / "node1.log")
     run(*args, "launcher.node_rank=0")
     assert node1.wait(timeout=120) == 0, (tmp_path / "node1.log").read_text()[-3000:]
@@ -141,15 +141,25 @@ def test_two_nodes_over_loopback_match_one_node(uninterrupted, tmp_path, cache):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
-def test_a_dead_node_fails_the_other_promptly(tmp_path, cache):
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_dead_or_hung_node_fails_the_other_promptly(fault, tmp_path, cache):
+    """A killed node closes its connections (the other fails at once); a hung one (SIGSTOP) keeps
+    them open, and only launcher.collective_timeout_s ends the wait."""
+    import psutil
+
     out = tmp_path / "run"
-    args = ["trainer.max_steps=1000", "launcher.nnodes=2", f"launcher.master_port={free_port()}",
-            "launcher.collective_timeout_s=30", f"out_dir={out}", f"data.cache_dir={cache}"]
+    args = ["trainer.max_steps=1000", "launcher.nnodes=2", "launcher.master_addr=127.0.0.1",
+            f"launcher.master_port={free_port()}", "launcher.collective_timeout_s=15", f"out_dir={out}",
+            f"data.cache_dir={cache}"]
     node1 = start(*args, "launcher.node_rank=1", log=tmp_path / "node1.log")
     node0 = start(*args, "launcher.node_rank=0", log=tmp_path / "node0.log")
     try:
         wait_for_step(out, 3, node0)
-        kill_tree(node1)
+        if fault == "killed":
+            kill_tree(node1)
+        else:
+            for p in psutil.Process(node1.pid).children(recursive=True):
+                p.suspend()
         t0 = time.time()
         code = node0.wait(timeout=120)
         waited = time.time() - t0

@@ -94,6 +94,28 @@ def test_sparse_with_k_at_least_all_entries_equals_dense():
     assert not torch.allclose(fewer, dense)  # so the comparison above can tell
 
 
+def test_indexer_learns_from_its_kl_only_and_goes_sparse_after_warm_up():
+    """The KL reaches the indexer's parameters and nothing else; the LM path never reaches them."""
+    from model import build_model
+
+    attn = attention("csa", ratio=2, sparse=False).train()
+    out = attn(torch.randn(2, 16, D, dtype=torch.float64))
+    kl = attn.aux_loss
+    indexer = {id(p) for p in attn.indexer.parameters()}
+    for p in attn.parameters():
+        (g,) = torch.autograd.grad(kl, p, retain_graph=True, allow_unused=True)
+        assert (g is not None and g.abs().sum() > 0) == (id(p) in indexer)
+        (g,) = torch.autograd.grad(out.sum(), p, retain_graph=True, allow_unused=True)
+        assert g is None or id(p) not in indexer  # sparse=False: the indexer selects nothing yet
+
+    model = build_model(compose_config(["model=v4_tiny", "model.attn.indexer_warmup_steps=7"]).model, 256)
+    csa = [m for m in model.modules() if isinstance(m, V4Attention) and m.kind == "csa"]
+    model.on_step_start(6, lr_decaying=False)
+    assert not any(m.sparse for m in csa) and model.mtp_weight == 0.3
+    model.on_step_start(7, lr_decaying=True)
+    assert all(m.sparse for m in csa) and model.mtp_weight == 0.1
+
+
 def test_indexer_kl_target_and_direction():
     target = torch.tensor([[[0.5, 0.5, 0.0]]])
     allowed = torch.tensor([[[True, True, False]]])

@@ -20,6 +20,7 @@ from train.distributed import barrier
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
+REPLACED = ".replaced-"
 
 
 class CheckpointError(RuntimeError):
@@ -68,6 +69,10 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(f".tmp-{PREFIX}*"):  # left by a run killed mid-save
                 shutil.rmtree(stale, ignore_errors=True)
+            for old in self.dir.glob(f"{REPLACED}*"):  # a swap cut short: drop the old copy once the new is whole
+                new = self.dir / old.name.removeprefix(REPLACED)
+                if new.is_dir() and problems(new) is None:
+                    shutil.rmtree(old, ignore_errors=True)
         barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
         torch.save(trainer_state, tmp / f"trainer_state_rank{self.rank}.pt")
@@ -94,7 +99,8 @@ class Checkpointer:
 
     def newest_valid(self) -> Path | None:
         """The newest checkpoint whose files match its manifest; broken newer ones are reported."""
-        for ckpt in sorted(self.dir.glob(f"{PREFIX}*"), reverse=True):
+        found = [*self.dir.glob(f"{PREFIX}*"), *self.dir.glob(f"{REPLACED}{PREFIX}*")]
+        for ckpt in sorted(found, key=lambda p: p.name.removeprefix(REPLACED), reverse=True):
             why = problems(ckpt)
             if why is None:
                 return ckpt

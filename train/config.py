@@ -144,7 +144,7 @@ class LauncherConfig:
     nproc_per_node: int = 1  # ranks per node
     nnodes: int = 1  # > 1: run launch.py on every node with its launcher.node_rank (torchrun rendezvous)
     node_rank: int = 0
-    master_addr: str = "127.0.0.1"  # node 0's address, reachable from every node
+    master_addr: Optional[str] = None  # node 0's address, reachable from every node (multi-node)
     master_port: int = 29500
     hostfile: Optional[str] = None  # DeepSpeed hostfile: DeepSpeed's launcher starts every node from here
     dry_run: bool = False  # print the command(s) and environment, run nothing

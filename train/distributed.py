@@ -22,8 +22,9 @@ def free_port() -> int:
 
 def device_for(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()  # SLURM may show each task its own GPU only
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -44,6 +45,12 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
 
     if not dist.is_initialized():
         die_with_launcher()
+        # Groups made later with new_group (DeepSpeed's data-parallel group, whose all-reduces
+        # carry the gradients) take torch's module default, 30 min, not the world group's timeout.
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = \
+            datetime.timedelta(seconds=timeout_s)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         if "RANK" not in os.environ:
@@ -53,6 +60,8 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
             os.environ.setdefault("LOCAL_RANK", "0")
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timeout)
+        else:  # launched: the launcher's rendezvous, with our timeout (DeepSpeed's CPU path drops it)
+            dist.init_process_group(backend, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device_for(int(os.environ.get("LOCAL_RANK", 0)))
 

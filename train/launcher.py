@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.config import Config
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR2)  # SIGINT from a terminal reaches the ranks directly
+# Sent to this process, these go on to the ranks. A terminal's Ctrl-C (SIGINT) also reaches the
+# launcher, which hands it to its ranks itself: this process just keeps waiting for them.
+FORWARDED = (signal.SIGTERM, signal.SIGUSR2)
 ENTRY = Path(__file__).resolve().parents[1] / "launch.py"
 
 
@@ -78,11 +80,14 @@ def plan_launch(cfg: Config, overrides: list[str]) -> LaunchPlan | None:
         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // lc.nproc_per_node))}
     py = sys.executable
     if lc.hostfile:
+        # without launcher.master_addr DeepSpeed takes the first host of the hostfile
+        address = [f"--master_addr={lc.master_addr}"] if lc.master_addr else []
         cmd = [py, "-m", "deepspeed.launcher.runner", f"--hostfile={Path(lc.hostfile).expanduser().resolve()}",
-               f"--num_nodes={lc.nnodes}", f"--num_gpus={lc.nproc_per_node}", f"--master_addr={lc.master_addr}",
+               f"--num_nodes={lc.nnodes}", f"--num_gpus={lc.nproc_per_node}", *address,
                f"--master_port={lc.master_port}", "--no_local_rank", *rank_arguments(cfg, overrides)]
         return LaunchPlan(cmd, env, note="DeepSpeed's launcher starts the other nodes over pdsh/ssh, exporting "
-                                         "PYTHON*/MLFLOW*/MV2*/UCX* variables and those in .deepspeed_env")
+                                         "PYTHON*/MLFLOW*/MV2*/UCX* variables and those in .deepspeed_env; "
+                                         "stop signals reach this node's ranks only")
     if lc.nnodes == 1:
         cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={lc.nproc_per_node}",
                *rank_arguments(cfg, overrides)]
@@ -125,10 +130,22 @@ def execute(plan: LaunchPlan, cfg: Config) -> int:
     child = subprocess.Popen(plan.command, env=os.environ | plan.env)
 
     def forward(signum, frame):
-        ranks = psutil.Process(child.pid).children()
+        try:
+            ranks = psutil.Process(child.pid).children()
+        except psutil.Error:  # the launcher is gone already
+            return
         for proc in ranks or [child]:  # before the ranks exist, the launcher itself
-            proc.send_signal(signum)
+            try:
+                proc.send_signal(signum)
+            except psutil.Error:
+                pass
+
+    def keep_waiting(signum, frame):
+        print("waiting for the ranks to finish their step and checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, keep_waiting)
     try:
         code = child.wait()
     finally:
@@ -167,17 +184,20 @@ def adopt_submitit_task(cfg: Config) -> None:
                           f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} tasks on each of "
                           f"launcher.nnodes={cfg.launcher.nnodes} nodes (hydra/launcher=slurm sets both)",
                           f"the job has {job.num_tasks} task(s) in all, one per rank is expected")
+    job_id = os.environ.get("SLURM_JOB_ID") or "".join(ch for ch in str(job.job_id) if ch.isdigit()) or "0"
     os.environ.update(submitit_rank_env(job.global_rank, job.local_rank, job.num_tasks, job.num_nodes,
                                         job.node, job.hostnames[0] if job.num_nodes > 1 else "127.0.0.1",
-                                        cfg.launcher.master_port, job.job_id))
+                                        cfg.launcher.master_port, int(job_id)))
 
 
-def submitit_rank_env(global_rank, local_rank, num_tasks, num_nodes, node, master, port, job_id) -> dict:
-    # Jobs of one sweep may share a node: offset the port by the job id so they do not collide.
-    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+def submitit_rank_env(global_rank, local_rank, num_tasks, num_nodes, node, master, port, job_id: int) -> dict:
+    # Jobs of one sweep may share a node: offset the port by the job id (SLURM's is unique per
+    # array task) so that they do not collide, staying inside the port range.
+    offset = job_id % 1000
+    port = port + offset if port + offset <= 65535 else port - offset
     return {"RANK": str(global_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(num_tasks),
             "LOCAL_WORLD_SIZE": str(num_tasks // num_nodes), "GROUP_RANK": str(node),
-            "MASTER_ADDR": master, "MASTER_PORT": str(port + int(digits) % 1000)}
+            "MASTER_ADDR": master, "MASTER_PORT": str(port)}
 
 
 def sbatch_script(launcher_params: dict, n_jobs: int) -> str:
@@ -225,6 +245,12 @@ class SubmititLayout(Callback):
         if "submitit" not in str(params.get("_target_", "")):
             return
         lc = config.launcher
+        swept = [o for o in config.hydra.overrides.task if o.startswith("launcher.") and "," in o]
+        if swept:
+            print(f"error: invalid configuration {swept[0]}: a SLURM sweep submits one job layout. Accepted: "
+                  f"one value per launcher key; sweep other keys, or submit one sweep per layout.",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
         if (params["nodes"], params["tasks_per_node"]) != (lc.nnodes, lc.nproc_per_node):
             print(f"error: invalid configuration hydra.launcher.tasks_per_node={params['tasks_per_node']}, "
                   f"hydra.launcher.nodes={params['nodes']}: the job needs one task per rank. Accepted: "

@@ -14,12 +14,16 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+# In order of precedence when ranks saw different ones: USR2 first, as it is SLURM's warning that
+# submitit turns into a requeue.
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    def __init__(self, device: torch.device):
-        self.device = device
+    """Installed by `launch.py` before the trainer is built (a signal during start-up stops the run
+    before its first step), or by `Trainer.fit` when used on its own."""
+
+    def __init__(self):
         self.received: int | None = None
         self.previous: dict[int, object] = {}
 
@@ -40,14 +44,12 @@ class StopSignals:
             log.warning("received %s: stopping after this step with a checkpoint (Ctrl-C again to abort)",
                         signal.Signals(signum).name)
 
-    def agreed(self) -> int | None:
+    def agreed(self, device: torch.device) -> int | None:
         """The signal any rank received, the same answer on every rank (one tiny all-reduce)."""
-        got = self.received or 0
+        seen = torch.tensor([self.received == s for s in SIGNALS], dtype=torch.int32, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([got], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            got = int(flag.item())
-        return got or None
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        return next((s for s, hit in zip(SIGNALS, seen.tolist()) if hit), None)
 
     def hand_over(self, signum: int) -> None:
         handler = self.previous.get(signum)

@@ -48,6 +48,10 @@ def run_directory_lock(cfg: Config):
     except Timeout:
         raise RunDirectoryBusy(f"out_dir={cfg.out_dir} is in use by another run that is still alive; wait for it, "
                                f"stop it (its checkpoints stay valid), or choose another out_dir") from None
+    except OSError as e:  # a file system without locks (some network mounts): run unguarded
+        log.warning("cannot lock %s (%s); nothing guards this run directory against a second run", path, e)
+        yield
+        return
     try:
         yield
     finally:
@@ -71,6 +75,11 @@ def run(dict_cfg: DictConfig) -> int:
         launcher.adopt_submitit_task(cfg)
     except ConfigError as e:
         return fail(str(e), EXIT_CONFIG)
+    multi_node = cfg.launcher.nnodes > 1 or cfg.launcher.hostfile
+    if multi_node and "RANK" not in os.environ and not any(o.startswith("out_dir=") for o in overrides):
+        return fail(str(ConfigError("out_dir", cfg.out_dir, "an explicit out_dir=PATH on a file system every node shares",
+                                    "the default is a timestamp, which each node would resolve differently")),
+                    EXIT_CONFIG)
     plan = launcher.plan_launch(cfg, overrides)
     if cfg.launcher.dry_run:
         print(launcher.describe(plan, cfg, overrides), flush=True)
@@ -79,20 +88,23 @@ def run(dict_cfg: DictConfig) -> int:
             out.rmdir()
         return 0
     if plan is not None:
-        try:
-            with run_directory_lock(cfg):  # refused here already, before any rank starts
-                pass
-        except RunDirectoryBusy as e:
-            return fail(str(e), EXIT_CONFIG)
+        if cfg.launcher.node_rank == 0:
+            try:
+                with run_directory_lock(cfg):  # refused here already, before any rank starts
+                    pass
+            except RunDirectoryBusy as e:
+                return fail(str(e), EXIT_CONFIG)
         return launcher.execute(plan, cfg)
 
     from train.checkpoint import CheckpointError
     from train.distributed import shutdown_distributed
+    from train.preemption import StopSignals
     from train.trainer import Diverged, Trainer
 
     try:
-        with run_directory_lock(cfg):
-            summary = Trainer(cfg).fit()
+        # stop signals from here on: one during start-up ends the run before its first step
+        with run_directory_lock(cfg), StopSignals() as stop:
+            summary = Trainer(cfg).fit(stop)
     except RunDirectoryBusy as e:
         return fail(str(e), EXIT_CONFIG)
     except DataError as e:

@@ -143,9 +143,9 @@ class Trainer:
     def train_step(self) -> dict:
         start = time.perf_counter()
         # what a stop on a non-finite step rolls back to: the data position and RNG before it
-        before = (self.loader.state_dict(), rng_state()) if self.cfg.trainer.on_nonfinite == "stop" else None
+        before = (self.loader.state_dict(), rng_state())
         skipped_before = self.engine.skipped_steps
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.optimizer.param_groups[0]["lr"]  # what this step applies
         module = self.engine.module
         if hasattr(module, "on_step_start"):  # V4 parts: sparse attention after warm-up, MTP weight
             module.on_step_start(self.step, lr_decaying=self.step >= self.cfg.optim.warmup_steps
@@ -208,10 +208,9 @@ class Trainer:
         # The update was not applied: step back to the last good state and checkpoint it.
         self.step -= 1
         self.tokens -= self.tokens_per_step
-        if before is not None:
-            self.loader.load_state_dict(before[0])
-            set_rng_state(before[1])
-        ckpt = self.save_checkpoint()
+        self.loader.load_state_dict(before[0])
+        set_rng_state(before[1])
+        ckpt = self.checkpoint_now()
         why = (f"more than trainer.max_skipped_steps={t.max_skipped_steps} steps were skipped"
                if t.on_nonfinite == "skip" else "trainer.on_nonfinite=stop")
         raise Diverged(f"the run diverged at step {self.step + 1}: {what}; its update was not applied and "
@@ -263,6 +262,11 @@ class Trainer:
         for k, cb in self.callbacks.items():
             cb.load_state_dict(state["callbacks"].get(k, {}))
 
+    def checkpoint_now(self) -> Path:
+        """A checkpoint of the current state: the one already written at this step, or a new one."""
+        step, path = self.last_checkpoint or (None, None)
+        return path if step == self.step else self.save_checkpoint()
+
     def save_checkpoint(self) -> Path:
         path = self.checkpointer.save(self.engine, self.step, self.state_dict())
         self.last_checkpoint = (self.step, path)
@@ -272,14 +276,42 @@ class Trainer:
         resume = self.cfg.trainer.resume
         if resume == "never":
             return
-        ckpt = self.checkpointer.newest_valid() if resume == "auto" else Path(resume).expanduser()
+        if resume == "auto":  # rank 0 decides, so that every rank loads the same step
+            choice = [self.checkpointer.newest_valid() if self.rank == 0 else None]
+            if self.world_size > 1:
+                torch.distributed.broadcast_object_list(choice, src=0)
+            ckpt = choice[0]
+        else:
+            ckpt = Path(resume).expanduser()
         if ckpt is None:
             return
+        groups = self.scheduler.optimizer.param_groups
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         self.load_state_dict(self.checkpointer.load(self.engine, ckpt))
+        self.last_checkpoint = (self.step, ckpt)
+        self._apply_configured_hyperparameters(configured)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
+    def _apply_configured_hyperparameters(self, configured: list[dict]) -> None:
+        """A checkpoint restores the optimizer's hyperparameters as they were; the config of this
+        launch wins (resuming a diverged run with a lower optim.lr must lower it)."""
+        sched = self.scheduler
+        for i, (group, fresh) in enumerate(zip(sched.optimizer.param_groups, configured)):
+            changed = {k: (group.get(k), v) for k, v in fresh.items() if group.get(k) != v}
+            group.update(fresh)
+            sched.base_lrs[i] = fresh["initial_lr"]
+            group["lr"] = fresh["initial_lr"] * sched.lr_lambdas[i](sched.last_epoch)
+            if changed and self.rank == 0:
+                log.warning("optimizer group %s: %s from this launch's config", group.get("name", i),
+                            ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
     # -- the run ----------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, stop: StopSignals | None = None) -> dict:
+        """Train to max_steps. `stop`: the signal handlers launch.py installed before building
+        the trainer; without them, fit installs its own for the duration of the run."""
+        if stop is None:
+            with StopSignals() as stop:
+                return self.fit(stop)
         wall_start = time.perf_counter()
         self.maybe_resume()
         if self.rank == 0:
@@ -288,24 +320,21 @@ class Trainer:
             record_start(self.out_dir, self.step, self.world_size)
         for cb in self.callbacks.values():
             cb.on_train_start(self)
-        with StopSignals(self.device) as stop:
-            try:
-                while self.step < self.max_steps:
-                    self.run_step()
-                    signum = stop.agreed()
-                    if signum is not None and self.step < self.max_steps:
-                        return self._preempt(signum, stop, wall_start)
-            except Diverged as e:
-                self._finish("diverged", wall_start, error=str(e))
-                raise
+        try:
+            while self.step < self.max_steps:
+                signum = stop.agreed(self.device)
+                if signum is not None:
+                    return self._preempt(signum, stop, wall_start)
+                self.run_step()
+        except Diverged as e:
+            self._finish("diverged", wall_start, error=str(e))
+            raise
         if self.val_loss is None:  # resumed at the end: nothing trained, still report the final loss
             self.val_loss = self.evaluate()
         return self._finish("completed", wall_start)
 
     def _preempt(self, signum: int, stop: StopSignals, wall_start: float) -> dict:
-        step, path = self.last_checkpoint or (None, None)
-        if step != self.step:
-            path = self.save_checkpoint()
+        path = self.checkpoint_now()
         name = signal.Signals(signum).name
         summary = self._finish("preempted", wall_start, signal=name, checkpoint=str(path))
         stop.hand_over(signum)  # e.g. submitit requeues the SLURM job here

@@ -47,10 +47,11 @@ def _launcher(cfg: Config) -> None:
         raise ConfigError("launcher.node_rank", lc.node_rank, f"an integer from 0 to launcher.nnodes-1={lc.nnodes - 1}")
     if not 1 <= lc.master_port <= 65535:
         raise ConfigError("launcher.master_port", lc.master_port, "a TCP port from 1 to 65535")
-    if not lc.master_addr:
-        raise ConfigError("launcher.master_addr", lc.master_addr, "node 0's host name or IP address")
+    if lc.nnodes > 1 and not lc.hostfile and not lc.master_addr:
+        raise ConfigError("launcher.master_addr", lc.master_addr,
+                          "node 0's host name or IP address, reachable from every node (required with launcher.nnodes > 1)")
     _positive("launcher.collective_timeout_s", lc.collective_timeout_s)
-    if lc.hostfile is not None:
+    if lc.hostfile is not None and "RANK" not in os.environ:  # ranks on other hosts need not have the file
         if not Path(lc.hostfile).expanduser().is_file():
             raise ConfigError("launcher.hostfile", lc.hostfile, "the path of an existing DeepSpeed hostfile")
         try:
