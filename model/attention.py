@@ -46,7 +46,8 @@ def window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
 
 
 class V4Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, cfg, kind: str, max_seq_len: int, eps: float):
+    def __init__(self, d_model: int, n_heads: int, cfg, kind: str, max_seq_len: int, eps: float,
+                 rope_theta: float = 10000.0):
         super().__init__()
         self.kind, self.n_heads, self.head_dim, self.rope_dim = kind, n_heads, cfg.head_dim, cfg.rope_dim
         self.window, self.topk, self.kl_weight = cfg.window, cfg.csa_topk, cfg.indexer_kl_weight
@@ -64,11 +65,11 @@ class V4Attention(nn.Module):
         self.out = nn.Linear(groups * cfg.out_lora, d_model, bias=False)
         self.compressor = None if kind == "window" else Compressor(
             d_model, hd, self.ratio, overlap=kind == "csa", rope_dim=cfg.rope_dim, eps=eps)
-        self.indexer = Indexer(d_model, cfg.q_lora, cfg.index_heads, cfg.index_dim, self.ratio, eps) \
-            if kind == "csa" else None
+        self.indexer = Indexer(d_model, cfg.q_lora, cfg.index_heads, cfg.index_dim, self.ratio, eps,
+                               rope_dim=min(cfg.rope_dim, cfg.index_dim)) if kind == "csa" else None
         self.sparse = False  # CSA: top-k entries (after the indexer's warm-up) or all visible ones
         self.aux_loss: torch.Tensor | None = None  # the indexer's KL of the last training forward
-        cos, sin = rope_tables(max_seq_len, max(cfg.rope_dim, 2), 10000.0)
+        cos, sin = rope_tables(max_seq_len, max(cfg.rope_dim, 2), rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -78,41 +79,51 @@ class V4Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *unused) -> torch.Tensor:
         b, t, _ = x.shape
-        h, hd, w = self.n_heads, self.head_dim, self.window
+        h, hd = self.n_heads, self.head_dim
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         q_latent = self.q_norm(self.q_down(x))
         q = rope_last(self.q_up(q_latent).view(b, t, h, hd).transpose(1, 2), cos, sin, self.rope_dim)
         kv = rope_last(self.kv_norm(self.kv(x)), cos, sin, self.rope_dim)  # [B, T, hd], key and value
-        q = q * hd ** -0.5
+        entries = index_scores = None
+        if self.compressor is not None:
+            entries = self.compressor(x, cos, sin)  # [B, N, hd]
+            if self.indexer is not None and (self.sparse or self.training):
+                index_scores = self.indexer(x, q_latent, cos, sin)
+        # Scores, softmax and weighted values in fp32 (or wider) even under bf16 autocast: bf16
+        # logits would be rounded before the softmax, the sink with them.
+        wide = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._attend(q.to(wide), kv.to(wide), None if entries is None else entries.to(wide),
+                               index_scores, cos, sin)
+        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1).to(x.dtype)  # [B, T, G, H·hd/G]
+        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down.to(grouped.dtype)).flatten(2))
 
+    def _attend(self, q, kv, entries, index_scores, cos, sin) -> torch.Tensor:
+        """One softmax over the window, the (selected) compressed entries and the sink → [B, H, T, hd]."""
+        b, h, t, hd = q.shape
+        w = self.window
+        q = q * hd ** -0.5
         # window scores, chunked: [B, H, C, w, 2w]
         n_chunks = -(-t // w)
         pad = n_chunks * w - t
         qc = F.pad(q, (0, 0, 0, pad)).view(b, h, n_chunks, w, hd)
         kc = F.pad(kv, (0, 0, w, pad)).unfold(1, 2 * w, w).transpose(-1, -2)  # [B, C, 2w, hd]
         s_win = torch.einsum("bhcqd,bckd->bhcqk", qc, kc)
-        s_win = s_win.masked_fill(~window_mask(t, w, x.device), float("-inf"))
-        s_win = s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :t]
-
-        parts = [s_win]
-        entries = selected = chosen = index_scores = None
-        if self.compressor is not None:
-            entries = self.compressor(x, cos, sin)  # [B, N, hd]
-            visible = visible_entries(t, self.ratio, x.device)  # [T, N]
-            if self.indexer is not None and (self.sparse or self.training):
-                index_scores = self.indexer(x, q_latent, cos, sin)
+        s_win = s_win.masked_fill(~window_mask(t, w, q.device), float("-inf"))
+        parts = [s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :t]]
+        selected = chosen = visible = None
+        if entries is not None:
+            visible = visible_entries(t, self.ratio, q.device)  # [T, N]
             if self.indexer is not None and self.sparse:
                 selected, chosen = select_topk(index_scores, visible, self.topk)  # [B, T, k]
-                picked = torch.gather(entries[:, None].expand(b, t, -1, hd), 2,
-                                      selected[..., None].expand(-1, -1, -1, hd))  # [B, T, k, hd]
-                s_comp = torch.einsum("bhtd,btkd->bhtk", q, picked).masked_fill(~chosen[:, None], float("-inf"))
-                entries = picked
+                entries = torch.gather(entries[:, None].expand(b, t, -1, hd), 2,
+                                       selected[..., None].expand(-1, -1, -1, hd))  # [B, T, k, hd]
+                s_comp = torch.einsum("bhtd,btkd->bhtk", q, entries).masked_fill(~chosen[:, None], float("-inf"))
             else:
                 s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
             parts.append(s_comp)
         parts.append(self.sink.view(1, h, 1, 1).expand(b, h, t, 1).to(q.dtype))
-        wide = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax under bf16 autocast
-        probs = torch.softmax(torch.cat(parts, dim=-1).to(wide), dim=-1).type_as(q)
+        probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
 
         p_win = F.pad(probs[..., : 2 * w], (0, 0, 0, pad)).view(b, h, n_chunks, w, 2 * w)
         out = torch.einsum("bhcqk,bckd->bhcqd", p_win, kc).reshape(b, h, n_chunks * w, hd)[:, :, :t]
@@ -127,18 +138,17 @@ class V4Attention(nn.Module):
                         torch.gather(index_scores, 2, selected), target, chosen)
                 else:
                     self.aux_loss = self.kl_weight * kl_to_attention(index_scores, target, visible.expand(b, -1, -1))
-        out = rope_last(out, cos, -sin, self.rope_dim)  # inverse RoPE at the query's position
-        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1)  # [B, T, G, H·hd/G]
-        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down).flatten(2))
+        return rope_last(out, cos, -sin, self.rope_dim)  # inverse RoPE at the query's position
 
     def attention_flops(self, seq_len: int) -> float:
-        """Forward FLOPs per token of scores and weighted values (projections are counted as
-        parameters), averaged over the positions of a sequence of `seq_len`."""
-        per_key = 4 * self.n_heads * self.head_dim
-        keys = min(self.window, seq_len)
+        """Forward FLOPs per token of scores and weighted values (projections count as
+        parameters), by the convention of dense attention's 4·d·T (PaLM): every query as if it saw
+        its full share of the sequence — the window, all T/m entries (HCA), the top-k of them
+        (CSA after the indexer's warm-up) plus the indexer's scoring of all T/m."""
+        flops = 4 * self.n_heads * self.head_dim * min(self.window, seq_len)
         if self.kind != "window":
-            entries = seq_len // self.ratio / 2  # visible on average
-            keys += min(self.topk, entries) if self.kind == "csa" and self.sparse else entries
+            entries = seq_len // self.ratio
+            flops += 4 * self.n_heads * self.head_dim * (min(self.topk, entries) if self.kind == "csa" else entries)
             if self.indexer is not None:
-                keys += 2 * self.indexer.n_heads * self.indexer.dim * entries / per_key
-        return per_key * keys
+                flops += 2 * self.indexer.n_heads * self.indexer.dim * entries
+        return flops

@@ -15,23 +15,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.compressor import Compressor
+from model.compressor import Compressor, rope_last
 
 
 class Indexer(nn.Module):
-    def __init__(self, d_model: int, q_lora: int, n_heads: int, dim: int, ratio: int, eps: float):
+    def __init__(self, d_model: int, q_lora: int, n_heads: int, dim: int, ratio: int, eps: float, rope_dim: int = 0):
         super().__init__()
-        self.n_heads, self.dim = n_heads, dim
+        self.n_heads, self.dim, self.rope_dim = n_heads, dim, rope_dim
         self.q = nn.Linear(q_lora, n_heads * dim, bias=False)
         self.head_weights = nn.Linear(d_model, n_heads, bias=False)
-        self.keys = Compressor(d_model, dim, ratio, overlap=True, rope_dim=0, eps=eps)
+        self.keys = Compressor(d_model, dim, ratio, overlap=True, rope_dim=rope_dim, eps=eps)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos, sin) -> torch.Tensor:
-        """Index scores [B, T, N] (before masking)."""
+        """Index scores [B, T, N] (before masking). Queries and keys carry RoPE on their last
+        rope_dim channels (the attention's tables, highest frequencies), as V3.2's indexer does."""
         b, t, _ = x.shape
         x, q_latent = x.detach(), q_latent.detach()
+        cos, sin = cos[:, : self.rope_dim // 2], sin[:, : self.rope_dim // 2]
         k = self.keys(x, cos, sin)  # [B, N, dim]
-        q = self.q(q_latent).view(b, t, self.n_heads, self.dim)
+        q = self.q(q_latent).view(b, t, self.n_heads, self.dim).transpose(1, 2)
+        q = rope_last(q, cos, sin, self.rope_dim).transpose(1, 2)
         w = self.head_weights(x) * self.n_heads ** -0.5  # [B, T, H]
         return torch.einsum("bth,bthn->btn", w, torch.relu(torch.einsum("bthd,bnd->bthn", q, k)))
 

@@ -62,13 +62,20 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, c))
 
 
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """silu(gate)·up; with V4's clamps, gate ≤ clamp and up in [−clamp, clamp]."""
+    if clamp is not None:
+        gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, clamp: float | None = None):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.gate_up.weight.row_blocks = 2  # gate and up are separate matrices
         self.down = nn.Linear(hidden, d_model, bias=False)
+        self.clamp = clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(clamped_swiglu(*self.gate_up(x).chunk(2, dim=-1), self.clamp))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import SwiGLU
+from model.layers import SwiGLU, clamped_swiglu
 
 
 class MoE(nn.Module):
@@ -29,8 +29,9 @@ class MoE(nn.Module):
         self.gamma, self.balance_weight = cfg.bias_gamma, cfg.balance_weight
         self.router = nn.Parameter(torch.empty(e, d_model))
         self.gate_up = nn.Parameter(torch.empty(e, 2 * h, d_model))
+        self.gate_up.row_blocks = 2  # each expert's gate and up are separate matrices for Muon
         self.down = nn.Parameter(torch.empty(e, d_model, h))
-        self.shared = SwiGLU(d_model, h * cfg.n_shared) if cfg.n_shared else None
+        self.shared = SwiGLU(d_model, h * cfg.n_shared, cfg.clamp) if cfg.n_shared else None
         self.register_buffer("bias", torch.zeros(e))
         self.register_buffer("load", torch.zeros(e), persistent=False)  # tokens per expert since the last update
         self.hashed = layer < cfg.hash_layers
@@ -48,8 +49,11 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared.down.weight, std=std * out_scale)
 
     def route(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D], ids [N] → affinities [N, E], chosen experts [N, k], gate weights [N, k]."""
-        scores = F.softplus(x.float() @ self.router.float().t()).sqrt()
+        """x [N, D], ids [N] → affinities [N, E], chosen experts [N, k], gate weights [N, k].
+        In fp32 even under autocast: bf16 logits would move selections by more than a bias step."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.softplus(x.to(wide) @ self.router.to(wide).t()).sqrt()
         if self.hashed:
             chosen = self.hash_table[ids]
         else:
@@ -58,8 +62,7 @@ class MoE(nn.Module):
         return scores, chosen, picked / picked.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.gate_up[e].t()).chunk(2, dim=-1)
-        return (F.silu(gate.clamp(max=self.clamp)) * up.clamp(-self.clamp, self.clamp)) @ self.down[e].t()
+        return clamped_swiglu(*(x @ self.gate_up[e].t()).chunk(2, dim=-1), self.clamp) @ self.down[e].t()
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape

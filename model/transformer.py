@@ -41,7 +41,7 @@ class Transformer(nn.Module):
         def attention(kind: str) -> nn.Module:
             if kind == "dense":
                 return Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
-            return V4Attention(cfg.d_model, cfg.n_heads, cfg.attn, kind, cfg.max_seq_len, cfg.norm_eps)
+            return V4Attention(cfg.d_model, cfg.n_heads, cfg.attn, kind, cfg.max_seq_len, cfg.norm_eps, cfg.rope_theta)
 
         def ffn(layer: int) -> nn.Module:
             return MoE(cfg.d_model, cfg.moe, layer, vocab_size) if cfg.ffn == "moe" else SwiGLU(cfg.d_model, hidden)
@@ -173,8 +173,10 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 × active non-embedding parameters for the matmuls, plus 3 ×
         the attention scores and weighted values (dense: 4·d·T per layer, PaLM's accounting; V4:
-        window, selected or all compressed entries, and the indexer)."""
+        window, selected or all compressed entries, and the indexer, by the same convention)."""
         n = self.num_active_params() - self.embed.weight.numel()
+        if self.mtp is not None:  # the shared head runs a second time, on the MTP block's output
+            n += self.head.weight.numel()
         attention = sum(m.attention_flops(seq_len) if isinstance(m, V4Attention) else 4 * self.cfg.d_model * seq_len
                         for m in self.modules() if isinstance(m, (V4Attention, Attention)))
         return int(6 * n + 3 * attention)

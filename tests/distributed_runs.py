@@ -15,15 +15,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import TINY, compose_config, interrupted_run  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
-COMBOS = [("adamw", 0), ("adamw", 1), ("adamw", 2), ("adamw", 3), ("muon", 0), ("muon", 1), ("muon", 2)]
+COMBOS = [("adamw", 0), ("adamw", 1), ("adamw", 2), ("adamw", 3), ("muon", 0), ("muon", 1), ("muon", 2), ("v4", 2)]
+# v4: V4-tiny (MoE experts as 3-D matrices, selection biases from loads summed over ranks, CSA
+# after a 3-step indexer warm-up) with Muon on ZeRO-2 partitions.
+V4 = ["model=v4_tiny", "model.d_model=64", "model.n_heads=2", "model.attn.window=8", "model.attn.indexer_warmup_steps=3",
+      "model.attn.csa_topk=4", "model.moe.bias_gamma=0.01"]
 STEPS = 10
 
 
 def overrides(optim: str, stage: int) -> list[str]:
     # fp32 Newton–Schulz: ranks sum gradients in another order than one process does, and bf16
     # would turn those last-bit differences into bf16-sized ones.
-    extra = ["optim.ns_dtype=fp32", "optim.lr=0.02"] if optim == "muon" else []
-    return [*TINY, f"optim={optim}", *extra, f"deepspeed.zero_stage={stage}", f"trainer.max_steps={STEPS}",
+    base, extra = TINY, []
+    if optim == "v4":
+        base, optim = [o for o in TINY if not o.startswith("model=")], "muon"
+        extra = V4
+    if optim == "muon":
+        extra = [*extra, "optim.ns_dtype=fp32", "optim.lr=0.02"]
+    return [*base, f"optim={optim}", *extra, f"deepspeed.zero_stage={stage}", f"trainer.max_steps={STEPS}",
             "trainer.eval_every=5", "trainer.checkpoint_every=5", "launcher.nproc_per_node=2"]
 
 

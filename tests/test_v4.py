@@ -188,10 +188,31 @@ def test_mtp_predicts_the_token_after_next():
     model = build_model(cfg, 64).train()
     seen = {}
     model.mtp.register_forward_hook(lambda mod, args, out: seen.update(hidden=args[0], next_ids=args[2]))
+    model.reduce.register_forward_hook(lambda mod, args, out: seen.update(trunk=out))
     idx = torch.randint(0, 64, (2, 16))
     targets = torch.cat((idx[:, 1:], torch.randint(0, 64, (2, 1))), dim=1)
     model(idx, targets)
-    assert seen["hidden"].shape[1] == 15 and torch.equal(seen["next_ids"], targets[:, :-1])  # token t+1 at t
+    assert torch.equal(seen["hidden"], seen["trunk"][:, :-1])  # the trunk's state at t ...
+    assert torch.equal(seen["next_ids"], targets[:, :-1])  # ... with token t+1 (= input t+1)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_v4_tiny_outputs_ignore_later_tokens(training):
+    """Changing tokens from position 20 on leaves every logit before 20 unchanged, through the
+    indexer's selections, compressed entries, MoE routing and mHC (sparse CSA). Float64: MoE
+    experts batch whichever tokens they get, so results differ in the last bits only."""
+    from model import build_model
+
+    cfg = compose_config(["model=v4_tiny", "model.attn.window=8", "model.attn.csa_topk=2"]).model
+    model = build_model(cfg, 64).double().train(training)
+    model.on_step_start(10_000, lr_decaying=False)
+    a = torch.randint(0, 64, (2, 40))
+    b = a.clone()
+    b[:, 20:] = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        la, lb = model(a), model(b)
+    assert (la[:, :20] - lb[:, :20]).abs().max() < 1e-12
+    assert (la[:, 20:] - lb[:, 20:]).abs().amax(-1).min() > 1e-3
 
 
 def test_v4_parameters_are_routed_to_the_right_optimizer():
@@ -226,6 +247,13 @@ def test_v4_tiny_trains_with_muon(tiny_config):
     assert rows[-1]["loss/total"] > rows[-1]["loss"]  # the MTP and auxiliary terms are on top
     assert summary["n_active_params"] < summary["n_params"] and summary["flops_per_token"] > 0
     assert summary["final_val_loss"] < losses[0]
+
+
+def test_v4_tiny_trains_under_bf16_autocast(tiny_config):
+    cfg = tiny_config(*V4_RUN, "trainer.max_steps=6", "model.attn.indexer_warmup_steps=3", "trainer.precision=bf16")
+    summary = Trainer(cfg).fit()
+    assert summary["precision"] == "bf16" and summary["status"] == "completed"
+    assert all(r["loss"] is not None for r in read(cfg.out_dir))
 
 
 def test_v4_tiny_resumes_exactly(tiny_config, tmp_path):

@@ -147,9 +147,7 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         lr = self.scheduler.optimizer.param_groups[0]["lr"]  # what this step applies
         module = self.engine.module
-        if hasattr(module, "on_step_start"):  # V4 parts: sparse attention after warm-up, MTP weight
-            module.on_step_start(self.step, lr_decaying=self.step >= self.cfg.optim.warmup_steps
-                                 and lr < self.scheduler.base_lrs[0] * (1 - 1e-6))
+        self._set_model_phase()
         self.engine.train()
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
@@ -183,6 +181,16 @@ class Trainer:
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
         return metrics
+
+    def _set_model_phase(self) -> None:
+        """V4 parts that change with the step: CSA goes sparse after the indexer's warm-up, the
+        MTP weight drops once the learning rate decays. Before every step, and after a resume
+        (so that an evaluation right away sees the model as trained)."""
+        module = self.engine.module
+        if hasattr(module, "on_step_start"):
+            lr = self.scheduler.optimizer.param_groups[0]["lr"]
+            module.on_step_start(self.step, lr_decaying=self.step >= self.cfg.optim.warmup_steps
+                                 and lr < self.scheduler.base_lrs[0] * (1 - 1e-6))
 
     def _skip_update_if(self, non_finite: bool) -> None:
         """ZeRO-0: drop the gradients so the optimizer leaves every parameter and state alone, and
@@ -290,6 +298,7 @@ class Trainer:
         self.load_state_dict(self.checkpointer.load(self.engine, ckpt))
         self.last_checkpoint = (self.step, ckpt)
         self._apply_configured_hyperparameters(configured)
+        self._set_model_phase()
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def _apply_configured_hyperparameters(self, configured: list[dict]) -> None:
