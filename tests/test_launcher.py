@@ -93,10 +93,11 @@ def test_slurm_layout_must_be_one_task_per_rank(tmp_path):
     assert proc.returncode == 2 and "hydra.launcher.tasks_per_node=1" in proc.stderr
 
 
-def test_multi_node_needs_an_explicit_shared_out_dir():
+def test_multi_node_needs_an_explicit_shared_out_dir(tmp_path):
     proc = launch("launcher.dry_run=true", "launcher.nnodes=2", "launcher.master_addr=10.0.0.1",
-                  "trainer.global_batch_size=32")
+                  "trainer.global_batch_size=32", cwd=tmp_path)
     assert proc.returncode == 2 and "invalid configuration out_dir=" in proc.stderr
+    assert not list(tmp_path.glob("outputs/*")), "the refused launch left its run directory behind"
 
 
 def test_submitit_task_becomes_one_rank():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, compose_config, interrupted_run
+from tests.conftest import CONFIGS, V4_RUN, compose_config, interrupted_run
 from train.trainer import Diverged, Trainer
 
 
@@ -61,9 +61,12 @@ def test_experiment_preset_trains_two_steps(name, tmp_path, data_cache):
     assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
 
 
-def test_resume_continues_exactly(tiny_config, tmp_path):
-    """Kill a run after step 7 (last checkpoint at 5); the resumed run's log equals an uninterrupted one."""
-    common = ("trainer.max_steps=10", "trainer.eval_every=5", "trainer.checkpoint_every=5", "model.dropout=0.1")
+@pytest.mark.parametrize("model", [["model.dropout=0.1"], [*V4_RUN, "model.attn.indexer_warmup_steps=4"]],
+                         ids=["dense-dropout", "v4-tiny"])
+def test_resume_continues_exactly(tiny_config, tmp_path, model):
+    """Kill a run after step 7 (last checkpoint at 5); the resumed run's log equals an uninterrupted
+    one (dropout RNG; for V4-tiny also the MoE biases, the sparse switch after step 4, the MTP weight)."""
+    common = ("trainer.max_steps=10", "trainer.eval_every=5", "trainer.checkpoint_every=5", *model)
     ref = tiny_config(*common)
     ref.out_dir = str(tmp_path / "ref")
     Trainer(ref).fit()

@@ -58,6 +58,12 @@ def run_directory_lock(cfg: Config):
         lock.release()
 
 
+def drop_if_empty(out: Path) -> None:
+    """Hydra makes the job directory before the job runs; one that nothing was written to goes."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
@@ -74,18 +80,18 @@ def run(dict_cfg: DictConfig) -> int:
         validate(cfg)
         launcher.adopt_submitit_task(cfg)
     except ConfigError as e:
+        drop_if_empty(Path(HydraConfig.get().runtime.output_dir))
         return fail(str(e), EXIT_CONFIG)
     multi_node = cfg.launcher.nnodes > 1 or cfg.launcher.hostfile
     if multi_node and "RANK" not in os.environ and not any(o.startswith("out_dir=") for o in overrides):
+        drop_if_empty(Path(cfg.out_dir))
         return fail(str(ConfigError("out_dir", cfg.out_dir, "an explicit out_dir=PATH on a file system every node shares",
                                     "the default is a timestamp, which each node would resolve differently")),
                     EXIT_CONFIG)
     plan = launcher.plan_launch(cfg, overrides)
     if cfg.launcher.dry_run:
         print(launcher.describe(plan, cfg, overrides), flush=True)
-        out = Path(cfg.out_dir)
-        if out.is_dir() and not any(out.iterdir()):  # made by Hydra for the job; nothing ran
-            out.rmdir()
+        drop_if_empty(Path(cfg.out_dir))
         return 0
     if plan is not None:
         if cfg.launcher.node_rank == 0:
