@@ -234,29 +234,35 @@ class SubmititLayout(Callback):
     the job layout is one task per rank, and answers launcher.dry_run with the sbatch file."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from train.validate import ConfigError
+
         try:
             self._check(config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
         except Exception as e:  # Hydra would turn it into a warning and submit anyway
             print(f"error: cannot check the submitit job layout: {e!r}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     def _check(self, config: DictConfig) -> None:
+        from train.validate import ConfigError
+
         params = OmegaConf.to_container(config.hydra.launcher, resolve=True)
         if "submitit" not in str(params.get("_target_", "")):
             return
         lc = config.launcher
         swept = [o for o in config.hydra.overrides.task if o.startswith("launcher.") and "," in o]
-        if swept:
+        if swept:  # a sweep's values, not one value: ConfigError's KEY=repr(VALUE) would misquote them
             print(f"error: invalid configuration {swept[0]}: a SLURM sweep submits one job layout. Accepted: "
                   f"one value per launcher key; sweep other keys, or submit one sweep per layout.",
                   file=sys.stderr, flush=True)
             sys.exit(2)
         if (params["nodes"], params["tasks_per_node"]) != (lc.nnodes, lc.nproc_per_node):
-            print(f"error: invalid configuration hydra.launcher.tasks_per_node={params['tasks_per_node']}, "
-                  f"hydra.launcher.nodes={params['nodes']}: the job needs one task per rank. Accepted: "
-                  f"tasks_per_node=launcher.nproc_per_node={lc.nproc_per_node} and nodes=launcher.nnodes={lc.nnodes} "
-                  f"(hydra/launcher=slurm sets both from launcher.*).", file=sys.stderr, flush=True)
-            sys.exit(2)
+            raise ConfigError("hydra.launcher.tasks_per_node", params["tasks_per_node"],
+                              f"tasks_per_node=launcher.nproc_per_node={lc.nproc_per_node} and nodes=launcher.nnodes="
+                              f"{lc.nnodes} (hydra/launcher=slurm sets both from launcher.*)",
+                              f"with hydra.launcher.nodes={params['nodes']} the job does not have one task per rank")
         if not lc.dry_run:
             return
         n_jobs = sweep_size(config.hydra.overrides.task)

@@ -78,16 +78,14 @@ def run(dict_cfg: DictConfig) -> int:
     try:
         cfg = typed_config(dict_cfg)
         validate(cfg)
+        multi_node = cfg.launcher.nnodes > 1 or cfg.launcher.hostfile
+        if multi_node and "RANK" not in os.environ and not any(o.startswith("out_dir=") for o in overrides):
+            raise ConfigError("out_dir", cfg.out_dir, "an explicit out_dir=PATH on a file system every node shares",
+                              "the default is a timestamp, which each node would resolve differently")
         launcher.adopt_submitit_task(cfg)
     except ConfigError as e:
         drop_if_empty(Path(HydraConfig.get().runtime.output_dir))
         return fail(str(e), EXIT_CONFIG)
-    multi_node = cfg.launcher.nnodes > 1 or cfg.launcher.hostfile
-    if multi_node and "RANK" not in os.environ and not any(o.startswith("out_dir=") for o in overrides):
-        drop_if_empty(Path(cfg.out_dir))
-        return fail(str(ConfigError("out_dir", cfg.out_dir, "an explicit out_dir=PATH on a file system every node shares",
-                                    "the default is a timestamp, which each node would resolve differently")),
-                    EXIT_CONFIG)
     plan = launcher.plan_launch(cfg, overrides)
     if cfg.launcher.dry_run:
         print(launcher.describe(plan, cfg, overrides), flush=True)

@@ -103,7 +103,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.loader.manifest["vocab_size"])
-        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_params = model.num_params()
         self.n_active_params = model.num_active_params()
         self.flops_per_token = model.flops_per_token(d.seq_len)
         optimizer = build_optimizer(model, cfg.optim)
