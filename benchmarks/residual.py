@@ -1,4 +1,5 @@
-"""Residual variants on the default model: plain residual, HC and mHC (n = 4 streams).
+"""Residual variants on the default model: plain residual, HC and mHC (n = 4 streams), and mHC
+on its eager PyTorch path (`model.fused_hc=false`) to show what the fused kernels buy.
 
 Each variant runs forward, backward and an AdamW step on the same batch, alternating in one
 process; prints the median step time and the activation memory (bytes of tensors saved for
@@ -17,7 +18,8 @@ from benchmarks.common import alternate, load_config, median
 from model import build_model
 
 VARIANTS = {"residual": [], "hc": ["model.residual=hc", "model.n_streams=4"],
-            "mhc": ["model.residual=mhc", "model.n_streams=4"]}
+            "mhc": ["model.residual=mhc", "model.n_streams=4"],
+            "mhc-eager": ["model.residual=mhc", "model.n_streams=4", "model.fused_hc=false"]}
 
 
 def saved_activation_bytes(model, idx, targets) -> int:
@@ -67,7 +69,7 @@ def main() -> None:
     print(f"default model, batch {tuple(idx.shape)}, {torch.get_num_threads()} threads; "
           f"{args.rounds} rounds × {args.steps} steps (forward + backward + AdamW)")
     for name in VARIANTS:
-        print(f"  {name:<9} {ms[name]:8.1f} ms  {ms[name] / ms['residual']:5.2f}x   activations "
+        print(f"  {name:<10} {ms[name]:8.1f} ms  {ms[name] / ms['residual']:5.2f}x   activations "
               f"{memory[name] / 2**20:7.1f} MiB  {memory[name] / memory['residual']:5.2f}x")
 
 

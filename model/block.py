@@ -16,7 +16,8 @@ from model.moe import MoE
 
 class Block(nn.Module):
     def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module, norm_eps: float, dropout: float,
-                 residual: str = "residual", n_streams: int = 1, layer: int = 0, sinkhorn_iters: int = 20):
+                 residual: str = "residual", n_streams: int = 1, layer: int = 0, sinkhorn_iters: int = 20,
+                 fused_hc: bool = True):
         super().__init__()
         self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.attn = attn
@@ -26,8 +27,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.hyper = residual != "residual"
         if self.hyper:
-            self.attn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer, sinkhorn_iters)
-            self.ffn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer + 1, sinkhorn_iters)
+            self.attn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer, sinkhorn_iters, fused=fused_hc)
+            self.ffn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer + 1, sinkhorn_iters, fused=fused_hc)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor | None = None):
         def attn(h):

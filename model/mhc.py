@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import hc_kernel
 from model.sinkhorn import sinkhorn
 
 KINDS = ("hc", "mhc")
@@ -49,11 +50,11 @@ class HyperConnection(nn.Module):
     """Read/write/mix coefficients of one sublayer, and their application."""
 
     def __init__(self, kind: str, n: int, d_model: int, index: int, sinkhorn_iters: int = 20,
-                 alpha_init: float = 0.01, eps: float = 1e-6):
+                 alpha_init: float = 0.01, eps: float = 1e-6, fused: bool = True):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"hyper-connection kind {kind!r}; accepted: {', '.join(KINDS)}")
-        self.kind, self.n, self.iters, self.eps = kind, n, sinkhorn_iters, eps
+        self.kind, self.n, self.iters, self.eps, self.fused = kind, n, sinkhorn_iters, eps, fused
         self.alpha = _scalar(torch.full((3,), alpha_init))  # pre, post, res
         if kind == "mhc":
             self.phi = nn.Linear(n * d_model, n * n + 2 * n, bias=False)
@@ -85,26 +86,48 @@ class HyperConnection(nn.Module):
         return pre, post, res
 
     def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        if self.fused and hc_kernel.usable(x, *self.parameters()):
+            link = None
+            if self.kind == "mhc":
+                link = hc_kernel.Link()
+                x_in, pre, post, res = hc_kernel.mhc_in(x, self.phi.weight, self.alpha, self.b_pre, self.b_post,
+                                                        self.b_res, self.iters, self.eps, link=link)
+            else:
+                pre, post, res = self.coefficients(x)
+                x_in = self._read(x, pre)
+            self._record(pre, post, res)
+            return hc_kernel.mix(x, sublayer(x_in), post, res, link)
         pre, post, res = self.coefficients(x)
+        self._record(pre, post, res)
+        dtype = x.dtype
+        y = sublayer(self._read(x, pre))
+        # In the stream's dtype: under autocast a bf16 baddbmm would turn an fp32 residual stream into bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            written = post.to(dtype).unsqueeze(-1) * y.to(dtype).unsqueeze(-2)
+            return torch.baddbmm(written.flatten(0, 1), res.to(dtype).contiguous().flatten(0, 1),
+                                 x.flatten(0, 1)).view_as(x)
+
+    @staticmethod
+    def _read(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        # Contiguous operands: a batched matmul over strided ones (slices of m) falls back to a
+        # per-token loop, several times slower. Autocast off, as for the write.
+        with torch.autocast(x.device.type, enabled=False):
+            return (pre.to(x.dtype).contiguous().unsqueeze(-2) @ x).squeeze(-2)
+
+    def _record(self, pre: torch.Tensor, post: torch.Tensor, res: torch.Tensor) -> None:
         if self.record:
             self.recorded = {"res": res.detach().mean(dim=(0, 1)), "pre": pre.detach().mean(dim=(0, 1)),
                              "post": post.detach().mean(dim=(0, 1))}
-        # Contiguous operands: a batched matmul over strided ones (slices of m) falls back to a
-        # per-token loop, several times slower.
-        dtype = x.dtype
-        x_in = (pre.to(dtype).contiguous().unsqueeze(-2) @ x).squeeze(-2)
-        y = sublayer(x_in)
-        written = post.to(dtype).unsqueeze(-1) * y.unsqueeze(-2)
-        return torch.baddbmm(written.flatten(0, 1), res.to(dtype).contiguous().flatten(0, 1), x.flatten(0, 1)).view_as(x)
 
 
 class StreamReduce(nn.Module):
     """The streams' weighted sum before the final norm: mhc uses sigmoid weights of the same
     dynamic form (no Sinkhorn); hc sums the streams as Zhu et al. do."""
 
-    def __init__(self, kind: str, n: int, d_model: int, alpha_init: float = 0.01, eps: float = 1e-6):
+    def __init__(self, kind: str, n: int, d_model: int, alpha_init: float = 0.01, eps: float = 1e-6,
+                 fused: bool = True):
         super().__init__()
-        self.kind, self.eps = kind, eps
+        self.kind, self.eps, self.fused = kind, eps, fused
         if kind == "mhc":
             self.phi = nn.Linear(n * d_model, n, bias=False)
             self.alpha = _scalar(torch.full((1,), alpha_init))  # 1-D: DeepSpeed cannot broadcast 0-D
@@ -113,5 +136,7 @@ class StreamReduce(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "mhc":
             return x.sum(dim=-2)
+        if self.fused and hc_kernel.usable(x, *self.parameters()):
+            return hc_kernel.mhc_in(x, self.phi.weight, self.alpha, self.bias, None, None, 0, self.eps)[0]
         w = torch.sigmoid(self.alpha * _wide(normalized_projection(x.flatten(-2), self.phi, self.eps)) + self.bias)
-        return (w.to(x.dtype).unsqueeze(-2) @ x).squeeze(-2)
+        return HyperConnection._read(x, w)

@@ -48,7 +48,7 @@ class Transformer(nn.Module):
 
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, attention(self.kinds[i]), ffn(i), cfg.norm_eps, cfg.dropout, residual, self.n_streams,
-                  i, cfg.sinkhorn_iters)
+                  i, cfg.sinkhorn_iters, cfg.fused_hc)
             for i in range(cfg.n_layers)
         )
         # V4's MTP block: a plain pre-norm block with the cheapest attention of the trunk
@@ -58,7 +58,7 @@ class Transformer(nn.Module):
         self.mtp_weight = cfg.mtp_weight
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.loss_count = 0
-        self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model) if self.n_streams > 1 else None
+        self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model, fused=cfg.fused_hc) if self.n_streams > 1 else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -60,6 +60,7 @@ class ModelConfig:
     residual: str = "residual"  # residual | hc | mhc
     n_streams: int = 4  # hyper-connection expansion rate (hc, mhc)
     sinkhorn_iters: int = 20  # mhc: Sinkhorn–Knopp iterations
+    fused_hc: bool = True  # hc/mhc on CPU: fused C++ kernels (model/csrc), eager PyTorch where they cannot build
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
     attention: str = "dense"  # dense (multi-head RoPE) | v4 (window + compressed entries, model.attn)
     ffn: str = "dense"  # dense (SwiGLU) | moe (model.moe)

@@ -1,0 +1,433 @@
+// Fused CPU kernels for hyper-connections (model/mhc.py, model/hc_kernel.py).
+//
+// Eager PyTorch spends an mHC sublayer in ~15 passes over the n-times-wide stream state plus ~100
+// tiny Sinkhorn ops. Here each token's n*C state row is loaded once per kernel and everything that
+// depends on it (RMS, the phi projection, sigmoid gates, Sinkhorn, the stream read) happens while
+// it is in L1; the backward recomputes Sinkhorn per token instead of storing its iterations.
+//
+// Two kernels, each with its backward:
+//   mhc_in:  X [T, n*C] -> m = phi X / rms(X); pre = sigmoid(a0 m + b_pre);
+//            (with mix) post = 2 sigmoid(a1 m + b_post), res = Sinkhorn(a2 m + b_res);
+//            x_in = sum_i pre_i X_i.                        (without mix: the final stream reduce)
+//   mix:     X' [j] = sum_i res[j, i] X_i + post_j y.
+// Cross-token reductions (parameter gradients) go to a fixed number of token chunks summed in order,
+// so results do not depend on the thread count.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunks = 32;  // token chunks for parameter-gradient sums
+constexpr int64_t V = 16;        // tokens per block, one AVX-512 register of floats: per-token math runs across lanes
+
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Sinkhorn on V tokens at once; every array is [entries][V]. Keeps each iteration for the backward.
+template <typename acc_t>
+struct SinkhornBlock {
+  int64_t n, iters;
+  acc_t eps;
+  std::vector<acc_t> buf;  // p0 [n*n]; per iteration c [n], q [n*n], r [n], p [n*n]
+
+  SinkhornBlock(int64_t n_, int64_t iters_, acc_t eps_)
+      : n(n_), iters(iters_), eps(eps_), buf((n_ * n_ + iters_ * (2 * n_ + 2 * n_ * n_)) * V) {}
+
+  acc_t* p0() { return buf.data(); }
+  acc_t* c(int64_t t) { return buf.data() + (n * n + t * (2 * n + 2 * n * n)) * V; }
+  acc_t* q(int64_t t) { return c(t) + n * V; }
+  acc_t* r(int64_t t) { return q(t) + n * n * V; }
+  acc_t* p(int64_t t) { return r(t) + n * V; }
+
+  // Row softmax of the logits z [n*n] (row i, column j), then `iters` column and row normalisations.
+  // Restrict-qualified: the arrays share one buffer, and without the promise the compiler keeps
+  // the lane loops scalar.
+  const acc_t* forward(const acc_t* __restrict__ z) {
+    acc_t* __restrict__ P0 = p0();
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t mx[V], s[V];
+      for (int64_t v = 0; v < V; ++v) mx[v] = z[(i * n) * V + v], s[v] = 0;
+      for (int64_t j = 1; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) mx[v] = std::max(mx[v], z[(i * n + j) * V + v]);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) s[v] += (P0[(i * n + j) * V + v] = std::exp(z[(i * n + j) * V + v] - mx[v]));
+      for (int64_t v = 0; v < V; ++v) s[v] = acc_t(1) / s[v];
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) P0[(i * n + j) * V + v] *= s[v];
+    }
+    const acc_t* P = P0;
+    for (int64_t t = 0; t < iters; ++t) {
+      step(P, c(t), q(t), r(t), p(t));
+      P = p(t);
+    }
+    return P;
+  }
+
+  void step(const acc_t* __restrict__ P, acc_t* __restrict__ Cs, acc_t* __restrict__ Q, acc_t* __restrict__ R,
+            acc_t* __restrict__ Pn) {
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t s[V];
+      for (int64_t v = 0; v < V; ++v) s[v] = eps;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t v = 0; v < V; ++v) s[v] += P[(i * n + j) * V + v];
+      for (int64_t v = 0; v < V; ++v) Cs[j * V + v] = s[v];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t s[V];
+      for (int64_t v = 0; v < V; ++v) s[v] = eps;
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) s[v] += (Q[(i * n + j) * V + v] = P[(i * n + j) * V + v] / Cs[j * V + v]);
+      for (int64_t v = 0; v < V; ++v) R[i * V + v] = s[v];
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) Pn[(i * n + j) * V + v] = Q[(i * n + j) * V + v] / s[v];
+    }
+  }
+
+  // Gradient of the logits from the gradient g [n*n] of the result (overwritten); after forward().
+  void backward(acc_t* __restrict__ g) {
+    for (int64_t t = iters - 1; t >= 0; --t) step_backward(g, c(t), q(t), r(t), p(t));
+    const acc_t* __restrict__ P = p0();
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t s[V] = {};
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * P[(i * n + j) * V + v];
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = P[(i * n + j) * V + v] * (g[(i * n + j) * V + v] - s[v]);
+    }
+  }
+
+  // y = x / (sum x + eps) along a line  =>  dL/dx = (dL/dy - sum(dL/dy * y)) / (sum x + eps)
+  void step_backward(acc_t* __restrict__ g, const acc_t* __restrict__ Cs, const acc_t* __restrict__ Q,
+                     const acc_t* __restrict__ R, const acc_t* __restrict__ Pn) {
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t s[V] = {};
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * Pn[(i * n + j) * V + v];
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) / R[i * V + v];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t s[V] = {};
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * Q[(i * n + j) * V + v];
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) / Cs[j * V + v];
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load(const scalar_t* src, int64_t len, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<acc_t>(src[k]);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(const acc_t* src, int64_t len, scalar_t* dst) {
+  for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+}
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t v) { return acc_t(1) / (acc_t(1) + std::exp(-v)); }
+
+// rows [count][len] of src (token-major, `count` <= V valid) -> dst [len][V], zero-padded lanes
+template <typename scalar_t, typename acc_t>
+inline void load_transposed(const scalar_t* src, int64_t count, int64_t len, acc_t* dst) {
+  if (count < V) std::fill(dst, dst + len * V, acc_t(0));
+  for (int64_t v = 0; v < count; ++v)
+    for (int64_t k = 0; k < len; ++k) dst[k * V + v] = static_cast<acc_t>(src[v * len + k]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_transposed(const acc_t* src, int64_t count, int64_t len, scalar_t* dst) {
+  for (int64_t v = 0; v < count; ++v)
+    for (int64_t k = 0; k < len; ++k) dst[v * len + k] = static_cast<scalar_t>(src[k * V + v]);
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
+  acc_t s = 0;
+  _Pragma("omp simd reduction(+ : s)")
+  for (int64_t k = 0; k < len; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// The wide state in the accumulation type: the projections are GEMMs (BLAS), which need one dtype.
+inline torch::Tensor in_acc(torch::Tensor x, const torch::Tensor& like) {
+  return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// mhc_in
+
+std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, torch::Tensor alpha, torch::Tensor b_pre,
+                                          torch::Tensor b_post, torch::Tensor b_res, int64_t n, int64_t iters,
+                                          double eps_norm, double eps_sinkhorn) {
+  const int64_t T = x.size(0), S = x.size(1), C = S / n, K = phi.size(0);
+  const bool mix = K > n;
+  auto acc_opts = phi.options();
+  auto xa = in_acc(x, phi);
+  auto mp = at::mm(xa, phi.t());  // [T, K]: phi X, before the RMS scale
+  auto x_in = torch::empty({T, C}, x.options());
+  auto pre = torch::empty({T, n}, acc_opts);
+  auto post = torch::empty({T, mix ? n : 0}, acc_opts);
+  auto res = torch::empty({T, mix ? n * n : 0}, acc_opts);
+  auto rinv = torch::empty({T}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mhc_in_forward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t* X = xa.data_ptr<acc_t>();
+    const acc_t* a = alpha.data_ptr<acc_t>();
+    const acc_t* bp = b_pre.data_ptr<acc_t>();
+    const acc_t* bq = mix ? b_post.data_ptr<acc_t>() : nullptr;
+    const acc_t* br = mix ? b_res.data_ptr<acc_t>() : nullptr;
+    scalar_t* OUT = x_in.data_ptr<scalar_t>();
+    acc_t *PRE = pre.data_ptr<acc_t>(), *POST = mix ? post.data_ptr<acc_t>() : nullptr,
+          *RES = mix ? res.data_ptr<acc_t>() : nullptr, *MP = mp.data_ptr<acc_t>(), *RI = rinv.data_ptr<acc_t>();
+    const int64_t blocks = (T + V - 1) / V;
+    at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
+      std::vector<acc_t> m(K * V), pre_(n * V), post_(n * V), z(n * n * V), o(C);
+      SinkhornBlock<acc_t> sk(n, iters, eps_sinkhorn);
+      for (int64_t b = bb; b < be; ++b) {
+        const int64_t t0 = b * V, cnt = std::min(V, T - t0);
+        acc_t r[V];
+        for (int64_t v = 0; v < V; ++v) {
+          const acc_t* xs = X + (t0 + std::min(v, cnt - 1)) * S;
+          r[v] = acc_t(1) / std::sqrt(dot(xs, xs, S) / acc_t(S) + acc_t(eps_norm));
+        }
+        load_transposed(MP + t0 * K, cnt, K, m.data());
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t v = 0; v < V; ++v) pre_[i * V + v] = sigmoid(a[0] * m[i * V + v] * r[v] + bp[i]);
+        if (mix) {
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t v = 0; v < V; ++v) post_[i * V + v] = 2 * sigmoid(a[1] * m[(n + i) * V + v] * r[v] + bq[i]);
+          for (int64_t k = 0; k < n * n; ++k)
+            for (int64_t v = 0; v < V; ++v) z[k * V + v] = a[2] * m[(2 * n + k) * V + v] * r[v] + br[k];
+          store_transposed(post_.data(), cnt, n, POST + t0 * n);
+          store_transposed(sk.forward(z.data()), cnt, n * n, RES + t0 * n * n);
+        }
+        store_transposed(pre_.data(), cnt, n, PRE + t0 * n);
+        for (int64_t v = 0; v < cnt; ++v) {
+          const acc_t* xs = X + (t0 + v) * S;
+          const acc_t* p = PRE + (t0 + v) * n;
+          for (int64_t c = 0; c < C; ++c) o[c] = p[0] * xs[c];
+          for (int64_t i = 1; i < n; ++i)
+            for (int64_t c = 0; c < C; ++c) o[c] += p[i] * xs[i * C + c];
+          store(o.data(), C, OUT + (t0 + v) * C);
+          RI[t0 + v] = r[v];
+        }
+      }
+    });
+  });
+  return {x_in, pre, post, res, mp, rinv};
+}
+
+// g_mix: the gradient of the mix X' = res X + post y that consumes this X, or empty. Its part of X's
+// gradient, res^T g_mix, is added here in the same pass instead of the mix writing it out.
+std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, torch::Tensor alpha, torch::Tensor b_res,
+                                           torch::Tensor pre, torch::Tensor post, torch::Tensor mp, torch::Tensor rinv,
+                                           torch::Tensor g_in, torch::Tensor g_post, torch::Tensor g_res,
+                                           torch::Tensor g_mix, torch::Tensor res, int64_t n, int64_t iters, double eps_sinkhorn) {
+  const int64_t T = x.size(0), S = x.size(1), C = S / n, K = phi.size(0);
+  const bool mix = K > n, add = g_mix.numel() > 0;
+  const int64_t P = 3 + 2 * n + n * n;  // alpha, b_pre, b_post, b_res
+  const int64_t blocks = (T + V - 1) / V;
+  const int64_t chunks = std::min<int64_t>(kChunks, std::max<int64_t>(blocks, 1));
+  const int64_t per = (blocks + chunks - 1) / chunks;
+  auto xa = in_acc(x, phi);
+  auto dx = torch::empty_like(xa);
+  auto dmp = torch::empty({T, K}, phi.options());
+  auto dsmall_parts = torch::zeros({chunks, P}, phi.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mhc_in_backward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t* X = xa.data_ptr<acc_t>();
+    const scalar_t* G = g_in.data_ptr<scalar_t>();
+    const scalar_t* GM = add ? g_mix.data_ptr<scalar_t>() : nullptr;
+    const acc_t* RS = add ? res.data_ptr<acc_t>() : nullptr;
+    const acc_t* a = alpha.data_ptr<acc_t>();
+    const acc_t* br = mix ? b_res.data_ptr<acc_t>() : nullptr;
+    const acc_t *PRE = pre.data_ptr<acc_t>(), *POST = mix ? post.data_ptr<acc_t>() : nullptr;
+    const acc_t *GP = mix ? g_post.data_ptr<acc_t>() : nullptr, *GR = mix ? g_res.data_ptr<acc_t>() : nullptr;
+    const acc_t *MP = mp.data_ptr<acc_t>(), *RI = rinv.data_ptr<acc_t>();
+    acc_t *DX = dx.data_ptr<acc_t>(), *DMP = dmp.data_ptr<acc_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> gb(C), mb(S), m(K * V), dm(K * V), pre_(n * V), post_(n * V), z(n * n * V), gz(n * n * V);
+      SinkhornBlock<acc_t> sk(n, iters, eps_sinkhorn);
+      for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        acc_t* ds = dsmall_parts.data_ptr<acc_t>() + chunk * P;
+        acc_t *da = ds, *dbp = ds + 3, *dbq = ds + 3 + n, *dbr = ds + 3 + 2 * n;
+        for (int64_t b = chunk * per; b < std::min(blocks, (chunk + 1) * per); ++b) {
+          const int64_t t0 = b * V, cnt = std::min(V, T - t0);
+          acc_t r[V] = {};
+          std::fill(pre_.begin(), pre_.end(), acc_t(0));  // padded lanes contribute nothing
+          for (int64_t v = 0; v < cnt; ++v) {
+            r[v] = RI[t0 + v];
+            const acc_t* gs = load(G + (t0 + v) * C, C, gb);
+            for (int64_t i = 0; i < n; ++i) {
+              const acc_t p = PRE[(t0 + v) * n + i];
+              pre_[i * V + v] = dot(X + (t0 + v) * S + i * C, gs, C) * p * (1 - p);  // d(pre logit)
+            }
+          }
+          load_transposed(MP + t0 * K, cnt, K, m.data());
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t v = 0; v < V; ++v) {
+              const acc_t dl = pre_[i * V + v];
+              dm[i * V + v] = a[0] * dl;
+              da[0] += m[i * V + v] * r[v] * dl;
+              dbp[i] += dl;
+            }
+          if (mix) {
+            load_transposed(POST + t0 * n, cnt, n, post_.data());
+            load_transposed(GP + t0 * n, cnt, n, z.data());
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t v = 0; v < V; ++v) {
+                const acc_t q = post_[i * V + v], dl = z[i * V + v] * q * (1 - q / 2);
+                dm[(n + i) * V + v] = a[1] * dl;
+                da[1] += m[(n + i) * V + v] * r[v] * dl;
+                dbq[i] += dl;
+              }
+            for (int64_t k = 0; k < n * n; ++k)
+              for (int64_t v = 0; v < V; ++v) z[k * V + v] = a[2] * m[(2 * n + k) * V + v] * r[v] + br[k];
+            load_transposed(GR + t0 * n * n, cnt, n * n, gz.data());
+            sk.forward(z.data());
+            sk.backward(gz.data());
+            for (int64_t k = 0; k < n * n; ++k)
+              for (int64_t v = 0; v < V; ++v) {
+                dm[(2 * n + k) * V + v] = a[2] * gz[k * V + v];
+                da[2] += m[(2 * n + k) * V + v] * r[v] * gz[k * V + v];
+                dbr[k] += gz[k * V + v];
+              }
+          }
+          // m = mp * r with r = (|x|^2 / S + eps)^(-1/2): the gradient of mp, and of x through r
+          acc_t cx[V] = {};
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t v = 0; v < V; ++v) cx[v] += dm[k * V + v] * m[k * V + v];
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t v = 0; v < V; ++v) dm[k * V + v] *= r[v];
+          store_transposed(dm.data(), cnt, K, DMP + t0 * K);
+          for (int64_t v = 0; v < cnt; ++v) {
+            const acc_t c3 = -cx[v] * r[v] * r[v] * r[v] / acc_t(S);
+            const acc_t* xs = X + (t0 + v) * S;
+            const acc_t* gs = load(G + (t0 + v) * C, C, gb);
+            const acc_t* gm = add ? load(GM + (t0 + v) * S, S, mb) : nullptr;
+            acc_t* d = DX + (t0 + v) * S;
+            for (int64_t i = 0; i < n; ++i) {
+              const acc_t p = PRE[(t0 + v) * n + i];
+              acc_t* di = d + i * C;
+              const acc_t* xi = xs + i * C;
+              for (int64_t c = 0; c < C; ++c) di[c] = p * gs[c] + c3 * xi[c];
+              if (add)
+                for (int64_t j = 0; j < n; ++j) {
+                  const acc_t rji = RS[(t0 + v) * n * n + j * n + i];
+                  const acc_t* gj = gm + j * C;
+                  for (int64_t c = 0; c < C; ++c) di[c] += rji * gj[c];
+                }
+            }
+          }
+        }
+      }
+    });
+  });
+  dx.addmm_(dmp, phi);
+  auto dphi = at::mm(dmp.t(), xa);
+  auto dsmall = dsmall_parts.sum(0);
+  auto dalpha = dsmall.narrow(0, 0, 3), dbp = dsmall.narrow(0, 3, n);
+  auto dbq = dsmall.narrow(0, 3 + n, n), dbr = dsmall.narrow(0, 3 + 2 * n, n * n);
+  return {dx.to(x.scalar_type()), dphi, dalpha, dbp, dbq, dbr};
+}
+
+// ---------------------------------------------------------------------------------------------
+// mix
+
+torch::Tensor mix_forward(torch::Tensor x, torch::Tensor y, torch::Tensor post, torch::Tensor res, int64_t n) {
+  const int64_t T = x.size(0), S = x.size(1), C = S / n;
+  auto out = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mix_forward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t *X = x.data_ptr<scalar_t>(), *Y = y.data_ptr<scalar_t>();
+    const acc_t *PO = post.data_ptr<acc_t>(), *RS = res.data_ptr<acc_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xb(S), yb(C), ob(S);
+      for (int64_t t = begin; t < end; ++t) {
+        const acc_t* xs = load(X + t * S, S, xb);
+        const acc_t* ys = load(Y + t * C, C, yb);
+        const acc_t *po = PO + t * n, *rs = RS + t * n * n;
+        for (int64_t j = 0; j < n; ++j) {
+          acc_t* o = ob.data() + j * C;
+          const acc_t pj = po[j];
+          for (int64_t c = 0; c < C; ++c) o[c] = pj * ys[c];
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t rji = rs[j * n + i];
+            const acc_t* xi = xs + i * C;
+            for (int64_t c = 0; c < C; ++c) o[c] += rji * xi[c];
+          }
+        }
+        store(ob.data(), S, O + t * S);
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> mix_backward(torch::Tensor x, torch::Tensor y, torch::Tensor post, torch::Tensor res,
+                                        torch::Tensor g, int64_t n, bool want_dx) {
+  const int64_t T = x.size(0), S = x.size(1), C = S / n;
+  auto dx = want_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto dy = torch::empty_like(y);
+  auto dpost = torch::empty_like(post);
+  auto dres = torch::empty_like(res);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mix_backward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const scalar_t *X = x.data_ptr<scalar_t>(), *Y = y.data_ptr<scalar_t>(), *Gp = g.data_ptr<scalar_t>();
+    const acc_t *PO = post.data_ptr<acc_t>(), *RS = res.data_ptr<acc_t>();
+    scalar_t *DX = dx.data_ptr<scalar_t>(), *DY = dy.data_ptr<scalar_t>();
+    acc_t *DP = dpost.data_ptr<acc_t>(), *DR = dres.data_ptr<acc_t>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xb(S), yb(C), gb(S), dxb(S), dyb(C);
+      for (int64_t t = begin; t < end; ++t) {
+        const acc_t* xs = load(X + t * S, S, xb);
+        const acc_t* ys = load(Y + t * C, C, yb);
+        const acc_t* gs = load(Gp + t * S, S, gb);
+        const acc_t *po = PO + t * n, *rs = RS + t * n * n;
+        for (int64_t c = 0; c < C; ++c) dyb[c] = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t* gj = gs + j * C;
+          const acc_t pj = po[j];
+          for (int64_t c = 0; c < C; ++c) dyb[c] += pj * gj[c];
+          DP[t * n + j] = dot(gj, ys, C);
+          for (int64_t i = 0; i < n; ++i) DR[t * n * n + j * n + i] = dot(gj, xs + i * C, C);
+        }
+        store(dyb.data(), C, DY + t * C);
+        if (want_dx) {
+          for (int64_t i = 0; i < n; ++i) {
+            acc_t* dxi = dxb.data() + i * C;
+            for (int64_t c = 0; c < C; ++c) dxi[c] = 0;
+            for (int64_t j = 0; j < n; ++j) {
+              const acc_t rji = rs[j * n + i];
+              const acc_t* gj = gs + j * C;
+              for (int64_t c = 0; c < C; ++c) dxi[c] += rji * gj[c];
+            }
+          }
+          store(dxb.data(), S, DX + t * S);
+        }
+      }
+    });
+  });
+  return {dx, dy, dpost, dres};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mhc_in_forward", &mhc_in_forward);
+  m.def("mhc_in_backward", &mhc_in_backward);
+  m.def("mix_forward", &mix_forward);
+  m.def("mix_backward", &mix_backward);
+}

@@ -1,0 +1,184 @@
+"""The fused CPU kernels for hyper-connections (model/hc_kernel.py) against the eager PyTorch path:
+same outputs and gradients, float64 gradcheck, doubly stochastic mixing, the fallback."""
+import warnings
+
+import pytest
+import torch
+
+from model import build_model, hc_kernel
+from model.mhc import HyperConnection, StreamReduce
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.skipif(not hc_kernel.available(), reason="no C++ compiler: the kernels cannot build")
+
+
+def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Large gates and random biases, so the dynamic coefficients and Sinkhorn matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        if hasattr(module, "alpha"):
+            module.alpha.fill_(0.7)
+    return module
+
+
+def run(module, x, fused, sublayer=None):
+    """Output and the gradients of x, the module's and the sublayer's parameters for a fixed cotangent."""
+    module.fused = fused
+    params = [*module.parameters(), *(sublayer.parameters() if sublayer else [])]
+    x = x.detach().clone().requires_grad_()
+    out = module(x, lambda h: torch.tanh(sublayer(h))) if sublayer else module(x)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grads = torch.autograd.grad((out * cot).sum(), [x, *params])
+    return [out.detach(), *grads]
+
+
+CASES = [(4, 16, 64), (3, 5, 37), (2, 24, 16)]  # n, C, tokens (neither C nor tokens a multiple of the 16-token block)
+
+
+@pytest.mark.parametrize("kind", ["mhc", "hc"])
+@pytest.mark.parametrize("n,c,tokens", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+def test_fused_equals_eager(kind, n, c, tokens, dtype, tol):
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection(kind, n, c, index=1, sinkhorn_iters=20)).to(dtype)
+    lin = torch.nn.Linear(c, c).to(dtype)
+    x = torch.randn(1, tokens, n, c, dtype=dtype)
+    fused, eager = run(hc, x, True, lin), run(hc, x, False, lin)
+    for a, b in zip(fused, eager):
+        assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("n,c,tokens", CASES)
+def test_fused_stream_reduce_equals_eager(n, c, tokens):
+    torch.manual_seed(0)
+    reduce = perturbed(StreamReduce("mhc", n, c)).double()
+    x = torch.randn(2, tokens, n, c, dtype=torch.float64)
+    for a, b in zip(run(reduce, x, True), run(reduce, x, False)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_fused_gradcheck_float64(kind):
+    """Through the autograd Functions, including mhc's hand-over of the mix gradient (Link)."""
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection(kind, n=3, d_model=5, index=1, sinkhorn_iters=5)).double()
+    lin = torch.nn.Linear(5, 5).double()
+    x = torch.randn(1, 19, 3, 5, dtype=torch.float64, requires_grad=True)
+    params = (hc.phi.weight if kind == "mhc" else hc.proj.weight, hc.alpha, hc.b_pre, hc.b_post, hc.b_res)
+
+    names = ["phi.weight" if kind == "mhc" else "proj.weight", "alpha", "b_pre", "b_post", "b_res"]
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
+
+    def g(x, *values):
+        return torch.func.functional_call(hc, dict(zip(names, values)), (x, lambda h: torch.tanh(lin(h))))
+
+    assert torch.autograd.gradcheck(g, inputs)
+
+
+def test_mhc_in_gradcheck_and_reduce_form():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4, 3, dtype=torch.float64, requires_grad=True)
+    phi = torch.randn(24, 12, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor([0.5, 0.8, 1.1], dtype=torch.float64, requires_grad=True)
+    b_pre, b_post, b_res = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((4,), (4,), (4, 4)))
+
+    def coefficients(*a):
+        x_in, _pre, post, res = hc_kernel.mhc_in(*a, 7, 1e-6)
+        return x_in, post, res
+
+    assert torch.autograd.gradcheck(coefficients, (x, phi, alpha, b_pre, b_post, b_res))
+    weights = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: hc_kernel.mhc_in(*a, None, None, 0, 1e-6)[0],
+                                    (x, weights, alpha[:1].detach().clone().requires_grad_(), b_pre))
+
+
+def test_mix_gradcheck():
+    torch.manual_seed(0)
+    shapes = [(2, 17, 4, 3), (2, 17, 3), (2, 17, 4), (2, 17, 4, 4)]
+    inputs = tuple(torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes)
+    assert torch.autograd.gradcheck(hc_kernel.mix, inputs)
+
+
+def test_fused_mixing_matrices_are_doubly_stochastic():
+    torch.manual_seed(0)
+    x = torch.randn(300, 4, 32)
+    phi = torch.randn(24, 128) * 0.03  # logits up to ~2; far larger ones need more than 20 iterations
+    b = [torch.randn(4), torch.randn(4), torch.randn(4, 4) * 0.5]
+    _, pre, post, res = hc_kernel.mhc_in(x, phi, torch.tensor([1.0, 1.0, 1.0]), *b, 20, 1e-6)
+    assert res.dtype == torch.float32 and (res >= 0).all()
+    assert (res.sum(-1) - 1).abs().max() < 1e-5 and (res.sum(-2) - 1).abs().max() < 1e-5
+    assert ((pre > 0) & (pre < 1)).all() and ((post > 0) & (post < 2)).all()
+
+
+def test_whole_model_fused_equals_eager_and_is_deterministic():
+    cfg = compose_config(["model=tiny", "model.residual=mhc", "model.n_streams=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 256)
+    idx, y = torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40))
+
+    def grads(fused):
+        for m in model.modules():
+            if isinstance(m, (HyperConnection, StreamReduce)):
+                m.fused = fused
+        model.zero_grad()
+        loss = model(idx, y)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    fused, again, eager = grads(True), grads(True), grads(False)
+    assert all(torch.equal(a, b) for a, b in zip(fused, again))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fused, eager))
+
+
+def test_link_survives_a_second_backward():
+    """The mix hands its gradient to mhc_in once per backward: retain_graph runs give the same gradients."""
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection("mhc", 4, 8, index=0))
+    x = torch.randn(1, 20, 4, 8, requires_grad=True)
+    out = hc(x, torch.tanh)
+    first = torch.autograd.grad(out.square().sum(), [x, hc.phi.weight], retain_graph=True)
+    second = torch.autograd.grad(out.square().sum(), [x, hc.phi.weight])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("state", [torch.float32, torch.bfloat16])
+def test_bf16_autocast_follows_eager_within_bf16_precision(state):
+    """Under autocast the eager path projects in bf16 and the kernels in fp32; both keep the state's dtype."""
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection("mhc", 4, 32, index=0))
+    x = torch.randn(2, 33, 4, 32).to(state)
+    lin = torch.nn.Linear(32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, eager = run(hc, x, True, lin), run(hc, x, False, lin)
+    assert fused[0].dtype == eager[0].dtype == state
+    for a, b in zip(fused, eager):
+        assert (a.float() - b.float()).abs().max() <= 0.05 * b.float().abs().max()
+
+
+def test_eager_path_where_the_kernels_cannot_run(monkeypatch):
+    hc = perturbed(HyperConnection("mhc", 4, 8, index=0))
+    x = torch.randn(1, 5, 4, 8)
+    assert hc_kernel.usable(x, *hc.parameters())
+    hc.phi.weight.ds_id = 0  # a ZeRO-3 partitioned parameter is gathered only by the eager path's module call
+    assert not hc_kernel.usable(x, *hc.parameters())
+    del hc.phi.weight.ds_id
+    monkeypatch.setattr(hc_kernel, "available", lambda: False)
+    called = []
+    monkeypatch.setattr(hc_kernel, "mhc_in", lambda *a, **k: called.append(1))
+    hc(x, torch.tanh)
+    assert not called
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def fail(**_):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert hc_kernel._extension.__wrapped__() is None
+    assert any("eager PyTorch" in str(w.message) and "no compiler" in str(w.message) for w in caught)
