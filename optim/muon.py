@@ -133,18 +133,23 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     # -- Muon ---------------------------------------------------------------------------------
-    def _momentum_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        """Advance p's momentum with its gradient; return the matrix to orthogonalise."""
-        grad, mu = p.grad, group["momentum"]
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        buf = state["momentum_buffer"]
+    def _momentum_updates(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """Advance the momentum of each p with its gradient; return the matrices to orthogonalise.
+        One foreach call per operation over all parameters: per-tensor calls cost more than the
+        arithmetic on small models (the same elementwise ops, so the same results)."""
+        grads, mu = [p.grad for p in params], group["momentum"]
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
         if group["momentum_type"] == "ema":
-            buf.lerp_(grad, 1 - mu)
-            return grad.lerp(buf, mu) if group["nesterov"] else buf
-        buf.mul_(mu).add_(grad)
-        return grad.add(buf, alpha=mu) if group["nesterov"] else buf
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            return torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
 
     def _orthogonalize_all(self, mats: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """Orthogonalise each [k, m, n] stack; stacks of one shape run as one batch."""
@@ -159,7 +164,10 @@ class Muon(torch.optim.Optimizer):
         out: list[torch.Tensor | None] = [None] * len(mats)
         for shape, indices in by_shape.items():
             if math.prod(shape) <= BATCH_MAX_ELEMENTS:
-                stacked = torch.cat([wide[i] for i in indices])
+                parts = [wide[i] for i in indices]
+                # cast while stacking: one copy instead of two
+                stacked = torch.cat(parts, out=parts[0].new_empty((sum(t.size(0) for t in parts), *shape),
+                                                                 dtype=kwargs["dtype"]))
                 results = orthogonalize(stacked, schedule, **kwargs).split([wide[i].size(0) for i in indices])
             else:  # big matrices keep the matmul units busy alone; stacking them would only copy
                 results = [torch.stack([orthogonalize(w, schedule, **kwargs) for w in wide[i]]) for i in indices]
@@ -175,17 +183,22 @@ class Muon(torch.optim.Optimizer):
             return
         views = [matrix_view(p.shape, getattr(p, "row_blocks", 1), getattr(p, "head_blocks", 1), group["per_head"])
                  for p in params]
-        updates = [self._momentum_update(p, group).reshape(v) for p, v in zip(params, views)]
+        updates = [u.reshape(v) for u, v in zip(self._momentum_updates(params, group), views)]
         lr, wd = group["lr"], group["weight_decay"]
+        torch._foreach_mul_(params, 1 - lr * wd)
+        by_scale = defaultdict(lambda: ([], []))  # one foreach add per step size (per matrix shape)
         for p, v, o in zip(params, views, self._orthogonalize_all(updates, group)):
-            p.mul_(1 - lr * wd)
-            p.add_(o.reshape(p.shape), alpha=-lr * lr_scale(v[1], v[2], group["adjust_lr_fn"], group["rms_target"]))
+            ps, os = by_scale[lr_scale(v[1], v[2], group["adjust_lr_fn"], group["rms_target"])]
+            ps.append(p)
+            os.append(o.reshape(p.shape))
+        for scale, (ps, os) in by_scale.items():
+            torch._foreach_add_(ps, os, alpha=-lr * scale)
 
     def _muon_step_partitioned(self, group: dict, part: Partition) -> None:
         (flat,) = group["params"]
         if flat.grad is None:
             return
-        local = self._momentum_update(flat, group).contiguous()
+        local = self._momentum_updates([flat], group)[0].contiguous()
         world = dist.get_world_size(part.group)
         gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
         dist.all_gather_into_tensor(gathered, local, group=part.group)
