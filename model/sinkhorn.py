@@ -9,6 +9,7 @@ exact gradient of the unrolled loop (tested against autograd through it), always
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 # Internally the matrix indices lead ([n, n, tokens]): every normalisation is then a sum of n
@@ -53,6 +54,7 @@ class _Sinkhorn(torch.autograd.Function):
             return _to_tokens_last(_forward(zt, iters, eps, keep=False)[0], z.shape)
 
     @staticmethod
+    @once_differentiable  # the hand-written derivatives run without a graph: no double backward
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
         with torch.no_grad():

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw as adamw_update
 
-from optim.newton_schulz import DTYPES, KELLER, make_schedule, orthogonalize
+from optim.newton_schulz import DTYPES, KELLER, make_schedule, orthogonalize, orthogonalize_stacks
 
 MOMENTUM_TYPES = ("ema", "classical")
 # Same-shape matrices up to this size are orthogonalised as one batch: for small matrices the
@@ -162,17 +162,29 @@ class Muon(torch.optim.Optimizer):
         for i, m in enumerate(wide):
             by_shape[m.shape[1:]].append(i)
         out: list[torch.Tensor | None] = [None] * len(mats)
+        small = defaultdict(list)  # rows -> shapes of small stacks, orthogonalised together
         for shape, indices in by_shape.items():
+            if math.prod(shape) <= BATCH_MAX_ELEMENTS and group["ns_method"] == "standard":
+                small[shape[0]].append(shape)
+                continue
             if math.prod(shape) <= BATCH_MAX_ELEMENTS:
-                parts = [wide[i] for i in indices]
-                # cast while stacking: one copy instead of two
-                stacked = torch.cat(parts, out=parts[0].new_empty((sum(t.size(0) for t in parts), *shape),
-                                                                 dtype=kwargs["dtype"]))
-                results = orthogonalize(stacked, schedule, **kwargs).split([wide[i].size(0) for i in indices])
+                results = orthogonalize(torch.cat([wide[i] for i in indices]), schedule, **kwargs)
+                results = results.split([wide[i].size(0) for i in indices])
             else:  # big matrices keep the matmul units busy alone; stacking them would only copy
                 results = [torch.stack([orthogonalize(w, schedule, **kwargs) for w in wide[i]]) for i in indices]
             for i, o in zip(indices, results):
                 out[i] = o.mT if mats[i].size(1) > mats[i].size(2) else o
+        for shapes in small.values():
+            stacks = []
+            for shape in shapes:
+                parts = [wide[i] for i in by_shape[shape]]
+                # cast while stacking: one copy instead of two
+                stacks.append(torch.cat(parts, out=parts[0].new_empty((sum(t.size(0) for t in parts), *shape),
+                                                                      dtype=kwargs["dtype"])))
+            for shape, result in zip(shapes, orthogonalize_stacks(stacks, schedule, eps=group["eps"])):
+                indices = by_shape[shape]
+                for i, o in zip(indices, result.split([wide[i].size(0) for i in indices])):
+                    out[i] = o.mT if mats[i].size(1) > mats[i].size(2) else o
         return out
 
     def _muon_step(self, index: int, group: dict) -> None:
@@ -188,11 +200,11 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(params, 1 - lr * wd)
         by_scale = defaultdict(lambda: ([], []))  # one foreach add per step size (per matrix shape)
         for p, v, o in zip(params, views, self._orthogonalize_all(updates, group)):
-            ps, os = by_scale[lr_scale(v[1], v[2], group["adjust_lr_fn"], group["rms_target"])]
-            ps.append(p)
-            os.append(o.reshape(p.shape))
-        for scale, (ps, os) in by_scale.items():
-            torch._foreach_add_(ps, os, alpha=-lr * scale)
+            targets, steps = by_scale[lr_scale(v[1], v[2], group["adjust_lr_fn"], group["rms_target"])]
+            targets.append(p)
+            steps.append(o.reshape(p.shape))
+        for scale, (targets, steps) in by_scale.items():
+            torch._foreach_add_(targets, steps, alpha=-lr * scale)
 
     def _muon_step_partitioned(self, group: dict, part: Partition) -> None:
         (flat,) = group["params"]

@@ -75,6 +75,21 @@ def orthogonalize(g: torch.Tensor, schedule: NSSchedule, *, eps: float = 1e-7, d
     return x.mT if tall else x
 
 
+def orthogonalize_stacks(stacks: list[torch.Tensor], schedule: NSSchedule, *, eps: float = 1e-7) -> list[torch.Tensor]:
+    """The standard iteration on wide stacks [k_i, m, n_i] that share m, in their own dtype. Their
+    m×m steps (the polynomial in XXᵀ) run as one batch: on small matrices a matmul call costs
+    more than its arithmetic, and these are a third of the calls."""
+    xs = [x / (x.norm(dim=(-2, -1), keepdim=True) * schedule.margin).clamp(min=eps) for x in stacks]
+    sizes = [x.size(0) for x in xs]
+    gram = xs[0].new_empty(sum(sizes), xs[0].size(-2), xs[0].size(-2))
+    for a, b, c in schedule.coefficients:
+        for x, g in zip(xs, gram.split(sizes)):
+            torch.bmm(x, x.mT, out=g)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        xs = [torch.baddbmm(x, p, x, beta=a) for x, p in zip(xs, poly.split(sizes))]
+    return xs
+
+
 def _standard_iterations(x: torch.Tensor, coefficients) -> torch.Tensor:
     if x.dim() == 2:  # the exact op sequence of torch.optim.Muon, so results agree bit for bit
         for a, b, c in coefficients:

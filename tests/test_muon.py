@@ -12,7 +12,7 @@ from optim.newton_schulz import make_schedule, orthogonalize
 from tests.conftest import compose_config
 from train.validate import ConfigError
 
-SHAPES = [(32, 32), (24, 64), (64, 24), (48, 48), (24, 64)]
+SHAPES = [(32, 32), (24, 64), (64, 24), (48, 48), (24, 64), (24, 40), (96, 24)]  # m = 24 with three widths
 
 
 def run_pair(make_ref, make_ours, shapes=SHAPES, steps=20, seed=0):
@@ -36,6 +36,13 @@ def run_pair(make_ref, make_ours, shapes=SHAPES, steps=20, seed=0):
 ])
 def test_parity_with_torch_muon(kwargs):
     assert run_pair(lambda p: torch.optim.Muon(p, **kwargs), lambda p: Muon(p, **kwargs)) <= 1e-6
+
+
+def test_gram_method_computes_in_fp32_whatever_ns_dtype():
+    """The Gram iteration diverges in bf16, so it always runs in fp32; its inputs must not be
+    rounded to bf16 on the way either."""
+    kw = dict(ns_method="gram")
+    assert run_pair(lambda p: Muon(p, ns_dtype="fp32", **kw), lambda p: Muon(p, ns_dtype="bf16", **kw)) == 0
 
 
 def test_parity_for_large_matrices_outside_the_batched_path():

@@ -10,8 +10,8 @@
 //            (with mix) post = 2 sigmoid(a1 m + b_post), res = Sinkhorn(a2 m + b_res);
 //            x_in = sum_i pre_i X_i.                        (without mix: the final stream reduce)
 //   mix:     X' [j] = sum_i res[j, i] X_i + post_j y.
-// Cross-token reductions (parameter gradients) go to a fixed number of token chunks summed in order,
-// so results do not depend on the thread count.
+// The phi products are BLAS calls. The other parameter gradients go to a fixed number of token chunks
+// summed in order, so they do not depend on the thread count.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -164,12 +164,34 @@ inline torch::Tensor in_acc(torch::Tensor x, const torch::Tensor& like) {
   return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
 }
 
+void check_state(const torch::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && n > 0 && x.size(1) % n == 0,
+              "stream state must be a contiguous [tokens, n*C] tensor; got ", x.sizes(), " with n=", n);
+}
+
+void check_rows(const torch::Tensor& t, int64_t T, int64_t width, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.size(0) == T && t.size(1) == width, what, " must be a contiguous [",
+              T, ", ", width, "] tensor; got ", t.sizes());
+}
+
+void check_coefficients(const torch::Tensor& x, const torch::Tensor& phi, const torch::Tensor& alpha,
+                        const torch::Tensor& b_pre, const torch::Tensor& b_post, const torch::Tensor& b_res, int64_t n) {
+  check_state(x, n);
+  const int64_t K = phi.size(0);
+  TORCH_CHECK(phi.dim() == 2 && phi.is_contiguous() && phi.size(1) == x.size(1) && (K == n || K == n * n + 2 * n),
+              "phi must be a contiguous [n or n*n+2n, n*C] tensor; got ", phi.sizes());
+  const bool mix = K > n;
+  TORCH_CHECK(alpha.numel() >= (mix ? 3 : 1) && b_pre.numel() == n && (!mix || (b_post.numel() == n && b_res.numel() == n * n)),
+              "gate and bias sizes do not match n=", n);
+}
+
 // ---------------------------------------------------------------------------------------------
 // mhc_in
 
 std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, torch::Tensor alpha, torch::Tensor b_pre,
                                           torch::Tensor b_post, torch::Tensor b_res, int64_t n, int64_t iters,
                                           double eps_norm, double eps_sinkhorn) {
+  check_coefficients(x, phi, alpha, b_pre, b_post, b_res, n);
   const int64_t T = x.size(0), S = x.size(1), C = S / n, K = phi.size(0);
   const bool mix = K > n;
   auto acc_opts = phi.options();
@@ -234,8 +256,25 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
                                            torch::Tensor pre, torch::Tensor post, torch::Tensor mp, torch::Tensor rinv,
                                            torch::Tensor g_in, torch::Tensor g_post, torch::Tensor g_res,
                                            torch::Tensor g_mix, torch::Tensor res, int64_t n, int64_t iters, double eps_sinkhorn) {
+  check_state(x, n);
+  TORCH_CHECK(phi.dim() == 2 && phi.is_contiguous() && phi.size(1) == x.size(1) &&
+                  (phi.size(0) == n || phi.size(0) == n * n + 2 * n) && alpha.numel() >= (phi.size(0) > n ? 3 : 1),
+              "phi or alpha do not match the stream state");
   const int64_t T = x.size(0), S = x.size(1), C = S / n, K = phi.size(0);
   const bool mix = K > n, add = g_mix.numel() > 0;
+  check_rows(g_in, T, C, "the gradient of x_in");
+  check_rows(pre, T, n, "pre");
+  check_rows(mp, T, K, "the saved projection");
+  if (mix) {
+    check_rows(post, T, n, "post");
+    check_rows(g_post, T, n, "the gradient of post");
+    check_rows(g_res, T, n * n, "the gradient of res");
+    TORCH_CHECK(b_res.numel() == n * n, "b_res must have n*n elements");
+  }
+  if (add) {
+    check_rows(g_mix, T, S, "the mix's gradient");
+    check_rows(res, T, n * n, "res");
+  }
   const int64_t P = 3 + 2 * n + n * n;  // alpha, b_pre, b_post, b_res
   const int64_t blocks = (T + V - 1) / V;
   const int64_t chunks = std::min<int64_t>(kChunks, std::max<int64_t>(blocks, 1));
@@ -346,7 +385,11 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
 // mix
 
 torch::Tensor mix_forward(torch::Tensor x, torch::Tensor y, torch::Tensor post, torch::Tensor res, int64_t n) {
+  check_state(x, n);
   const int64_t T = x.size(0), S = x.size(1), C = S / n;
+  check_rows(y, T, C, "y");
+  check_rows(post, T, n, "post");
+  check_rows(res, T, n * n, "res");
   auto out = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mix_forward", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -378,7 +421,12 @@ torch::Tensor mix_forward(torch::Tensor x, torch::Tensor y, torch::Tensor post, 
 
 std::vector<torch::Tensor> mix_backward(torch::Tensor x, torch::Tensor y, torch::Tensor post, torch::Tensor res,
                                         torch::Tensor g, int64_t n, bool want_dx) {
+  check_state(x, n);
   const int64_t T = x.size(0), S = x.size(1), C = S / n;
+  check_rows(y, T, C, "y");
+  check_rows(post, T, n, "post");
+  check_rows(res, T, n * n, "res");
+  check_rows(g, T, S, "the gradient of the mix");
   auto dx = want_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
   auto dy = torch::empty_like(y);
   auto dpost = torch::empty_like(post);
