@@ -66,7 +66,8 @@ def main() -> None:
         steps[name] = step
     times = alternate(steps, args.steps, args.rounds)
     ms = {k: 1e3 * median(v) for k, v in times.items()}
-    print(f"default model, batch {tuple(idx.shape)}, {torch.get_num_threads()} threads; "
+    print(f"d_model={base.model.d_model}, {base.model.n_layers} layers, batch {tuple(idx.shape)}, "
+          f"{torch.get_num_threads()} threads; "
           f"{args.rounds} rounds × {args.steps} steps (forward + backward + AdamW)")
     for name in VARIANTS:
         print(f"  {name:<10} {ms[name]:8.1f} ms  {ms[name] / ms['residual']:5.2f}x   activations "
