@@ -13,7 +13,9 @@ row and column sums 1 and the residual stream cannot amplify.
 constraint; static init pre = one-hot(sublayer index mod n), res = I, post = 1.
 
 α gates start at 0.01 and static biases at the values above, so at initialisation with identical
-streams both reduce to a plain pre-norm residual. The static biases and α gates are AdamW
+streams both reduce to a plain pre-norm residual. On CPU, forward() runs the fused kernels of
+model/hc_kernel.py (mhc's coefficient path included); the eager code here is their reference and
+the path everywhere else. The static biases and α gates are AdamW
 parameters (`optim_role = "scalar"`); the projections φ / W are matrices, which Muon takes.
 """
 from __future__ import annotations

@@ -152,7 +152,8 @@ class Muon(torch.optim.Optimizer):
         return torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
 
     def _orthogonalize_all(self, mats: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """Orthogonalise each [k, m, n] stack; stacks of one shape run as one batch."""
+        """Orthogonalise each [k, m, n] stack. Small stacks of one shape run as one batch, and the
+        m×m steps of all small stacks with the same m as one batch too."""
         schedule = make_schedule(group["ns_schedule"], group["ns_steps"], group["ns_coefficients"])
         kwargs = dict(eps=group["eps"], dtype=DTYPES[group["ns_dtype"]], method=group["ns_method"])
         # Tall matrices are orthogonalised transposed (as torch does), so an m×n and an n×m
@@ -162,18 +163,20 @@ class Muon(torch.optim.Optimizer):
         for i, m in enumerate(wide):
             by_shape[m.shape[1:]].append(i)
         out: list[torch.Tensor | None] = [None] * len(mats)
+
+        def place(indices, results):
+            for i, o in zip(indices, results):
+                out[i] = o.mT if mats[i].size(1) > mats[i].size(2) else o
+
         small = defaultdict(list)  # rows -> shapes of small stacks, orthogonalised together
         for shape, indices in by_shape.items():
             if math.prod(shape) <= BATCH_MAX_ELEMENTS and group["ns_method"] == "standard":
                 small[shape[0]].append(shape)
-                continue
-            if math.prod(shape) <= BATCH_MAX_ELEMENTS:
+            elif math.prod(shape) <= BATCH_MAX_ELEMENTS:
                 results = orthogonalize(torch.cat([wide[i] for i in indices]), schedule, **kwargs)
-                results = results.split([wide[i].size(0) for i in indices])
+                place(indices, results.split([wide[i].size(0) for i in indices]))
             else:  # big matrices keep the matmul units busy alone; stacking them would only copy
-                results = [torch.stack([orthogonalize(w, schedule, **kwargs) for w in wide[i]]) for i in indices]
-            for i, o in zip(indices, results):
-                out[i] = o.mT if mats[i].size(1) > mats[i].size(2) else o
+                place(indices, [torch.stack([orthogonalize(w, schedule, **kwargs) for w in wide[i]]) for i in indices])
         for shapes in small.values():
             stacks = []
             for shape in shapes:
@@ -183,8 +186,7 @@ class Muon(torch.optim.Optimizer):
                                                                       dtype=kwargs["dtype"])))
             for shape, result in zip(shapes, orthogonalize_stacks(stacks, schedule, eps=group["eps"])):
                 indices = by_shape[shape]
-                for i, o in zip(indices, result.split([wide[i].size(0) for i in indices])):
-                    out[i] = o.mT if mats[i].size(1) > mats[i].size(2) else o
+                place(indices, result.split([wide[i].size(0) for i in indices]))
         return out
 
     def _muon_step(self, index: int, group: dict) -> None:
