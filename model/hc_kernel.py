@@ -77,9 +77,13 @@ def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not any(hasattr(p, "ds_id") for p in params) and available()
 
 
-def _acc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """The kernels accumulate in float64 for float64 inputs, float32 otherwise."""
-    return t.to(torch.float64 if like.dtype == torch.float64 else torch.float32).contiguous()
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acc(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(_acc_dtype(like)).contiguous()
 
 
 class _Mailbox:
@@ -117,7 +121,7 @@ class _MHCIn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, phi, alpha, b_pre, b_post, b_res, n, iters, eps_norm, eps_sinkhorn, link):
         mix = b_post is not None
-        none = torch.empty(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        none = torch.empty(0, dtype=_acc_dtype(x))
         phi_, alpha_, b_pre_, b_post_, b_res_ = (_acc(t, x) if t is not None else none
                                                  for t in (phi, alpha, b_pre, b_post, b_res))
         x_in, pre, post, res, mp, rinv = _extension().mhc_in_forward(x, phi_, alpha_, b_pre_, b_post_, b_res_, n,
@@ -191,7 +195,7 @@ def mhc_in(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch
 def mix(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, res: torch.Tensor, link: Link | None = None) -> torch.Tensor:
     """X' = res·X + post ⊗ y for x [..., n, C], y [..., C], post [..., n], res [..., n, n] (float32/64)."""
     *lead, n, c = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(x)
     out = _Mix.apply(x.reshape(-1, n * c).contiguous(), y.to(x.dtype).reshape(-1, c).contiguous(),
                      post.to(acc).reshape(-1, n).contiguous(), res.to(acc).reshape(-1, n * n).contiguous(), n,
                      link.mailbox if link is not None else None, link.node if link is not None else None)
