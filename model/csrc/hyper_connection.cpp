@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -31,7 +32,7 @@ template <typename acc_t>
 struct SinkhornBlock {
   int64_t n, iters;
   acc_t eps;
-  std::vector<acc_t> buf;  // p0 [n*n]; per iteration c [n], q [n*n], r [n], p [n*n]
+  std::vector<acc_t> buf;  // p0 [n*n]; per iteration c [n], q [n*n], r [n], p [n*n]; c and r are reciprocal sums
 
   SinkhornBlock(int64_t n_, int64_t iters_, acc_t eps_)
       : n(n_), iters(iters_), eps(eps_), buf((n_ * n_ + iters_ * (2 * n_ + 2 * n_ * n_)) * V) {}
@@ -73,16 +74,16 @@ struct SinkhornBlock {
       for (int64_t v = 0; v < V; ++v) s[v] = eps;
       for (int64_t i = 0; i < n; ++i)
         for (int64_t v = 0; v < V; ++v) s[v] += P[(i * n + j) * V + v];
-      for (int64_t v = 0; v < V; ++v) Cs[j * V + v] = s[v];
+      for (int64_t v = 0; v < V; ++v) Cs[j * V + v] = acc_t(1) / s[v];  // one division per line, not per entry
     }
     for (int64_t i = 0; i < n; ++i) {
       acc_t s[V];
       for (int64_t v = 0; v < V; ++v) s[v] = eps;
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) s[v] += (Q[(i * n + j) * V + v] = P[(i * n + j) * V + v] / Cs[j * V + v]);
-      for (int64_t v = 0; v < V; ++v) R[i * V + v] = s[v];
+        for (int64_t v = 0; v < V; ++v) s[v] += (Q[(i * n + j) * V + v] = P[(i * n + j) * V + v] * Cs[j * V + v]);
+      for (int64_t v = 0; v < V; ++v) R[i * V + v] = acc_t(1) / s[v];
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) Pn[(i * n + j) * V + v] = Q[(i * n + j) * V + v] / s[v];
+        for (int64_t v = 0; v < V; ++v) Pn[(i * n + j) * V + v] = Q[(i * n + j) * V + v] * R[i * V + v];
     }
   }
 
@@ -107,14 +108,14 @@ struct SinkhornBlock {
       for (int64_t j = 0; j < n; ++j)
         for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * Pn[(i * n + j) * V + v];
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) / R[i * V + v];
+        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) * R[i * V + v];
     }
     for (int64_t j = 0; j < n; ++j) {
       acc_t s[V] = {};
       for (int64_t i = 0; i < n; ++i)
         for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * Q[(i * n + j) * V + v];
       for (int64_t i = 0; i < n; ++i)
-        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) / Cs[j * V + v];
+        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) * Cs[j * V + v];
     }
   }
 };
@@ -149,6 +150,48 @@ template <typename scalar_t, typename acc_t>
 inline void store_transposed(const acc_t* src, int64_t count, int64_t len, scalar_t* dst) {
   for (int64_t v = 0; v < count; ++v)
     for (int64_t k = 0; k < len; ++k) dst[v * len + k] = static_cast<scalar_t>(src[k * V + v]);
+}
+
+// V lanes of acc_t as one value; the compiler maps it onto the machine's vector registers.
+template <typename acc_t>
+struct Lanes {
+  typedef acc_t type __attribute__((vector_size(V * sizeof(acc_t))));
+};
+
+template <typename acc_t>
+inline typename Lanes<acc_t>::type load_lanes(const acc_t* p) {
+  typename Lanes<acc_t>::type r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+}
+
+// out[c] = sum_k w[k] src[k][c] for c < C. Each run of V outputs stays in registers across all the
+// sources: a loop over sources around a loop over c loads and stores out[] once per source, which
+// made these sums load/store-bound. (Explicit lanes: the auto-vectoriser left this loop scalar.)
+template <typename acc_t>
+inline void combine(acc_t* __restrict__ out, const acc_t* const* src, const acc_t* w, int64_t m, int64_t C) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * V <= C; c0 += 4 * V) {  // four independent sums: one would wait on each FMA's latency
+    auto s0 = w[0] * load_lanes(src[0] + c0), s1 = w[0] * load_lanes(src[0] + c0 + V);
+    auto s2 = w[0] * load_lanes(src[0] + c0 + 2 * V), s3 = w[0] * load_lanes(src[0] + c0 + 3 * V);
+    for (int64_t k = 1; k < m; ++k) {
+      const acc_t* p = src[k] + c0;
+      s0 += w[k] * load_lanes(p), s1 += w[k] * load_lanes(p + V);
+      s2 += w[k] * load_lanes(p + 2 * V), s3 += w[k] * load_lanes(p + 3 * V);
+    }
+    std::memcpy(out + c0, &s0, sizeof s0), std::memcpy(out + c0 + V, &s1, sizeof s1);
+    std::memcpy(out + c0 + 2 * V, &s2, sizeof s2), std::memcpy(out + c0 + 3 * V, &s3, sizeof s3);
+  }
+  for (; c0 + V <= C; c0 += V) {
+    auto s = w[0] * load_lanes(src[0] + c0);
+    for (int64_t k = 1; k < m; ++k) s += w[k] * load_lanes(src[k] + c0);
+    std::memcpy(out + c0, &s, sizeof s);
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    acc_t s = w[0] * src[0][c];
+    for (int64_t k = 1; k < m; ++k) s += w[k] * src[k][c];
+    out[c] = s;
+  }
 }
 
 template <typename acc_t>
@@ -215,6 +258,7 @@ std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, to
     const int64_t blocks = (T + V - 1) / V;
     at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
       std::vector<acc_t> m(K * V), pre_(n * V), post_(n * V), z(n * n * V), o(C);
+      std::vector<const acc_t*> src(n);
       SinkhornBlock<acc_t> sk(n, iters, eps_sinkhorn);
       for (int64_t b = bb; b < be; ++b) {
         const int64_t t0 = b * V, cnt = std::min(V, T - t0);
@@ -237,10 +281,8 @@ std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, to
         store_transposed(pre_.data(), cnt, n, PRE + t0 * n);
         for (int64_t v = 0; v < cnt; ++v) {
           const acc_t* xs = X + (t0 + v) * S;
-          const acc_t* p = PRE + (t0 + v) * n;
-          for (int64_t c = 0; c < C; ++c) o[c] = p[0] * xs[c];
-          for (int64_t i = 1; i < n; ++i)
-            for (int64_t c = 0; c < C; ++c) o[c] += p[i] * xs[i * C + c];
+          for (int64_t i = 0; i < n; ++i) src[i] = xs + i * C;
+          combine(o.data(), src.data(), PRE + (t0 + v) * n, n, C);
           store(o.data(), C, OUT + (t0 + v) * C);
           RI[t0 + v] = r[v];
         }
@@ -296,11 +338,16 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
     const acc_t *MP = mp.data_ptr<acc_t>(), *RI = rinv.data_ptr<acc_t>();
     acc_t *DX = dx.data_ptr<acc_t>(), *DMP = dmp.data_ptr<acc_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-      std::vector<acc_t> gb(C), mb(S), m(K * V), dm(K * V), pre_(n * V), post_(n * V), z(n * n * V), gz(n * n * V);
+      std::vector<acc_t> gb(C), mb(S), m(K * V), dm(K * V), pre_(n * V), post_(n * V), z(n * n * V), gz(n * n * V),
+          w(2 + n);
+      std::vector<const acc_t*> src(2 + n);
+      // Per-lane partial sums of the small parameters' gradients: a sum straight into one scalar
+      // would be a chain of dependent adds through memory.
+      std::vector<acc_t> lanes(P * V);
       SinkhornBlock<acc_t> sk(n, iters, eps_sinkhorn);
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        acc_t* ds = dsmall_parts.data_ptr<acc_t>() + chunk * P;
-        acc_t *da = ds, *dbp = ds + 3, *dbq = ds + 3 + n, *dbr = ds + 3 + 2 * n;
+        std::fill(lanes.begin(), lanes.end(), acc_t(0));
+        acc_t *da = lanes.data(), *dbp = da + 3 * V, *dbq = dbp + n * V, *dbr = dbq + n * V;
         for (int64_t b = chunk * per; b < std::min(blocks, (chunk + 1) * per); ++b) {
           const int64_t t0 = b * V, cnt = std::min(V, T - t0);
           acc_t r[V] = {};
@@ -318,8 +365,8 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
             for (int64_t v = 0; v < V; ++v) {
               const acc_t dl = pre_[i * V + v];
               dm[i * V + v] = a[0] * dl;
-              da[0] += m[i * V + v] * r[v] * dl;
-              dbp[i] += dl;
+              da[v] += m[i * V + v] * r[v] * dl;
+              dbp[i * V + v] += dl;
             }
           if (mix) {
             load_transposed(POST + t0 * n, cnt, n, post_.data());
@@ -328,8 +375,8 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
               for (int64_t v = 0; v < V; ++v) {
                 const acc_t q = post_[i * V + v], dl = z[i * V + v] * q * (1 - q / 2);
                 dm[(n + i) * V + v] = a[1] * dl;
-                da[1] += m[(n + i) * V + v] * r[v] * dl;
-                dbq[i] += dl;
+                da[V + v] += m[(n + i) * V + v] * r[v] * dl;
+                dbq[i * V + v] += dl;
               }
             for (int64_t k = 0; k < n * n; ++k)
               for (int64_t v = 0; v < V; ++v) z[k * V + v] = a[2] * m[(2 * n + k) * V + v] * r[v] + br[k];
@@ -339,8 +386,8 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
             for (int64_t k = 0; k < n * n; ++k)
               for (int64_t v = 0; v < V; ++v) {
                 dm[(2 * n + k) * V + v] = a[2] * gz[k * V + v];
-                da[2] += m[(2 * n + k) * V + v] * r[v] * gz[k * V + v];
-                dbr[k] += gz[k * V + v];
+                da[2 * V + v] += m[(2 * n + k) * V + v] * r[v] * gz[k * V + v];
+                dbr[k * V + v] += gz[k * V + v];
               }
           }
           // m = mp * r with r = (|x|^2 / S + eps)^(-1/2): the gradient of mp, and of x through r
@@ -356,20 +403,22 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
             const acc_t* gs = load(G + (t0 + v) * C, C, gb);
             const acc_t* gm = add ? load(GM + (t0 + v) * S, S, mb) : nullptr;
             acc_t* d = DX + (t0 + v) * S;
+            // dX_i = pre_i g_in + c3 X_i (+ sum_j res_ji G_j)
+            src[0] = gs;
+            if (add)
+              for (int64_t j = 0; j < n; ++j) src[2 + j] = gm + j * C;
             for (int64_t i = 0; i < n; ++i) {
-              const acc_t p = PRE[(t0 + v) * n + i];
-              acc_t* di = d + i * C;
-              const acc_t* xi = xs + i * C;
-              for (int64_t c = 0; c < C; ++c) di[c] = p * gs[c] + c3 * xi[c];
+              src[1] = xs + i * C;
+              w[0] = PRE[(t0 + v) * n + i], w[1] = c3;
               if (add)
-                for (int64_t j = 0; j < n; ++j) {
-                  const acc_t rji = RS[(t0 + v) * n * n + j * n + i];
-                  const acc_t* gj = gm + j * C;
-                  for (int64_t c = 0; c < C; ++c) di[c] += rji * gj[c];
-                }
+                for (int64_t j = 0; j < n; ++j) w[2 + j] = RS[(t0 + v) * n * n + j * n + i];
+              combine(d + i * C, src.data(), w.data(), add ? 2 + n : 2, C);
             }
           }
         }
+        acc_t* ds = dsmall_parts.data_ptr<acc_t>() + chunk * P;
+        for (int64_t k = 0; k < P; ++k)
+          for (int64_t v = 0; v < V; ++v) ds[k] += lanes[k * V + v];
       }
     });
   });
@@ -397,20 +446,18 @@ torch::Tensor mix_forward(torch::Tensor x, torch::Tensor y, torch::Tensor post, 
     const acc_t *PO = post.data_ptr<acc_t>(), *RS = res.data_ptr<acc_t>();
     scalar_t* O = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xb(S), yb(C), ob(S);
+      std::vector<acc_t> xb(S), yb(C), ob(S), w(1 + n);
+      std::vector<const acc_t*> src(1 + n);
       for (int64_t t = begin; t < end; ++t) {
         const acc_t* xs = load(X + t * S, S, xb);
         const acc_t* ys = load(Y + t * C, C, yb);
         const acc_t *po = PO + t * n, *rs = RS + t * n * n;
-        for (int64_t j = 0; j < n; ++j) {
-          acc_t* o = ob.data() + j * C;
-          const acc_t pj = po[j];
-          for (int64_t c = 0; c < C; ++c) o[c] = pj * ys[c];
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t rji = rs[j * n + i];
-            const acc_t* xi = xs + i * C;
-            for (int64_t c = 0; c < C; ++c) o[c] += rji * xi[c];
-          }
+        src[0] = ys;
+        for (int64_t i = 0; i < n; ++i) src[1 + i] = xs + i * C;
+        for (int64_t j = 0; j < n; ++j) {  // X'_j = post_j y + sum_i res_ji X_i
+          w[0] = po[j];
+          for (int64_t i = 0; i < n; ++i) w[1 + i] = rs[j * n + i];
+          combine(ob.data() + j * C, src.data(), w.data(), 1 + n, C);
         }
         store(ob.data(), S, O + t * S);
       }
@@ -438,30 +485,24 @@ std::vector<torch::Tensor> mix_backward(torch::Tensor x, torch::Tensor y, torch:
     scalar_t *DX = dx.data_ptr<scalar_t>(), *DY = dy.data_ptr<scalar_t>();
     acc_t *DP = dpost.data_ptr<acc_t>(), *DR = dres.data_ptr<acc_t>();
     at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xb(S), yb(C), gb(S), dxb(S), dyb(C);
+      std::vector<acc_t> xb(S), yb(C), gb(S), dxb(S), dyb(C), w(n);
+      std::vector<const acc_t*> src(n);
       for (int64_t t = begin; t < end; ++t) {
         const acc_t* xs = load(X + t * S, S, xb);
         const acc_t* ys = load(Y + t * C, C, yb);
         const acc_t* gs = load(Gp + t * S, S, gb);
         const acc_t *po = PO + t * n, *rs = RS + t * n * n;
-        for (int64_t c = 0; c < C; ++c) dyb[c] = 0;
         for (int64_t j = 0; j < n; ++j) {
-          const acc_t* gj = gs + j * C;
-          const acc_t pj = po[j];
-          for (int64_t c = 0; c < C; ++c) dyb[c] += pj * gj[c];
+          const acc_t* gj = src[j] = gs + j * C;
           DP[t * n + j] = dot(gj, ys, C);
           for (int64_t i = 0; i < n; ++i) DR[t * n * n + j * n + i] = dot(gj, xs + i * C, C);
         }
+        combine(dyb.data(), src.data(), po, n, C);  // dy = sum_j post_j G_j
         store(dyb.data(), C, DY + t * C);
         if (want_dx) {
-          for (int64_t i = 0; i < n; ++i) {
-            acc_t* dxi = dxb.data() + i * C;
-            for (int64_t c = 0; c < C; ++c) dxi[c] = 0;
-            for (int64_t j = 0; j < n; ++j) {
-              const acc_t rji = rs[j * n + i];
-              const acc_t* gj = gs + j * C;
-              for (int64_t c = 0; c < C; ++c) dxi[c] += rji * gj[c];
-            }
+          for (int64_t i = 0; i < n; ++i) {  // dX_i = sum_j res_ji G_j
+            for (int64_t j = 0; j < n; ++j) w[j] = rs[j * n + i];
+            combine(dxb.data() + i * C, src.data(), w.data(), n, C);
           }
           store(dxb.data(), S, DX + t * S);
         }
