@@ -10,6 +10,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from train.config import Config, register_configs
+from train.host import reuse_freed_memory
+
+# Measure processes set up as training processes are (trainer.reuse_freed_memory defaults to true);
+# the baseline and the contender of every ratio share the process, hence the setting.
+reuse_freed_memory()
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

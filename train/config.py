@@ -133,6 +133,8 @@ class TrainerConfig:
     # state and exit with an error; skip: count it, log it and go on (at most max_skipped_steps).
     on_nonfinite: str = "stop"  # stop | skip
     max_skipped_steps: int = 10
+    # glibc: keep freed memory for reuse instead of page-faulting fresh pages every step (train/host.py)
+    reuse_freed_memory: bool = True
 
 
 @dataclass

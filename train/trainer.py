@@ -28,6 +28,7 @@ from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
 from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks
+from train.host import reuse_freed_memory
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
 from train.provenance import record_start
@@ -84,6 +85,8 @@ class Trainer:
         import deepspeed
 
         self.cfg, t = cfg, cfg.trainer
+        if t.reuse_freed_memory:
+            reuse_freed_memory()
         self.out_dir = Path(cfg.out_dir)
         self.rank, self.world_size, self.device = init_distributed(cfg.launcher.collective_timeout_s)
         self.max_steps = t.max_steps
