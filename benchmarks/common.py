@@ -12,17 +12,18 @@ from omegaconf import OmegaConf
 from train.config import Config, register_configs
 from train.host import reuse_freed_memory
 
-# Measure processes set up as training processes are (trainer.reuse_freed_memory defaults to true);
-# the baseline and the contender of every ratio share the process, hence the setting.
-reuse_freed_memory()
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_config(overrides: list[str]) -> Config:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
+        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    # Set up the process as a training process is (the Trainer does the same); the baseline and
+    # the contender of every ratio share it.
+    if cfg.trainer.reuse_freed_memory:
+        reuse_freed_memory()
+    return cfg
 
 
 def benchmark_trainer(overrides: list[str], start_callbacks: bool = False):

@@ -22,7 +22,7 @@
 namespace {
 
 constexpr int64_t kChunks = 32;  // token chunks for parameter-gradient sums
-constexpr int64_t V = 16;        // tokens per block, one AVX-512 register of floats: per-token math runs across lanes
+constexpr int64_t V = 16;        // lanes: tokens per block (per-token math runs across them), channels per step of combine()
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -32,7 +32,7 @@ template <typename acc_t>
 struct SinkhornBlock {
   int64_t n, iters;
   acc_t eps;
-  std::vector<acc_t> buf;  // p0 [n*n]; per iteration c [n], q [n*n], r [n], p [n*n]; c and r are reciprocal sums
+  std::vector<acc_t> buf;  // p0 [n*n]; per iteration c [n], q [n*n], r [n], p [n*n]; c, r hold 1 / (line sum + eps)
 
   SinkhornBlock(int64_t n_, int64_t iters_, acc_t eps_)
       : n(n_), iters(iters_), eps(eps_), buf((n_ * n_ + iters_ * (2 * n_ + 2 * n_ * n_)) * V) {}
@@ -100,7 +100,8 @@ struct SinkhornBlock {
     }
   }
 
-  // y = x / (sum x + eps) along a line  =>  dL/dx = (dL/dy - sum(dL/dy * y)) / (sum x + eps)
+  // y = x / (sum x + eps) along a line  =>  dL/dx = (dL/dy - sum(dL/dy * y)) / (sum x + eps), the division
+  // being a product with the reciprocal the forward stored
   void step_backward(acc_t* __restrict__ g, const acc_t* __restrict__ Cs, const acc_t* __restrict__ Q,
                      const acc_t* __restrict__ R, const acc_t* __restrict__ Pn) {
     for (int64_t i = 0; i < n; ++i) {
