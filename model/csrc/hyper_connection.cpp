@@ -100,23 +100,25 @@ struct SinkhornBlock {
     }
   }
 
-  // y = x / (sum x + eps) along a line  =>  dL/dx = (dL/dy - sum(dL/dy * y)) / (sum x + eps), the division
-  // being a product with the reciprocal the forward stored
+  // One iteration: its row normalisation (Pn from Q, by R), then its column one (Q from P, by Cs).
   void step_backward(acc_t* __restrict__ g, const acc_t* __restrict__ Cs, const acc_t* __restrict__ Q,
                      const acc_t* __restrict__ R, const acc_t* __restrict__ Pn) {
-    for (int64_t i = 0; i < n; ++i) {
+    lines_backward(g, Pn, R, n, 1);
+    lines_backward(g, Q, Cs, 1, n);
+  }
+
+  // y = x / (sum x + eps) along each line  =>  dL/dx = (dL/dy - sum(dL/dy * y)) / (sum x + eps), the
+  // division being a product with the reciprocal the forward stored in inv. Line l's entries are
+  // l*across + k*along (rows: n, 1; columns: 1, n).
+  void lines_backward(acc_t* __restrict__ g, const acc_t* __restrict__ y, const acc_t* __restrict__ inv,
+                      int64_t across, int64_t along) {
+    for (int64_t l = 0; l < n; ++l) {
       acc_t s[V] = {};
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * Pn[(i * n + j) * V + v];
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) * R[i * V + v];
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      acc_t s[V] = {};
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * Q[(i * n + j) * V + v];
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = (g[(i * n + j) * V + v] - s[v]) * Cs[j * V + v];
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t v = 0; v < V; ++v) s[v] += g[(l * across + k * along) * V + v] * y[(l * across + k * along) * V + v];
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t v = 0; v < V; ++v)
+          g[(l * across + k * along) * V + v] = (g[(l * across + k * along) * V + v] - s[v]) * inv[l * V + v];
     }
   }
 };
