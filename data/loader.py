@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data.shards import load_manifest, read_tokens
-from data.sources import DataError
+from common.errors import DataError
 
 
 class Windows:
