@@ -143,6 +143,9 @@ def run(dict_cfg: DictConfig) -> int:
                 return fail(str(e), EXIT_CONFIG)
         return launcher.execute(plan, cfg)
 
+    from train.log_setup import route_logs
+
+    route_logs(Path(cfg.out_dir), int(os.environ.get("RANK", 0)))
     from train.distributed import shutdown_distributed
     from train.preemption import StopSignals
     from train.trainer import Diverged, Trainer

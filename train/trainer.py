@@ -29,6 +29,7 @@ from train.checkpoint import Checkpointer
 from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks
 from train.host import reuse_freed_memory
+from train.log_setup import build_output_to_log
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
 from train.provenance import record_start
@@ -93,7 +94,8 @@ class Trainer:
         if t.reuse_freed_memory:
             reuse_freed_memory()
         self.out_dir = Path(cfg.out_dir)
-        self.rank, self.world_size, self.device = init_distributed(cfg.launcher.collective_timeout_s)
+        with build_output_to_log():  # DeepSpeed's op builds print; a normal start does not show them
+            self.rank, self.world_size, self.device = init_distributed(cfg.launcher.collective_timeout_s)
         self.max_steps = t.max_steps
         self.micro_batch = micro_batch_size(t, self.world_size)
         self.accum = accumulation_steps(t, self.world_size)
