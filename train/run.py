@@ -74,7 +74,7 @@ def job_overrides(overrides: list[str]) -> list[str]:
 def name_sweep_job(cfg: Config, overrides: list[str]) -> list[str]:
     """A job of a multirun gets a wandb group (the sweep directory's name) and a run name made of
     its overrides, unless set; returns the overrides that pass them on to the job's ranks."""
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
+    if HydraConfig.get().mode != RunMode.MULTIRUN or cfg.logger.wandb.mode == "disabled":
         return []
     wb, added = cfg.logger.wandb, []
     if wb.group is None:
