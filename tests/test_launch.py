@@ -65,8 +65,11 @@ def test_multirun_gives_each_job_its_own_out_dir(tmp_path):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["steps"] == 3
         # grouped in wandb by the sweep directory, named by the job's overrides, which the files carry
-        job_overrides = [*SMOKE, "trainer.max_steps=3", f"seed={seed}"]
-        assert cfg["logger"]["wandb"]["group"] == "sweep" and cfg["logger"]["wandb"]["name"] == ",".join(job_overrides)
+        # (Hydra keeps one value per key: max_steps=3 replaces the 6 in SMOKE, in its place)
+        named = ["experiment=smoke", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+                 f"seed={seed}"]
+        job_overrides = [*named, f"data.cache_dir={tmp_path / 'cache'}"]
+        assert cfg["logger"]["wandb"]["group"] == "sweep" and cfg["logger"]["wandb"]["name"] == ",".join(named)
         assert summary["overrides"] == job_overrides
         rows = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
         assert all(r["overrides"] == job_overrides for r in rows)
