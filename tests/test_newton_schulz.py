@@ -139,3 +139,27 @@ def test_muon_gram_on_a_rank_deficient_update_matches_standard():
     rms = results["gram"].pow(2).mean().sqrt()
     assert rms == pytest.approx(0.18 * 128 ** 0.5 * (10 / (64 * 128)) ** 0.5, rel=1e-3)  # 10 unit singular values
     assert spectral(results["gram"] - results["standard"]) < 1e-2 * 0.18 * 128 ** 0.5
+
+
+@pytest.mark.parametrize("index", range(len(SCHEDULES)), ids=IDS)
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_muon_applies_each_schedule_as_the_reference(index, method):
+    """Through Muon's own paths (small matrices batched by shared m, stacked experts, tall ones
+    transposed, the Gram method), one step from zero is −lr·scale·NS(G) with the schedule's
+    coefficients and margin."""
+    schedule, steps, coeffs, _ = SCHEDULES[index]
+    torch.manual_seed(0)
+    shapes = [(24, 64), (24, 40), (64, 24), (2, 24, 40), (32, 32)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    opt = Muon(params, lr=0.5, weight_decay=0.0, momentum=0.0, nesterov=False, ns_schedule=schedule,
+               ns_steps=steps, ns_method=method, ns_dtype="fp32", adjust_lr_fn="match_rms_adamw")
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, g in zip(params, grads):
+        scale = 0.2 * max(g.shape[-2:]) ** 0.5
+        mats = g.double().reshape(-1, *g.shape[-2:])
+        expected = -0.5 * scale * torch.stack([ref.newton_schulz(m, coeffs, make_schedule(schedule, steps).margin)
+                                                for m in mats]).reshape(g.shape)
+        assert torch.allclose(p.detach().double(), expected, atol=2e-5, rtol=0), tuple(g.shape)
