@@ -23,8 +23,11 @@ COMBOS = [("adamw", 0), ("adamw", 1), ("adamw", 2), ("adamw", 3), ("muon", 0), (
 LAYERS = ["model.n_layers=3"]
 # v4: V4-tiny (MoE experts as 3-D matrices, selection biases from loads summed over ranks, CSA
 # after a 3-step indexer warm-up) with Muon on ZeRO-2 partitions.
+# AdamW eps 1e-8, not the recipe's 1e-20: the mHC α gradients start at 1e-8 to 1e-10, rounding
+# level, and with eps 1e-20 AdamW steps them by ±lr by their sign, which the ranks' summation order
+# decides (α differed by 0.007 = 2 lr after 10 steps). The test is of sharding, not of that.
 V4 = ["model=v4_tiny", "model.d_model=64", "model.n_heads=2", "model.attn.window=8", "model.attn.indexer_warmup_steps=3",
-      "model.attn.csa_topk=4", "model.moe.bias_gamma=0.01"]
+      "model.attn.csa_topk=4", "model.moe.bias_gamma=0.01", "optim.eps=1e-8"]
 STEPS = 10
 
 
