@@ -5,8 +5,11 @@ import functools
 import pytest
 import torch
 
+from model import build_model
+from optim import build_optimizer
 from optim.muon import Muon
 from optim.newton_schulz import V4_RESTARTS, make_schedule, orthogonalize
+from tests.conftest import compose_config
 from tests.reference import newton_schulz as ref
 
 # (schedule, steps, the reference's coefficients, singular-value band for fp32 and bf16 compute)
@@ -116,6 +119,8 @@ def test_restart_defaults_per_schedule():
             make_schedule("v4_hybrid", 10, restarts=bad)
     with pytest.raises(ValueError, match="restarts"):
         Muon([torch.nn.Parameter(torch.zeros(4, 8))], ns_schedule="keller", ns_restarts=[5])
+    cfg = compose_config(["model=tiny", "optim=muon", "optim.ns_method=gram", "optim.ns_restarts=[4]"])
+    assert build_optimizer(build_model(cfg.model, 256), cfg.optim).param_groups[0]["ns_restarts"] == (4,)
 
 
 def test_gram_without_restarts_diverges_where_restarts_hold():
