@@ -51,7 +51,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         log.info("optimizer groups (Muon + AdamW):\n%s", describe_groups(groups))
         return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
                     ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, ns_schedule=cfg.ns_schedule,
-                    ns_method=cfg.ns_method, ns_dtype=cfg.ns_dtype, momentum_type=cfg.momentum_type,
+                    ns_method=cfg.ns_method, ns_restarts=cfg.ns_restarts, ns_dtype=cfg.ns_dtype, momentum_type=cfg.momentum_type,
                     rms_target=cfg.rms_target, per_head=cfg.per_head, adamw_betas=tuple(cfg.betas),
                     adamw_eps=cfg.eps)
     raise ConfigError("optim.name", cfg.name, "adamw, muon")

@@ -92,6 +92,9 @@ class OptimConfig:
     ns_schedule: str = "v4_hybrid"  # v4_hybrid | keller | polar_express
     ns_steps: int = 5  # iterations for keller / polar_express (v4_hybrid is 8 + 2)
     ns_method: str = "standard"  # standard | gram
+    # gram: 0-based iterations at which X and its Gram matrix are formed again; null = the
+    # schedule's default (v4_hybrid: 2, 5, 8; keller, polar_express: 2)
+    ns_restarts: Optional[List[int]] = None
     ns_dtype: str = "bf16"  # bf16 | fp32
     adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw (rms_target·sqrt(max(m, n))) | original
     rms_target: float = 0.18

@@ -128,6 +128,10 @@ def validate(cfg: Config) -> None:
         if not 1 <= o.ns_steps < 100:
             raise ConfigError("optim.ns_steps", o.ns_steps, "an integer from 1 to 99")
         _choice("optim.ns_method", o.ns_method, ("standard", "gram"))
+        n_iter = 10 if o.ns_schedule == "v4_hybrid" else o.ns_steps
+        if o.ns_restarts is not None and not all(1 <= i < n_iter for i in o.ns_restarts):
+            raise ConfigError("optim.ns_restarts", list(o.ns_restarts),
+                              f"null (the schedule's default) or iterations from 1 to {n_iter - 1}")
         _choice("optim.ns_dtype", o.ns_dtype, ("bf16", "fp32"))
         _choice("optim.adjust_lr_fn", o.adjust_lr_fn, ("match_rms_adamw", "original"))
         _positive("optim.rms_target", o.rms_target, integer=False)
