@@ -54,10 +54,11 @@ def kl_to_attention(index_logits: torch.Tensor, target: torch.Tensor, allowed: t
     """mean over queries of KL(target ‖ softmax(index_logits)) over the `allowed` entries;
     target [B, T, N'] are attention probabilities (any scale: renormalised here)."""
     has_any = allowed.any(-1)
+    wide = torch.promote_types(index_logits.dtype, torch.float32)
     # queries with nothing allowed (the first few) softmax over everything and are weighted 0
-    log_p = torch.log_softmax(index_logits.float().masked_fill(~allowed & has_any[..., None], float("-inf")), -1)
+    log_p = torch.log_softmax(index_logits.to(wide).masked_fill(~allowed & has_any[..., None], float("-inf")), -1)
     log_p = log_p.masked_fill(~allowed, 0.0)  # no inf·0 anywhere, forward or backward
-    target = target.detach().float() * allowed
+    target = target.detach().to(wide) * allowed
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
     per_query = (target * (target.clamp_min(1e-20).log() - log_p)).sum(-1)
     return (per_query * has_any).sum() / has_any.sum().clamp_min(1)
