@@ -26,6 +26,8 @@ def test_indexer_kl_and_max_logits_match_the_reference(ratio, sparse):
     # 6 index heads: an entry scores exactly 0 (every ReLU at 0) rarely enough that no top-k boundary ties
     attn = attention("csa", ratio=ratio, window=5, topk=2, sparse=sparse, index_heads=6).train()
     attn.track_max_logits = True
+    with torch.no_grad():
+        attn.sink[0] = 8.0  # head 0's largest logit is its sink: the probe must see it
     x = torch.randn(2, 17, D, dtype=torch.float64, generator=torch.Generator().manual_seed(ratio))
     attn(x)
     # AttentionConfig's V4 defaults at max_seq_len 64: base 160000, YaRN x16 over 64 / 16 tokens

@@ -85,8 +85,10 @@ class StabilityProbes:
         self.model, self.every = model, every
         self.x, self.y = probe_batch
         self.roles = {role: [p for _, p in ps] for role, ps in classify_parameters(model).items() if ps}
-        self.hyper = [m for m in model.modules() if isinstance(m, HyperConnection)]
-        self.attention = [m for m in model.modules() if isinstance(m, (Attention, V4Attention))]
+        # The trunk's layers: the MTP block runs in training only, never in the probe's eval pass.
+        trunk = [m for block in model.blocks for m in block.modules()]
+        self.hyper = [m for m in trunk if isinstance(m, HyperConnection)]
+        self.attention = [m for m in trunk if isinstance(m, (Attention, V4Attention))]
         self.loss_spikes, self.grad_spikes = SpikeDetector(), SpikeDetector()
         self.spikes = 0
         self.max_amax_fwd, self.max_amax_bwd = None, None
