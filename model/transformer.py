@@ -75,7 +75,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def stream_reduce(self, residual: str) -> StreamReduce | None:
-        return StreamReduce(residual, self.n_streams, self.cfg.d_model, fused=self.cfg.fused_hc) \
+        return StreamReduce(residual, self.n_streams, self.cfg.d_model, eps=self.cfg.norm_eps, fused=self.cfg.fused_hc) \
             if self.n_streams > 1 else None
 
     def reset_parameters(self) -> None:
