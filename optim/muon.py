@@ -121,7 +121,10 @@ class Muon(torch.optim.Optimizer):
 
     def bind_partition(self, group_index: int, partition: Partition) -> None:
         """Declare that group `group_index` now holds one flat ZeRO partition laid out as given."""
-        self._partitions[group_index] = partition
+        # Keyed by the flat tensor, not the index: DeepSpeed steps each group alone, as
+        # `param_groups = [group]`, and a checkpoint load rebuilds the group dicts around it.
+        (flat,) = self.param_groups[group_index]["params"]
+        self._partitions[id(flat)] = partition
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -195,8 +198,9 @@ class Muon(torch.optim.Optimizer):
         return out
 
     def _muon_step(self, index: int, group: dict) -> None:
-        if index in self._partitions:
-            return self._muon_step_partitioned(group, self._partitions[index])
+        partition = self._partitions.get(id(group["params"][0])) if len(group["params"]) == 1 else None
+        if partition is not None:
+            return self._muon_step_partitioned(group, partition)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return

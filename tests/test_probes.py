@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import interrupted_run
+from tests.conftest import V4_RUN, interrupted_run
 from train.probes import SpikeDetector, amax_gains, spectral_norm
 from train.trainer import Trainer
 
@@ -78,3 +78,16 @@ def test_probe_state_survives_resume(tiny_config, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
     assert strip(rows(cfg.out_dir)) == strip(rows(ref.out_dir))
     assert summary["probe/amax_fwd"] == ref_summary["probe/amax_fwd"]
+
+
+def test_v4_runs_log_the_max_attention_logit(tiny_config):
+    """V4 attention (window, entries and sink; tests/test_v4_reference.py checks the value) reports
+    its max logit like dense attention: one key per layer of the trunk (the MTP block, with its own
+    hyper-connections, runs in training only and is left out of the probes)."""
+    cfg = tiny_config(*V4_RUN, "probes.every=2", "trainer.max_steps=2")
+    Trainer(cfg).fit()
+    (r,) = [r for r in rows(cfg.out_dir) if "probe/amax_fwd" in r]
+    per_layer = [r[f"probe/max_logit/layer{i}"] for i in range(cfg.model.n_layers)]
+    assert f"probe/max_logit/layer{cfg.model.n_layers}" not in r
+    assert r["probe/max_logit"] == max(per_layer) > 0
+    assert r["probe/amax_fwd"] == pytest.approx(1.0, abs=1e-4)  # 2 sublayers per trunk layer
