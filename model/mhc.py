@@ -5,10 +5,13 @@ X ∈ R^{n×C} per token:
 
     x_in = Σ_i pre_i X_i        y = F(x_in)        X' = post ⊗ y + res · X      (res: n×n, output × input)
 
-`mhc` (manifold-constrained, arXiv 2512.24880): from the RMS-normalised flattened state v',
-m = v'φᵀ; pre = sigmoid(α_pre·m + b_pre), post = 2·sigmoid(α_post·m + b_post),
-res = Sinkhorn(α_res·m + b_res), doubly stochastic, so every product of res matrices has
-row and column sums 1 and the residual stream cannot amplify.
+`mhc` (manifold-constrained, arXiv 2512.24880), exactly as DeepSeek-V4's code: from the
+RMS-normalised flattened state v', m = v'φᵀ; pre = sigmoid(α_pre·m + b_pre) + hc_eps,
+post = 2·sigmoid(α_post·m + b_post), res = Sinkhorn(α_res·m + b_res)ᵀ (model/sinkhorn.py), doubly
+stochastic, so every product of res matrices has row and column sums 1 and the residual stream
+cannot amplify. φ's rows and the biases are laid out as V4's (pre, post, then its `comb` logits
+[input stream, output stream] row-major; res is their transpose, output × input), so V4's weights
+map onto ours as they are.
 `hc` (Zhu et al., arXiv 2409.19606): each stream normalised on its own, tanh dynamics, no
 constraint; static init pre = one-hot(sublayer index mod n), res = I, post = 1.
 
@@ -28,6 +31,7 @@ from model import hc_kernel
 from model.sinkhorn import sinkhorn
 
 KINDS = ("hc", "mhc")
+HC_EPS = 1e-6  # V4's hc_eps: Sinkhorn's denominators, the floor added to mhc's pre and the head's weights
 
 
 def _scalar(t: torch.Tensor) -> nn.Parameter:
@@ -52,11 +56,12 @@ class HyperConnection(nn.Module):
     """Read/write/mix coefficients of one sublayer, and their application."""
 
     def __init__(self, kind: str, n: int, d_model: int, index: int, sinkhorn_iters: int = 20,
-                 alpha_init: float = 0.01, eps: float = 1e-6, fused: bool = True):
+                 alpha_init: float = 0.01, eps: float = 1e-6, fused: bool = True, hc_eps: float = HC_EPS):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"hyper-connection kind {kind!r}; accepted: {', '.join(KINDS)}")
         self.kind, self.n, self.iters, self.eps, self.fused = kind, n, sinkhorn_iters, eps, fused
+        self.hc_eps = hc_eps
         self.alpha = _scalar(torch.full((3,), alpha_init))  # pre, post, res
         if kind == "mhc":
             self.phi = nn.Linear(n * d_model, n * n + 2 * n, bias=False)
@@ -77,9 +82,10 @@ class HyperConnection(nn.Module):
         a_pre, a_post, a_res = self.alpha.unbind()
         if self.kind == "mhc":
             m = _wide(normalized_projection(x.flatten(-2), self.phi, self.eps))
-            pre = torch.sigmoid(a_pre * m[..., :n] + self.b_pre)
+            pre = torch.sigmoid(a_pre * m[..., :n] + self.b_pre) + self.hc_eps
             post = 2 * torch.sigmoid(a_post * m[..., n : 2 * n] + self.b_post)
-            res = sinkhorn(a_res * m[..., 2 * n :].unflatten(-1, (n, n)) + self.b_res, self.iters)
+            comb = sinkhorn(a_res * m[..., 2 * n :].unflatten(-1, (n, n)) + self.b_res, self.iters, self.hc_eps)
+            res = comb.transpose(-1, -2)  # V4's comb is input × output
         else:
             d = _wide(torch.tanh(normalized_projection(x, self.proj, self.eps)))  # [..., n (stream), n + 2]
             pre = self.b_pre + a_pre * d[..., 0]
@@ -93,7 +99,7 @@ class HyperConnection(nn.Module):
             if self.kind == "mhc":
                 link = hc_kernel.Link()
                 x_in, pre, post, res = hc_kernel.mhc_in(x, self.phi.weight, self.alpha, self.b_pre, self.b_post,
-                                                        self.b_res, self.iters, self.eps, link=link)
+                                                        self.b_res, self.iters, self.eps, self.hc_eps, link=link)
             else:
                 pre, post, res = self.coefficients(x)
                 x_in = self._read(x, pre)
@@ -127,9 +133,9 @@ class StreamReduce(nn.Module):
     dynamic form (no Sinkhorn); hc sums the streams as Zhu et al. do."""
 
     def __init__(self, kind: str, n: int, d_model: int, alpha_init: float = 0.01, eps: float = 1e-6,
-                 fused: bool = True):
+                 fused: bool = True, hc_eps: float = HC_EPS):
         super().__init__()
-        self.kind, self.eps, self.fused = kind, eps, fused
+        self.kind, self.eps, self.fused, self.hc_eps = kind, eps, fused, hc_eps
         if kind == "mhc":
             self.phi = nn.Linear(n * d_model, n, bias=False)
             self.alpha = _scalar(torch.full((1,), alpha_init))  # 1-D: DeepSpeed cannot broadcast 0-D
@@ -139,6 +145,7 @@ class StreamReduce(nn.Module):
         if self.kind != "mhc":
             return x.sum(dim=-2)
         if self.fused and hc_kernel.usable(x, *self.parameters()):
-            return hc_kernel.mhc_in(x, self.phi.weight, self.alpha, self.bias, None, None, 0, self.eps)[0]
-        w = torch.sigmoid(self.alpha * _wide(normalized_projection(x.flatten(-2), self.phi, self.eps)) + self.bias)
+            return hc_kernel.mhc_in(x, self.phi.weight, self.alpha, self.bias, None, None, 0, self.eps, self.hc_eps)[0]
+        m = _wide(normalized_projection(x.flatten(-2), self.phi, self.eps))
+        w = torch.sigmoid(self.alpha * m + self.bias) + self.hc_eps
         return HyperConnection._read(x, w)

@@ -58,7 +58,8 @@ class Transformer(nn.Module):
         self.mtp_weight = cfg.mtp_weight
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.loss_count = 0
-        self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model, fused=cfg.fused_hc) if self.n_streams > 1 else None
+        self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model, eps=cfg.norm_eps, fused=cfg.fused_hc) \
+            if self.n_streams > 1 else None
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
