@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from model import build_model
+from model.block import Block
 from model.mhc import HyperConnection, StreamReduce
 from model.sinkhorn import sinkhorn
+from tests.reference import hyper_connections as zhu
 from tests.reference import sinkhorn as reference
 from optim import build_optimizer
 from tests.conftest import compose_config
@@ -28,13 +30,58 @@ def test_configs_compose_for_every_stream_count(residual, n, tmp_path):
     validate(compose_config([f"model.residual={residual}", f"model.n_streams={n}"], out_dir=tmp_path))
 
 
-@pytest.mark.parametrize("residual", ["hc", "mhc"])
-def test_one_stream_is_exactly_the_plain_residual_model(residual):
-    plain, one = model_for(), model_for(f"model.residual={residual}", "model.n_streams=1")
-    assert plain.state_dict().keys() == one.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), one.state_dict().values()))
-    idx = torch.randint(0, 256, (2, 16))
-    assert torch.equal(plain(idx), one(idx))
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_one_stream_block_computes_the_plain_residual_block(kind):
+    """One stream has nothing to mix, which is why transformer.py builds the plain model for n = 1.
+    Built explicitly, the one-stream block must compute the plain block: hc at its initialisation
+    exactly (its dynamic projection starts at zero), mhc with its gates at 0 up to V4's hc_eps
+    (pre = 1/2 + hc_eps, which the sublayer's RMSNorm scales away, post = 1, res = 1 − O(hc_eps))."""
+    plain = model_for()
+    x = torch.randn(2, 16, 32)  # unit scale: RMSNorm's eps then barely sees mhc's halved read
+    with torch.no_grad():
+        for i, block in enumerate(plain.blocks):
+            one = Block(32, block.attn, block.ffn, 1e-6, 0.0, kind, 1, i)
+            one.load_state_dict(block.state_dict(), strict=False)  # the norms; attn and ffn are shared
+            if kind == "mhc":
+                one.attn_hc.alpha.zero_(), one.ffn_hc.alpha.zero_()
+            want = block(x, plain.rope_cos, plain.rope_sin)
+            got = one(x.unsqueeze(-2), plain.rope_cos, plain.rope_sin).squeeze(-2)
+            if kind == "hc":
+                assert torch.equal(got, want)
+            else:
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and not torch.equal(got, want)
+            x = want
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hc_matches_zhu_et_al(fused):
+    """hc against the paper's dynamic hyper-connection equations (tests/reference): one gate s_α for
+    the read and the mix, s_β for the write, the mix applied as A_rᵀ."""
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection("hc", 3, 5, index=1, eps=1e-5, fused=fused)).double()
+    with torch.no_grad():
+        hc.alpha.copy_(torch.tensor([0.6, 1.3]))  # s_α, s_β: distinct, so a swapped gate shows
+    lin = torch.nn.Linear(5, 5).double()
+    x = torch.randn(1, 9, 3, 5, dtype=torch.float64)
+    w = hc.proj.weight
+    ref = zhu.dynamic_hyper_connection(x[0], w[0], w[1], w[2:].T, hc.alpha[0], hc.alpha[1], hc.b_pre, hc.b_post,
+                                       hc.b_res.T, lambda h: torch.tanh(lin(h)), 1e-5)
+    assert torch.allclose(hc(x, lambda h: torch.tanh(lin(h)))[0], ref["out"], rtol=0, atol=1e-12)
+    pre, post, res = hc.coefficients(x)
+    assert torch.allclose(pre[0], ref["A_m"], rtol=0, atol=1e-14) and torch.allclose(post[0], ref["B"], rtol=0, atol=1e-14)
+    assert torch.allclose(res[0], ref["A_r"].transpose(-1, -2), rtol=0, atol=1e-14)
+
+
+def test_hc_initialisation_is_zhu_et_al():
+    """Static parts one-hot(sublayer mod n) / 1 / I, gates 0.01, and the dynamic projection zero after
+    the model's own initialisation of its linear layers."""
+    model = model_for("model.residual=hc", "model.n_streams=4")
+    hcs = [m for m in model.modules() if isinstance(m, HyperConnection)]
+    assert len(hcs) == 4
+    for i, hc in enumerate(hcs):
+        assert torch.equal(hc.proj.weight, torch.zeros(6, 32)) and torch.equal(hc.alpha, torch.full((2,), 0.01))
+        assert torch.equal(hc.b_pre, torch.eye(4)[i % 4]) and torch.equal(hc.b_post, torch.ones(4))
+        assert torch.equal(hc.b_res, torch.eye(4))
 
 
 def copy_shared(src, dst):
