@@ -29,6 +29,12 @@ class ByteTokenizer:
     def save(self, directory: Path) -> None:
         """Nothing to save: the byte tokenizer has no learned state."""
 
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for: one, and none for the end-of-document token."""
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        lengths[self.eos_id] = 0
+        return lengths
+
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with an end-of-document token."""
@@ -49,6 +55,24 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         self.tok.save(str(directory / "tokenizer.json"))
+
+    def byte_lengths(self) -> np.ndarray | None:
+        """UTF-8 bytes of text each id stands for (special tokens: none), exact for byte-level
+        BPE, whose every token character is one byte; None for other tokenizers, whose tokens'
+        bytes depend on their neighbours (SentencePiece's leading spaces, byte fallback)."""
+        if not isinstance(self.tok.decoder, decoders.ByteLevel):
+            return None
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        added = self.tok.get_added_tokens_decoder()
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                lengths[i] = 0 if added[i].special else len(token.encode("utf-8"))
+            elif set(token) <= alphabet:
+                lengths[i] = len(token)
+            else:
+                return None
+        return lengths
 
 
 def train_bpe(texts, vocab_size: int) -> HFTokenizer:

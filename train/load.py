@@ -26,7 +26,8 @@ from train.config import Config
 from train.run import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
 
 __all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "LoadError", "Loaded", "load_run", "locate",
-           "run_config", "consolidated_state_dict", "build_from_state", "run_tokenizer", "pick_device"]
+           "run_config", "consolidated_state_dict", "build_from_state", "tokenizer_spec", "run_tokenizer",
+           "pick_device"]
 
 
 class LoadError(RuntimeError):
@@ -137,26 +138,36 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def run_tokenizer(cfg: Config, run_dir: Path):
-    """The tokenizer the run trained with: byte-level, the run's `tokenizer.json`, or the one
-    beside its prepared data (found through the data cache, prepared again if it was deleted)."""
-    from data.sources import DataError
-    from data.tokenizer import ByteTokenizer, load_tokenizer
-
+def tokenizer_spec(cfg: Config, run_dir: Path) -> str:
+    """The run's tokenizer as a `data.tokenizer` value that names it exactly: `byte`, the path of
+    its `tokenizer.json` (the run's copy, or the one beside its prepared data, found through the
+    data cache and prepared again if it was deleted), or `pretrained:NAME`."""
     spec = cfg.data.tokenizer
-    try:
-        if spec == "byte":
-            return ByteTokenizer()
-        if (run_dir / "tokenizer.json").is_file():
-            return load_tokenizer(str(run_dir / "tokenizer.json"))
-        if spec == "bpe":
-            from data.shards import load_manifest, load_tokenizer_of, prepare
+    if spec == "byte" or spec.startswith("pretrained:"):
+        return spec
+    if (run_dir / "tokenizer.json").is_file():
+        return str(run_dir / "tokenizer.json")
+    if spec == "bpe":
+        from data.shards import prepare
+        from data.sources import DataError
 
-            prepared = prepare(cfg.data)
-            return load_tokenizer_of(prepared, load_manifest(prepared))
+        try:
+            return str(prepare(cfg.data) / "tokenizer.json")
+        except DataError as e:
+            raise LoadError(f"the run's tokenizer (data.tokenizer=bpe) cannot be found: {e}", EXIT_DATA) from None
+    return spec
+
+
+def run_tokenizer(cfg: Config, run_dir: Path):
+    """The tokenizer the run trained with (data.tokenizer.ByteTokenizer or HFTokenizer)."""
+    from data.sources import DataError
+    from data.tokenizer import load_tokenizer
+
+    spec = tokenizer_spec(cfg, run_dir)
+    try:
         return load_tokenizer(spec)
     except DataError as e:
-        raise LoadError(f"the run's tokenizer data.tokenizer={spec!r} cannot be loaded: {e}", EXIT_DATA) from None
+        raise LoadError(f"the run's tokenizer {spec!r} cannot be loaded: {e}", EXIT_DATA) from None
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True) -> Loaded:

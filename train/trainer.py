@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -329,6 +330,8 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+            if (self.prepared / "tokenizer.json").is_file():  # the run decodes with it after training
+                shutil.copyfile(self.prepared / "tokenizer.json", self.out_dir / "tokenizer.json")
             record_start(self.out_dir, self.step, self.world_size)
         for cb in self.callbacks.values():
             cb.on_train_start(self)
