@@ -6,6 +6,7 @@ BPE: byte-level BPE trained with the `tokenizers` library, `<|endoftext|>` = id 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,47 @@ class HFTokenizer:
             else:
                 return None
         return lengths
+
+
+EOS = "<|endoftext|>"
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """ByteTokenizer as a `tokenizers.Tokenizer`: id b is byte b (1..255) and id 0 the
+    end-of-document token `<|endoftext|>` (our byte 0, which text never holds). A byte-level
+    BPE with no merges: each byte is its own token, as GPT-2's byte alphabet spells it."""
+    alphabet = {c: b for b, c in _byte_alphabet().items()}
+    vocab = {EOS: 0, **{c: b for c, b in alphabet.items() if b != 0}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    return tok
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte (the ByteLevel pre-tokenizer's)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelled[b] = chr(b)
+        else:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return spelled
+
+
+def save_for_transformers(tokenizer, directory: Path, max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json that `AutoTokenizer.from_pretrained(directory)`
+    loads as the same tokenizer (byte-level runs: `byte_level_tokenizer`)."""
+    tok = byte_level_tokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer.tok
+    tok.save(str(directory / "tokenizer.json"))
+    eos = tok.id_to_token(tokenizer.eos_id)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+              "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos, "bos_token": eos}, indent=2))
 
 
 def train_bpe(texts, vocab_size: int) -> HFTokenizer:

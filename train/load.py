@@ -27,7 +27,7 @@ from train.run import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
 
 __all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "LoadError", "Loaded", "load_run", "locate",
            "run_config", "consolidated_state_dict", "build_from_state", "tokenizer_spec", "run_tokenizer",
-           "pick_device"]
+           "pick_device", "from_exported"]
 
 
 class LoadError(RuntimeError):
@@ -180,3 +180,24 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", tokenizer: bo
         model.on_step_start(step, lr_decaying=False)
     device = pick_device(device) if isinstance(device, str) else device
     return Loaded(model.to(device), cfg, run_dir, ckpt, step, run_tokenizer(cfg, run_dir) if tokenizer else None)
+
+
+def from_exported(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model `python -m train.export RUN --format safetensors` wrote to `directory`, rebuilt
+    from its config.yaml with exactly the exported tensors (in the exported dtype), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    directory = Path(directory).expanduser()
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise LoadError(f"{directory} holds no model.safetensors: not a `train.export --format safetensors` output")
+    cfg = run_config(directory)
+    from model import build_model
+
+    with safe_open(str(weights), framework="pt") as f:
+        embed = f.get_slice("embed.weight")
+        vocab, dtype = embed.get_shape()[0], {"F32": torch.float32, "BF16": torch.bfloat16}[embed.get_dtype()]
+    model = build_model(cfg.model, vocab).to(dtype)
+    load_model(model, str(weights), strict=True, device="cpu")
+    return model.eval().to(device)
