@@ -101,3 +101,15 @@ def test_prompt_outside_the_tokenizer_is_refused(trained_run, capsys, prompt, wh
 def test_bad_arguments_are_refused(trained_run, capsys, arg, what):
     code, out, err = run_sample(capsys, trained_run, arg)
     assert code == 2 and what in err and err.count("\n") == 1
+
+
+def test_v4_models_sample_by_recomputing_the_context():
+    """V4 attention has no decoding cache yet: asking for one is an error, sampling without works."""
+    cfg = compose_config(["model=v4_tiny", "model.attn.window=8", "model.max_seq_len=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 256).eval()
+    assert not model.supports_cache
+    with pytest.raises(ValueError, match="no decoding cache"):
+        next(generate(model, torch.ones(1, 3, dtype=torch.long), 5, Sampling(1.0), 32))
+    tokens, _, slid = decode(model, torch.randint(1, 256, (1, 5)), 40, False, context=32)
+    assert tokens.shape == (1, 40) and sum(slid) == 1
