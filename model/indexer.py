@@ -3,8 +3,10 @@
     I(t, s) = Σ_h w_{t,h} · ReLU(q_{t,h} · k_s)
 
 with several small index heads q_{t,h} (from the query's low-rank latent), one shared key k_s
-per compressed entry (its own compressor over the same blocks), and per-token head weights
-w_{t,h}. The top-k visible entries by I serve every attention head of the query.
+per compressed entry (its own overlapping compressor over the same blocks), and per-token head
+weights w_{t,h}, scaled as V4's code does by index_dim^-0.5 · index_heads^-0.5 (this sets the
+temperature of the KL's softmax; it cannot change the top-k). The top-k visible entries by I
+serve every attention head of the query.
 
 The indexer learns only from its KL objective: its inputs are detached, so the KL never moves the
 trunk, and the attention's own probabilities (summed over heads, detached) are its target — over
@@ -35,7 +37,7 @@ class Indexer(nn.Module):
         k = self.keys(x, cos, sin)  # [B, N, dim]
         q = self.q(q_latent).view(b, t, self.n_heads, self.dim).transpose(1, 2)
         q = rope_last(q, cos, sin, self.rope_dim).transpose(1, 2)
-        w = self.head_weights(x) * self.n_heads ** -0.5  # [B, T, H]
+        w = self.head_weights(x) * (self.dim ** -0.5 * self.n_heads ** -0.5)  # [B, T, H]
         return torch.einsum("bth,bthn->btn", w, torch.relu(torch.einsum("bthd,bnd->bthn", q, k)))
 
 

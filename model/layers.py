@@ -8,9 +8,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape [seq_len, head_dim/2] for rotary position embeddings."""
+def yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, factor: float, original_seq_len: int,
+                  beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071) as DeepSeek's and transformers' code apply it: frequencies that turn
+    fewer than `beta_slow` times over the original context are divided by `factor`, those that turn
+    more than `beta_fast` times are kept, with a linear ramp between (no attention rescaling)."""
+    def pair_index(rotations: float) -> float:  # the frequency pair that turns `rotations` times
+        return dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_index(beta_fast)), 0)
+    high = min(math.ceil(pair_index(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, yarn: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [seq_len, head_dim/2] for rotary position embeddings; `yarn`: the
+    keyword arguments of `yarn_inv_freq` (factor, original_seq_len, beta_fast, beta_slow), or None.
+    Float64 frequencies and angles, rounded once."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if yarn is not None and yarn["factor"] != 1:
+        inv_freq = yarn_inv_freq(inv_freq, head_dim, theta, **yarn)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 

@@ -188,11 +188,12 @@ def test_mtp_predicts_the_token_after_next():
     model = build_model(cfg, 64).train()
     seen = {}
     model.mtp.register_forward_hook(lambda mod, args, out: seen.update(hidden=args[0], next_ids=args[2]))
-    model.reduce.register_forward_hook(lambda mod, args, out: seen.update(trunk=out))
+    model.reduce.register_forward_hook(lambda mod, args, out: seen.update(trunk=args[0]))
     idx = torch.randint(0, 64, (2, 16))
     targets = torch.cat((idx[:, 1:], torch.randint(0, 64, (2, 1))), dim=1)
     model(idx, targets)
-    assert torch.equal(seen["hidden"], seen["trunk"][:, :-1])  # the trunk's state at t ...
+    assert seen["trunk"].dim() == 4  # the n-stream state, before the head reduction (V4) ...
+    assert torch.equal(seen["hidden"], seen["trunk"][:, :-1])  # ... at t ...
     assert torch.equal(seen["next_ids"], targets[:, :-1])  # ... with token t+1 (= input t+1)
 
 

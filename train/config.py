@@ -19,6 +19,13 @@ class AttentionConfig:
     window: int = 64  # raw tokens each query sees (itself included)
     head_dim: int = 32
     rope_dim: int = 16  # RoPE on the last rope_dim channels of queries and the shared key/value
+    q_head_norm: bool = True  # V4: each head's query RMS-normalised (no weight) before RoPE; false: ablation
+    # RoPE base of layers with a compressor (CSA, HCA), with YaRN; window-only layers: model.rope_theta
+    compress_rope_theta: float = 160000.0
+    yarn_factor: float = 16.0  # 1: no YaRN
+    yarn_original_seq_len: int = 0  # 0: model.max_seq_len / yarn_factor (V4-Flash: 1M / 16 = 65536)
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
     q_lora: int = 64  # rank of the query projection
     out_groups: int = 2  # grouped low-rank output projection: head groups ...
     out_lora: int = 64  # ... each projected to this rank
@@ -28,6 +35,7 @@ class AttentionConfig:
     index_heads: int = 4
     index_dim: int = 16
     indexer_warmup_steps: int = 100  # CSA attends densely (indexer learns by KL) before sparse top-k
+    indexer_warmup: str = "indexer_only"  # what trains during those steps: indexer_only (V3.2/V4) | all
     indexer_kl_weight: float = 1.0
 
 

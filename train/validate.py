@@ -81,6 +81,13 @@ def _v4_parts(cfg: Config) -> None:
                     "index_heads", "index_dim"):
             _positive(f"model.attn.{key}", getattr(a, key))
         _positive("model.attn.indexer_warmup_steps", a.indexer_warmup_steps, allow_zero=True)
+        _choice("model.attn.indexer_warmup", a.indexer_warmup, ("indexer_only", "all"))
+        _positive("model.attn.compress_rope_theta", a.compress_rope_theta, integer=False)
+        if not (a.yarn_factor >= 1 and math.isfinite(a.yarn_factor)):
+            raise ConfigError("model.attn.yarn_factor", a.yarn_factor, "a number >= 1 (1: no YaRN)")
+        _positive("model.attn.yarn_original_seq_len", a.yarn_original_seq_len, allow_zero=True)
+        _positive("model.attn.yarn_beta_fast", a.yarn_beta_fast, integer=False)
+        _positive("model.attn.yarn_beta_slow", a.yarn_beta_slow, integer=False)
         _positive("model.attn.indexer_kl_weight", a.indexer_kl_weight, integer=False, allow_zero=True)
         if a.rope_dim % 2 or not 0 <= a.rope_dim <= a.head_dim:
             raise ConfigError("model.attn.rope_dim", a.rope_dim, f"an even number from 0 to model.attn.head_dim={a.head_dim}")
