@@ -35,7 +35,7 @@ class Block(nn.Module):
         """`cache`: the attention's decoding cache (sampling); everything else is per token."""
         def attn(h):
             h = self.attn_norm(h)
-            return self.drop(self.attn(h, cos, sin) if cache is None else self.attn(h, cos, sin, cache))
+            return self.drop(self.attn(h, cos, sin) if cache is None else self.attn(h, cos, sin, cache=cache))
 
         def ffn(h):
             h = self.ffn_norm(h)

@@ -105,3 +105,33 @@ def test_zero3_and_two_rank_checkpoints_export_the_weights_of_one_rank_zero0(tmp
             assert torch.allclose(weights[name][k], v, atol=5e-5, rtol=1e-4), (name, k)
     manifest = json.loads((tmp_path / "zero2x2" / "checkpoints" / "step_00000004" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
+
+
+def fake_run(root, overrides, model):
+    """A run directory in the trainer's layout (config.yaml, one ZeRO-0 checkpoint of `model`)."""
+    from omegaconf import OmegaConf
+
+    ckpt = root / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose_config(overrides))))
+    torch.save({"module": model.state_dict()}, ckpt / "mp_rank_00_model_states.pt")
+    files = {f.name: f.stat().st_size for f in ckpt.iterdir()}
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 1, "world_size": 1, "files": files}))
+    return root
+
+
+def test_v4_run_exports_to_deepseek_v4(tmp_path):
+    """--format hf on a V4 run goes through model/hf_v4.py: transformers' DeepseekV4ForCausalLM
+    loads it with every weight and computes our logits."""
+    overrides = ["model=v4_tiny", "model.attn.window=8", "model.max_seq_len=64"]
+    torch.manual_seed(0)
+    ours = build_model(compose_config(overrides).model, 256).eval()
+    run = fake_run(tmp_path / "run", overrides, ours)
+    assert export.main([str(run), "--format", "hf"]) == 0
+    out = run / "export" / "hf-fp32"
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(hf).__name__ == "DeepseekV4ForCausalLM" and not info["missing_keys"]
+    ids = torch.randint(1, 256, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=0)
+    assert transformers.AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == list(b"the cat")

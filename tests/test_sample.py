@@ -103,13 +103,36 @@ def test_bad_arguments_are_refused(trained_run, capsys, arg, what):
     assert code == 2 and what in err and err.count("\n") == 1
 
 
-def test_v4_models_sample_by_recomputing_the_context():
-    """V4 attention has no decoding cache yet: asking for one is an error, sampling without works."""
-    cfg = compose_config(["model=v4_tiny", "model.attn.window=8", "model.max_seq_len=32"])
+V4 = ["model=v4_tiny", "model.attn.window=8", "model.attn.csa_topk=3", "model.attn.hca_ratio=8"]
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-warmup", "sparse"])
+def test_v4_cached_decoding_equals_recomputing_the_context(sparse):
+    """V4 attention's cache (raw window, entries, the block being compressed; CSA's indexer keys)
+    through a prefill, one-token steps that complete CSA and HCA blocks, and slides; MTP ignored."""
+    cfg = compose_config([*V4, "model.max_seq_len=48"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 256).eval()
-    assert not model.supports_cache
-    with pytest.raises(ValueError, match="no decoding cache"):
-        next(generate(model, torch.ones(1, 3, dtype=torch.long), 5, Sampling(1.0), 32))
-    tokens, _, slid = decode(model, torch.randint(1, 256, (1, 5)), 40, False, context=32)
-    assert tokens.shape == (1, 40) and sum(slid) == 1
+    model.on_step_start(10**6 if sparse else 0, lr_decaying=False)
+    assert model.supports_cache and sum(b.attn.sparse for b in model.blocks) == (2 if sparse else 0)
+    prompt = torch.randint(1, 256, (2, 11))
+    cached, cached_logits, slid = decode(model, prompt, 50, True, context=48)
+    plain, plain_logits, _ = decode(model, prompt, 50, False, context=48)
+    assert sum(slid) == 1
+    assert torch.equal(cached, plain)
+    torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=0)
+
+
+def test_v4_cache_continues_positions():
+    """A sequence fed through the cache in pieces of 1–13 tokens, across block boundaries, gives
+    the logits of one full forward (sparse CSA)."""
+    cfg = compose_config([*V4, "model.max_seq_len=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 256).eval()
+    model.on_step_start(10**6, lr_decaying=False)
+    ids = torch.randint(1, 256, (2, 64))
+    cache = model.new_cache(2, 64)
+    cuts = [0, 13, 14, 15, 16, 23, 31, 32, 33, 45, 46, 58, 64]
+    with torch.no_grad():
+        pieces = [model(ids[:, a:b], cache=cache) for a, b in zip(cuts, cuts[1:])]
+        torch.testing.assert_close(torch.cat(pieces, 1), model(ids), atol=1e-5, rtol=0)

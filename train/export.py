@@ -10,10 +10,11 @@ RUN/export/<format>-<dtype>; nothing else in the run directory changes.
   per tied pair), the run's `config.yaml`, and a tokenizer transformers loads. `from_exported(DIR)`
   rebuilds the model bit for bit.
 - `hf`: a transformers checkpoint: plain-residual dense models as `LlamaForCausalLM`
-  (model/hf_llama.py), with `config.json`, `model.safetensors`, `generation_config.json` and the
-  tokenizer, so `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`
-  load it. Hyper-connection models have no transformers architecture and are refused (export them
-  as safetensors).
+  (model/hf_llama.py, with `generation_config.json`), V4 models (mHC, V4 attention, MoE) as
+  `DeepseekV4ForCausalLM` (model/hf_v4.py); `config.json`, `model.safetensors` and the tokenizer,
+  so `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it.
+  hc/mhc models without V4 attention have no transformers architecture and are refused (export
+  them as safetensors).
 """
 from __future__ import annotations
 
@@ -34,12 +35,18 @@ WEIGHTS = "model.safetensors"
 
 
 def hf_refusal(model_cfg) -> str | None:
-    """Why a model has no `--format hf` export here, or None."""
+    """Why a model has no `--format hf` export here, or None (checked on the config alone)."""
     from model.hf_llama import refusal
 
     if model_cfg.attention == "v4":
-        return ("V4 models have no transformers exporter in this version (model/hf_v4.py); export with "
-                "--format safetensors and load with train.load.from_exported")
+        from model import build_model
+        from model.hf_v4 import NotExportable, hf_config
+
+        try:  # the layout decides, not the weights: an untrained model of the same config
+            hf_config(build_model(model_cfg, 256))
+        except NotExportable as e:
+            return f"{e}; export with --format safetensors (loads with train.load.from_exported)"
+        return None
     why = refusal(model_cfg)
     if why:
         return (f"{why} and no other transformers architecture fits it; export with --format safetensors "
@@ -92,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     if args.format == "safetensors":
         write_safetensors(model, run_dir / "config.yaml", out, dtype)
+    elif cfg.model.attention == "v4":
+        from model.hf_v4 import save_hf_v4
+
+        save_hf_v4(model, cfg, out, dtype)
     else:
         write_hf_llama(model, cfg, out, dtype, args.dtype, tokenizer.eos_id)
     save_for_transformers(tokenizer, out, cfg.data.seq_len)

@@ -66,8 +66,8 @@ def encode_prompt(tokenizer, text: str, vocab_size: int) -> list[int]:
 class TextStream:
     """Prints decoded text as tokens arrive, holding back an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], 0
 
     def add(self, token: int) -> None:
         self.ids.append(token)
