@@ -98,16 +98,39 @@ class V4Attention(nn.Module):
         nn.init.normal_(self.out_down, std=std)
         nn.init.normal_(self.out.weight, std=std * out_scale)
 
-    def forward(self, x: torch.Tensor, *unused) -> torch.Tensor:
+    def new_cache(self, batch: int, capacity: int, device, dtype) -> "V4Cache":
+        from model.v4_cache import V4Cache
+
+        return V4Cache()
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Query latent [B, T, q_lora], rotated queries [B, H, T, hd] and key/value [B, T, hd] of x
+        at the positions of cos/sin."""
         b, t, _ = x.shape
-        h, hd = self.n_heads, self.head_dim
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         q_latent = self.q_norm(self.q_down(x))
-        q = self.q_up(q_latent).view(b, t, h, hd).transpose(1, 2)
+        q = self.q_up(q_latent).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_head_norm:
             q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
         q = rope_last(q, cos, sin, self.rope_dim)
         kv = rope_last(self.kv_norm(self.kv(x)), cos, sin, self.rope_dim)  # [B, T, hd], key and value
+        return q_latent, q, kv
+
+    def project_out(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Heads [B, H, T, hd] → [B, T, d_model] through the grouped low-rank projection."""
+        b, _, t, _ = out.shape
+        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1).to(dtype)  # [B, T, G, H·hd/G]
+        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down.to(grouped.dtype)).flatten(2))
+
+    def forward(self, x: torch.Tensor, *unused, cache: "V4Cache | None" = None) -> torch.Tensor:
+        """x [B, T, d_model] at positions 0..T-1; with `cache` (decoding), x continues the cached
+        tokens (model/v4_cache.py)."""
+        if cache is not None:
+            from model.v4_cache import attend_cached
+
+            return attend_cached(self, x, cache)
+        t = x.size(1)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        q_latent, q, kv = self.project(x, cos, sin)
         entries = index_scores = None
         if self.compressor is not None:
             entries = self.compressor(x, cos, sin)  # [B, N, hd]
@@ -119,8 +142,7 @@ class V4Attention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             out = self._attend(q.to(wide), kv.to(wide), None if entries is None else entries.to(wide),
                                index_scores, cos, sin)
-        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1).to(x.dtype)  # [B, T, G, H·hd/G]
-        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down.to(grouped.dtype)).flatten(2))
+        return self.project_out(out, x.dtype)
 
     def _attend(self, q, kv, entries, index_scores, cos, sin) -> torch.Tensor:
         """One softmax over the window, the (selected) compressed entries and the sink → [B, H, T, hd]."""

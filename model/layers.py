@@ -68,16 +68,49 @@ class Attention(nn.Module):
         self.track_max_logits = False
         self.max_logits: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch: int, capacity: int, device, dtype) -> "KVCache":
+        return KVCache(batch, self.n_heads, capacity, self.head_dim, device, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None
+                ) -> torch.Tensor:
+        """x [B, T, C] at positions given by cos/sin [T, D/2]; with `cache`, x follows the cached
+        tokens: their keys and values join the attention, and x's are appended."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.track_max_logits:
             self.max_logits = max_causal_logits(q, k)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            if past:  # queries at past..past+t-1 see every cached key and the new ones up to themselves
+                causal = False
+                if t > 1:
+                    mask = torch.arange(k.size(-2), device=x.device) <= past + torch.arange(t, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class KVCache:
+    """Rotated keys and values of the tokens decoded so far, for one dense attention layer:
+    [B, H, capacity, D] buffers filled from the front."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, device, dtype):
+        self.k = torch.empty(batch, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, D] after the cached tokens; return all keys and values so far."""
+        end = self.length + k.size(-2)
+        if end > self.k.size(-2):
+            raise ValueError(f"KV cache holds {self.k.size(-2)} tokens; {end} were asked for")
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float | None) -> torch.Tensor:

@@ -25,6 +25,14 @@ def ffn_hidden_size(d_model: int, requested: int) -> int:
     return 32 * math.ceil(8 * d_model / 3 / 32)
 
 
+class DecodeCache:
+    """What decoding keeps between forward passes: how many tokens it holds, and one attention
+    cache per layer (whatever that layer's attention keeps)."""
+
+    def __init__(self, layers: list):
+        self.layers, self.length = layers, 0
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg, vocab_size: int):
         super().__init__()
@@ -96,16 +104,36 @@ class Transformer(nn.Module):
         """Parameters of the output head, which optimizers treat apart from hidden matrices."""
         return [self.head.weight]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    @property
+    def supports_cache(self) -> bool:
+        """Whether every attention layer can decode with a cache (`new_cache`)."""
+        return all(hasattr(b.attn, "new_cache") for b in self.blocks)
+
+    def new_cache(self, batch: int, capacity: int) -> DecodeCache:
+        """An empty decoding cache for `batch` sequences of up to `capacity` tokens. Only attention
+        is cached: everything else in a block, hyper-connection streams included, is per token."""
+        p = self.embed.weight
+        return DecodeCache([b.attn.new_cache(batch, capacity, p.device, p.dtype) for b in self.blocks])
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: DecodeCache | None = None):
+        """Logits [B, T, V] of idx [B, T] (the loss instead, given targets). With `cache`, idx
+        continues the tokens the cache holds (positions cache.length...) and is added to it."""
         x = self.embed(idx)
+        cos, sin = self.rope_cos, self.rope_sin
+        if cache is not None:
+            start = cache.length
+            if start + idx.size(1) > cos.size(0):
+                raise ValueError(f"positions up to {start + idx.size(1)} exceed the model's context of {cos.size(0)}")
+            cos, sin = cos[start:start + idx.size(1)], sin[start:start + idx.size(1)]
+            cache.length += idx.size(1)
         if self.n_streams > 1:  # the embedding, copied into every stream (a real copy: matmuls
             # over a stride-0 expanded tensor fall back to a per-token loop, 8x slower)
             x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.size(-1)).contiguous()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, self.rope_cos, self.rope_sin, idx, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, idx, use_reentrant=False)
             else:
-                x = block(x, self.rope_cos, self.rope_sin, idx)
+                x = block(x, cos, sin, idx, None if cache is None else cache.layers[i])
         streams = x
         if self.reduce is not None:
             x = self.reduce(x)

@@ -207,5 +207,34 @@ class Config:
     out_dir: str = "outputs/run"
 
 
+@dataclass
+class SampleConfig:
+    """`python -m train.sample RUN [key=value ...]`."""
+    prompt: str = ""  # text to continue ("" = the start of a new document)
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # sample among the k most likely tokens (0 = all)
+    top_p: float = 1.0  # sample among the fewest tokens holding this much probability (1 = all)
+    seed: int = 0
+    n: int = 1  # samples, one after another
+    stop_at_eos: bool = True  # a sample ends at the end-of-document token
+    cache: bool = True  # decoding cache (false: recompute the whole context every token)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class EvaluateConfig:
+    """`python -m train.evaluate RUN [data=PRESET] [data.KEY=VALUE ...] [key=value ...]`. The
+    tokenizer is always the run's; data.seq_len and data.cache_dir default to the run's."""
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "val"  # val | train | all (both)
+    max_batches: int = 0  # evaluate at most this many batches (0 = every window of the split)
+    micro_batch_size: int = 0  # windows per forward pass (0 = the run's trainer.micro_batch_size)
+    name: Optional[str] = None  # eval/<name>.json (default: from the data, e.g. shakespeare_val)
+    device: str = "auto"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)

@@ -193,9 +193,22 @@ def _count(items) -> dict:
     return out
 
 
+def evaluations(run: Run) -> str:
+    """`python -m train.evaluate` results of the run (eval/*.json): name, loss and bits per byte."""
+    found = []
+    for f in sorted((run.path / "eval").glob("*.json")):
+        try:
+            e = json.loads(f.read_text())
+        except ValueError:
+            continue
+        bpb = e.get("bits_per_byte")
+        found.append(f"{e.get('name', f.stem)}: {e['loss']:.4f}" + (f" ({bpb:.3f} bpb)" if bpb is not None else ""))
+    return "<br>".join(found) or "–"
+
+
 def run_table(runs: list[Run]) -> str:
-    lines = ["| run | status | steps | tokens | parameters (active) | FLOPs/token | val loss | max Amax fwd | "
-             "max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | status | steps | tokens | parameters (active) | FLOPs/token | val loss | evaluations (loss) | "
+             "max Amax fwd | max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         last, s = (r.rows[-1] if r.rows else {}), (r.summary or {})
         params = f"{_fmt(s.get('n_params'), ',')} ({_fmt(s.get('n_active_params'), ',')})"
@@ -205,7 +218,7 @@ def run_table(runs: list[Run]) -> str:
             f"{r.last_val_loss:.4f} (last, {r.progress})"
         lines.append(f"| {r.label} (`{r.path}`) | {status} | {last.get('step', 0)} | {last.get('tokens', 0):,} | "
                      f"{params} | {_fmt(s.get('flops_per_token'), '.3g')} | "
-                     f"{val} | {_fmt(r.max_of('probe/amax_fwd'))} | "
+                     f"{val} | {evaluations(r)} | {_fmt(r.max_of('probe/amax_fwd'))} | "
                      f"{_fmt(r.max_of('probe/amax_bwd'))} | {_fmt(r.max_of('probe/spikes'), 'g')} |")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -374,6 +375,8 @@ class Trainer:
             start = record_start(self.out_dir, self.step, self.world_size, changed=self.resumed_changes, inert=inert)
             record_start_config(self.out_dir, self.cfg, start, inert)
             self._warn_inert(inert)
+            if (self.prepared / "tokenizer.json").is_file():  # the run decodes with it after training
+                shutil.copyfile(self.prepared / "tokenizer.json", self.out_dir / "tokenizer.json")
         for cb in self.callbacks.values():
             cb.on_train_start(self)
         try:
