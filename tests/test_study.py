@@ -13,7 +13,7 @@ from train.report import load_runs, write_report
 from train.stats import difference_interval, mean_interval, t_quantile
 from train.study import apply_study, fit_best_lr, lr_curves, lr_section
 from train.study_compare import study_arms, study_section, time_to_reach
-from train.validate import ConfigError
+from train.validate import ConfigError, validate
 
 GRID = [1e-2 * 10 ** (0.5 * k) for k in range(-3, 4)]
 
@@ -135,13 +135,28 @@ def test_stage1_scales_the_composed_lr():
 @pytest.mark.parametrize("overrides, key", [
     (["study.lr_step=2"], "study.lr_step"),  # a grid point outside stage 1
     (["study.best_lr_from=x.json"], "study.best_lr_from"),
-    (["study=tuned"], "study.best_lr_from"),
     (["study=sweep", "study.lr_keys=[optim.betas]"], "study.lr_keys"),
     (["study=sweep", "study.lr_spacing=0"], "study.lr_spacing"),
+    (["study=tuned", "study.best_lr_from=/no/such/lr_sweep.json"], "study.best_lr_from"),
 ])
-def test_bad_study_settings_are_refused(overrides, key):
+def test_bad_study_settings_are_refused_by_validation(overrides, key):
     with pytest.raises(ConfigError, match=f"invalid configuration {key}="):
-        apply_study(compose_config(overrides))
+        validate(compose_config(overrides))
+
+
+def test_stage2_without_a_sweep_is_refused_when_it_starts():
+    cfg = compose_config(["study=tuned"])
+    validate(cfg)  # the preset composes on its own
+    with pytest.raises(ConfigError, match="invalid configuration study.best_lr_from=None"):
+        apply_study(cfg)
+
+
+def test_validation_refuses_a_stage2_run_whose_curve_is_at_the_edge(tmp_path):
+    sweep = fake_sweep(tmp_path)
+    cfg = compose_config(["experiment=optimizer_study", "study=tuned", f"study.best_lr_from={sweep}", "optim=muon",
+                          "model.d_model=512"])
+    with pytest.raises(ConfigError, match="high edge of its grid"):
+        validate(cfg)
 
 
 # -- stage 2: steps to target ----------------------------------------------------------------------

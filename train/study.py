@@ -83,23 +83,31 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def apply_study(cfg: Config) -> None:
-    """Set the run's learning rate(s) from its study stage, in place, before anything else reads
-    them: stage 1 scales `study.lr_keys` by 10^(lr_step · lr_spacing); stage 2 sets the values
-    `study.best_lr_from` holds for the run's curve. Stage 0 leaves the config alone. Bad input
-    raises ConfigError naming the key."""
+def check_study(cfg: Config) -> None:
+    """The study keys make sense together, and a stage-2 run finds its curve, inside the grid, in
+    study.best_lr_from (train.validate calls this; it changes nothing)."""
     s = cfg.study
     if s.stage not in (0, 1, 2):
         raise ConfigError("study.stage", s.stage, "0 (no study), 1 (lr grid: study=sweep), 2 (tuned lr: study=tuned)")
     if not (s.lr_spacing > 0 and math.isfinite(s.lr_spacing)):
         raise ConfigError("study.lr_spacing", s.lr_spacing, "a positive number of decades, e.g. 0.5")
-    bad = [k for k in s.lr_keys if k not in LR_KEYS]
-    if bad or not s.lr_keys:
+    if not s.lr_keys or any(k not in LR_KEYS for k in s.lr_keys):
         raise ConfigError("study.lr_keys", list(s.lr_keys), f"a non-empty list of {', '.join(LR_KEYS)}")
     if s.lr_step != 0 and s.stage != 1:
         raise ConfigError("study.lr_step", s.lr_step, "0 outside stage 1", "a grid point needs study=sweep")
     if s.best_lr_from and s.stage != 2:
         raise ConfigError("study.best_lr_from", s.best_lr_from, "null outside stage 2", "a tuned lr needs study=tuned")
+    if s.best_lr_from:
+        best_lr_for(cfg, s.best_lr_from)
+
+
+def apply_study(cfg: Config) -> None:
+    """Set the run's learning rate(s) from its study stage, in place, before anything else reads
+    them: stage 1 scales `study.lr_keys` by 10^(lr_step · lr_spacing); stage 2 sets the values
+    `study.best_lr_from` holds for the run's curve. Stage 0 leaves the config alone. Bad input
+    raises ConfigError naming the key."""
+    check_study(cfg)
+    s = cfg.study
     if s.stage == 1:
         factor = 10.0 ** (s.lr_step * s.lr_spacing)
         for key in s.lr_keys:
@@ -109,11 +117,11 @@ def apply_study(cfg: Config) -> None:
             raise ConfigError("study.best_lr_from", s.best_lr_from,
                               "the lr_sweep.json that `python -m train.report STAGE1_DIR --lr` wrote (study=tuned needs it)")
         s.best_lr_from = str(Path(s.best_lr_from).expanduser().resolve())
-        for key, value in best_lr_for(cfg, s.best_lr_from).items():
+        for key, value in best_lr_for(cfg, s.best_lr_from, log_choice=True).items():
             _set(cfg, key, value)
 
 
-def best_lr_for(cfg: Config, path: str) -> dict[str, float]:
+def best_lr_for(cfg: Config, path: str, log_choice: bool = False) -> dict[str, float]:
     """The learning-rate values of the curve in `path` (an lr_sweep.json) whose key matches this
     config: same optimizer, same values of every key stage 1 varied."""
     try:
@@ -140,9 +148,10 @@ def best_lr_for(cfg: Config, path: str) -> dict[str, float]:
                           f"lr {curve['best_lr']:.3g}: extend the grid (study.lr_step=range(...)) and rerun stage 1")
     changed = [f"{k} {v!r} -> {flat.get(k)!r}" for k, v in sweep.get("fixed", {}).items()
                if not k.startswith(STAGE_KEYS) and k not in LR_KEYS and flat.get(k) != (tuple(v) if isinstance(v, list) else v)]
-    if changed:
+    if changed and log_choice:
         log.warning("stage 2 differs from stage 1 (%s) in: %s", path, "; ".join(changed))
-    log.info("study: curve %s, best lr %s from %s", describe(curve["key"]), curve["set"], path)
+    if log_choice:
+        log.info("study: curve %s, best lr %s from %s", describe(curve["key"]), curve["set"], path)
     return curve["set"]
 
 

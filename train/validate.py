@@ -218,6 +218,10 @@ def validate(cfg: Config) -> None:
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _positive("seed", cfg.seed, allow_zero=True)
 
+    from train.study import check_study  # it reports through this module's ConfigError
+
+    check_study(cfg)
+
     out = Path(cfg.out_dir)
     if t.resume == "never" and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
         raise ConfigError(
