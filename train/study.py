@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from train.config import Config, OptimConfig
 from train.validate import ConfigError
@@ -83,7 +82,7 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def check_study(cfg: Config) -> None:
+def check_study(cfg: Config, find_curve: bool = True) -> None:
     """The study keys make sense together, and a stage-2 run finds its curve, inside the grid, in
     study.best_lr_from (train.validate calls this; it changes nothing)."""
     s = cfg.study
@@ -97,7 +96,7 @@ def check_study(cfg: Config) -> None:
         raise ConfigError("study.lr_step", s.lr_step, "0 outside stage 1", "a grid point needs study=sweep")
     if s.best_lr_from and s.stage != 2:
         raise ConfigError("study.best_lr_from", s.best_lr_from, "null outside stage 2", "a tuned lr needs study=tuned")
-    if s.best_lr_from:
+    if s.best_lr_from and find_curve:
         best_lr_for(cfg, s.best_lr_from)
 
 
@@ -106,7 +105,7 @@ def apply_study(cfg: Config) -> None:
     them: stage 1 scales `study.lr_keys` by 10^(lr_step · lr_spacing); stage 2 sets the values
     `study.best_lr_from` holds for the run's curve. Stage 0 leaves the config alone. Bad input
     raises ConfigError naming the key."""
-    check_study(cfg)
+    check_study(cfg, find_curve=False)  # the lookup below reports its own errors
     s = cfg.study
     if s.stage == 1:
         factor = 10.0 ** (s.lr_step * s.lr_spacing)
@@ -131,7 +130,7 @@ def best_lr_for(cfg: Config, path: str, log_choice: bool = False) -> dict[str, f
     if sweep.get("format") != FORMAT:
         raise ConfigError("study.best_lr_from", path, f"an lr_sweep.json of format {FORMAT}",
                           f"its format is {sweep.get('format')!r}")
-    flat = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    flat = flatten(dataclasses.asdict(cfg))
     matches = [c for c in sweep["curves"] if all(flat.get(k) == v for k, v in c["key"].items())]
     if len(matches) != 1:
         have = "; ".join(describe(c["key"]) for c in sweep["curves"])
