@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import compose_config, launch
 from train.report import load_runs, write_report
-from train.stats import difference_interval, mean_interval, t_quantile
+from train.stats import mean_interval, t_quantile
 from train.study import apply_study, fit_best_lr, lr_curves, lr_section
 from train.study_compare import study_arms, study_section, time_to_reach
 from train.validate import ConfigError, validate
@@ -155,7 +155,7 @@ def test_validation_refuses_a_stage2_run_whose_curve_is_at_the_edge(tmp_path):
     sweep = fake_sweep(tmp_path)
     cfg = compose_config(["experiment=optimizer_study", "study=tuned", f"study.best_lr_from={sweep}", "optim=muon",
                           "model.d_model=512"])
-    with pytest.raises(ConfigError, match="high edge of its grid"):
+    with pytest.raises(ConfigError, match=r"high edge of its grid, lr 0.316: extend its grid: .*study.lr_step=4,5"):
         validate(cfg)
 
 
@@ -222,12 +222,14 @@ def test_steps_to_target_with_intervals_and_an_arm_that_never_reaches(tmp_path):
     never = by_key[("muon", 256)]["reach"]
     assert never["reached"] == 0 and never["steps"] is None  # not the max steps
     assert "**never reached** (0/3)" in text
+    assert "(the baseline)" in text  # its speed-up over its own length means nothing
     assert by_key[("muon", 128)]["stability"]["max_amax_fwd"] == 3.0
     assert by_key[("muon", 128)]["stability"]["spikes_per_run"] == pytest.approx(1.0)
     delta = by_key[("muon", 256)]["delta_vs_baseline"]
     assert delta["mean"] == pytest.approx(2.2 - 1.5)
-    assert delta["ci95"] == pytest.approx([difference_interval([2.1, 2.2, 2.3], [1.5] * 3).lo,
-                                           difference_interval([2.1, 2.2, 2.3], [1.5] * 3).hi])
+    # Welch: se = sqrt(0.01/3 + 0), df = 2 (all the variance on one side), t(0.975, 2) = 4.302653
+    half = 4.302653 * math.sqrt(0.01 / 3)
+    assert delta["ci95"] == pytest.approx([0.7 - half, 0.7 + half], abs=1e-6)
     assert mean_interval([1.7] * 3).lo == pytest.approx(1.7)
 
 

@@ -120,6 +120,15 @@ def apply_study(cfg: Config) -> None:
             _set(cfg, key, value)
 
 
+def _extension_hint(curve: dict) -> str:
+    steps = [p.get("lr_step") for p in curve["points"]]
+    if not all(isinstance(k, int) for k in steps):
+        return "extend its grid beyond that lr in stage 1, then `report --lr` over both sweeps"
+    nxt = (max(steps) + 1, max(steps) + 2) if curve["edge"] == "high" else (min(steps) - 1, min(steps) - 2)
+    return (f"extend its grid: stage 1 for this curve only with study.lr_step={nxt[0]},{nxt[1]} into another "
+            f"directory, then `python -m train.report SWEEP_DIR OTHER_DIR --lr --out SWEEP_DIR`")
+
+
 def best_lr_for(cfg: Config, path: str, log_choice: bool = False) -> dict[str, float]:
     """The learning-rate values of the curve in `path` (an lr_sweep.json) whose key matches this
     config: same optimizer, same values of every key stage 1 varied."""
@@ -144,7 +153,7 @@ def best_lr_for(cfg: Config, path: str, log_choice: bool = False) -> dict[str, f
         raise ConfigError("study.best_lr_from", path, "a curve whose minimum lies inside its grid "
                           "(or study.allow_edge_lr=true)",
                           f"curve {describe(curve['key'])} is best at the {curve['edge']} edge of its grid, "
-                          f"lr {curve['best_lr']:.3g}: extend the grid (study.lr_step=range(...)) and rerun stage 1")
+                          f"lr {curve['best_lr']:.3g}: {_extension_hint(curve)}")
     changed = [f"{k} {v!r} -> {flat.get(k)!r}" for k, v in sweep.get("fixed", {}).items()
                if not k.startswith(STAGE_KEYS) and k not in LR_KEYS and flat.get(k) != (tuple(v) if isinstance(v, list) else v)]
     if changed and log_choice:
@@ -199,6 +208,7 @@ class Curve:
     status: list[str]
     runs: list[list[str]]
     values: list[dict]  # per point: the value of every lr key
+    steps: list[int | None]  # per point: its study.lr_step
     fit: LrFit | None = None
 
 
@@ -225,7 +235,7 @@ def lr_curves(runs) -> tuple[list[Curve], dict]:
     curves = []
     for ck, points in by_curve.items():
         lrs = sorted(points)
-        losses, status, paths, values = [], [], [], []
+        losses, status, paths, values, steps = [], [], [], [], []
         for lr in lrs:
             done = [r.final_val_loss for r, _ in points[lr] if r.final_val_loss is not None]
             states = sorted({r.status for r, _ in points[lr]})
@@ -233,7 +243,8 @@ def lr_curves(runs) -> tuple[list[Curve], dict]:
             status.append(",".join(states))
             paths.append([str(r.path) for r, _ in points[lr]])
             values.append({k: points[lr][0][1][k] for k in lr_keys if k in points[lr][0][1]})
-        curve = Curve(dict(ck), lrs, losses, status, paths, values)
+            steps.append(points[lr][0][1].get("study.lr_step"))
+        curve = Curve(dict(ck), lrs, losses, status, paths, values, steps)
         # A point still running is not a point yet; a diverged one is worse than every other.
         usable = [j for j, s in enumerate(status) if losses[j] is not None or "diverged" in s]
         fit = fit_best_lr([lrs[j] for j in usable], [losses[j] for j in usable])
@@ -257,8 +268,8 @@ def sweep_json(curves: list[Curve], fixed: dict, dirs) -> dict:
             lr_values = {k: _round(v * f.best_lr / c.lrs[f.index]) for k, v in ref.items()}
         out.append({"key": c.key, "best_lr": f.best_lr, "best_val_loss": f.best_loss, "fit": f.method,
                     "edge": f.edge, "set": lr_values,
-                    "points": [{"lr": lr, "final_val_loss": y, "status": s, "runs": p}
-                               for lr, y, s, p in zip(c.lrs, c.losses, c.status, c.runs)]})
+                    "points": [{"lr": lr, "lr_step": k, "final_val_loss": y, "status": s, "runs": p}
+                               for lr, k, y, s, p in zip(c.lrs, c.steps, c.losses, c.status, c.runs)]})
     return {"format": FORMAT, "from": [str(d) for d in dirs], "fixed": {k: list(v) if isinstance(v, tuple) else v
                                                                         for k, v in sorted(fixed.items())},
             "curves": out}

@@ -295,9 +295,10 @@ def study_section(runs, out: Path, baseline: str | None = None) -> str:
             md.append(f"| {describe(a.key)} | {r['target']:.4f} | **never reached** (0/{r['of']}) | – | – | – | – |")
             continue
         sp = r["speedup_vs_baseline_length"]
-        sptxt = f"{sp['mean']:.2f}×" + (f" [{sp['ci95'][0]:.2f}, {sp['ci95'][1]:.2f}]" if sp["ci95"] else "")
+        sptxt = "(the baseline)" if a.baseline is a else \
+            f"{sp['mean']:.2f}×" + (f" [{sp['ci95'][0]:.2f}, {sp['ci95'][1]:.2f}]" if sp["ci95"] else "")
         md.append(f"| {describe(a.key)} | {r['target']:.4f} | {r['reached']}/{r['of']} | {_ci(r['steps'], ',.0f')} | "
-                  f"{_ci(r['tokens'], ',.0f')} | {_ci(r['seconds'], ',.0f')} | {sptxt} |")
+                  f"{_ci(r['tokens'], ',.0f')} | {_ci(r['seconds'], ',.1f')} | {sptxt} |")
     md += ["", "| arm | max Amax fwd | max Amax bwd | max update/weight ratio (matrices) | spikes per run (max) |",
            "|---|---|---|---|---|"]
     for a in arms:
