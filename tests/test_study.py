@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.errors import ConfigError
 from tests.conftest import compose_config, launch
 from train.report import load_runs, write_report
 from train.stats import mean_interval, t_quantile
-from train.study import apply_study, fit_best_lr, lr_curves, lr_section
+from train.study import apply_study, fit_best_lr, lr_section
 from train.study_compare import study_arms, study_section, time_to_reach
-from train.validate import ConfigError, validate
+from train.validate import validate
 
 GRID = [1e-2 * 10 ** (0.5 * k) for k in range(-3, 4)]
 

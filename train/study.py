@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from train.config import Config, OptimConfig
-from train.validate import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
