@@ -163,6 +163,20 @@ class ProbesConfig:
 
 
 @dataclass
+class StudyConfig:
+    """Learning-rate studies (train/study.py). Stage 1 trains one point of a log grid of learning
+    rates; `python -m train.report --lr` finds each curve's best lr and writes it to lr_sweep.json;
+    stage 2 trains each curve at that lr. `configs/study/`: default (no study), sweep, tuned."""
+    stage: int = 0  # 0: no study | 1: a point of the lr grid | 2: the best lr that best_lr_from holds
+    lr_step: int = 0  # stage 1: every key of lr_keys is multiplied by 10^(lr_step · lr_spacing)
+    lr_grid: str = "range(-3,4)"  # stage 1: the lr_step values `-m` sweeps (a Hydra sweep: range(a,b) or a,b,c)
+    lr_spacing: float = 0.5  # stage 1: decades between grid points (0.5: half a decade)
+    lr_keys: List[str] = field(default_factory=lambda: ["optim.lr"])  # scaled together: their ratio is held
+    best_lr_from: Optional[str] = None  # stage 2: the lr_sweep.json written by `python -m train.report --lr`
+    allow_edge_lr: bool = False  # stage 2: accept a best lr at the edge of stage 1's grid (not a tuned lr)
+
+
+@dataclass
 class LauncherConfig:
     nproc_per_node: int = 1  # ranks per node
     nnodes: int = 1  # > 1: run launch.py on every node with its launcher.node_rank (torchrun rendezvous)
@@ -203,6 +217,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = 0
     out_dir: str = "outputs/run"
 

@@ -13,6 +13,7 @@ from common.errors import ConfigError  # noqa: F401  (re-exported for callers of
 from train.config import Config
 from train.batch import micro_batch_size
 from train.launcher import read_hostfile, world_size
+from train.study import check_study
 
 OPTIMIZERS = ("adamw", "muon")
 RESIDUALS = ("residual", "hc", "mhc")
@@ -217,6 +218,8 @@ def validate(cfg: Config) -> None:
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _positive("seed", cfg.seed, allow_zero=True)
+
+    check_study(cfg)
 
     out = Path(cfg.out_dir)
     if t.resume == "never" and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):
