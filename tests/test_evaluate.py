@@ -46,8 +46,8 @@ class Stream:
 
 def test_bits_per_byte_by_hand():
     """Two documents 'héllo wörld' and 'ça va' (byte tokens, end-of-document 0), windows of 6:
-    the scored targets are bytes 1..18 of the stream, which stand for 16 bytes of text (two
-    end-of-document tokens stand for none); bits per byte = their nats / (16 ln 2)."""
+    the scored targets are bytes 1..18 of the stream, which stand for 17 bytes of text (the
+    end-of-document token among them stands for none); bits per byte = their nats / (17 ln 2)."""
     text = "héllo wörld".encode() + b"\0" + "ça va".encode() + b"\0"
     tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
     assert len(tokens) == 21  # 13 + 1 + 6 + 1
@@ -56,13 +56,13 @@ def test_bits_per_byte_by_hand():
     result = score(model, [Stream(tokens, 6)], micro_batch=2, max_batches=0,
                    byte_lengths=ByteTokenizer().byte_lengths(), progress=False)
     targets = tokens[1:19]  # three windows of six targets
-    assert result["tokens"] == 18 and result["bytes"] == 16 == int((targets != 0).sum())
+    assert result["tokens"] == 18 and result["bytes"] == 17 == int((targets != 0).sum())
     with torch.no_grad():  # each window is its own context of six tokens
         windows = torch.tensor(tokens[:18]).view(3, 6)
         logp = torch.log_softmax(model(windows), -1).flatten(0, 1)
     nats = -float(logp[torch.arange(18), torch.tensor(targets)].sum())
     assert result["nats"] == pytest.approx(nats, rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(nats / (16 * math.log(2)), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nats / (17 * math.log(2)), rel=1e-5)
     # two batches, the second half full: the loss weighs it by its share
     per_window = -logp[torch.arange(18), torch.tensor(targets)].view(3, 6).mean(1)
     expected = (per_window[:2].mean() + per_window[2] * 0.5) / 1.5
