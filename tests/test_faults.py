@@ -114,11 +114,11 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_config, refere
     trainer = Trainer(cfg)
     save = trainer.checkpointer.save
 
-    def dying_save(engine, step, state):
+    def dying_save(engine, step, state, *extra):
         if step == 8:
             engine.save_checkpoint(str(trainer.checkpointer.dir), tag=".tmp-step_00000008", save_latest=False)
             raise Crash
-        return save(engine, step, state)
+        return save(engine, step, state, *extra)
     trainer.checkpointer.save = dying_save
     with pytest.raises(Crash):
         trainer.fit()
