@@ -93,7 +93,8 @@ def run_config(run_dir: Path) -> Config:
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The model's full fp32 state dict from a checkpoint of any ZeRO stage and world size."""
-    from deepspeed.utils import zero_to_fp32
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's logger writes to the stdout of its import
+        from deepspeed.utils import zero_to_fp32
 
     try:
         if list(ckpt.glob("*_optim_states.pt")):  # ZeRO >= 1: weights live in the optimizer's partitions
