@@ -92,16 +92,6 @@ class Run:
         return None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if not isinstance(v, list) else tuple(v)
-    return out
-
-
 INERT = "(inert)"
 
 
@@ -113,7 +103,7 @@ def _namespace(d: dict):
 
 def _effective(config: dict) -> dict:
     """The flattened config, each key with no effect in the run replaced by INERT."""
-    flat = _flatten(config)
+    flat = flatten(config)
     try:
         ns = _namespace(config)
         return {k: INERT if is_inert(k, ns) else v for k, v in flat.items()}
@@ -331,7 +321,7 @@ def config_diff(a: Path, b: Path) -> str:
             raise SystemExit(f"error: {run} holds no config.yaml (not a run directory)")
         return yaml.safe_load(path.read_text())
     ca, cb = load(a), load(b)
-    fa, fb, ea, eb = _flatten(ca), _flatten(cb), _effective(ca), _effective(cb)
+    fa, fb, ea, eb = flatten(ca), flatten(cb), _effective(ca), _effective(cb)
 
     def shown(flat, eff, k):
         return "(absent)" if k not in flat else f"{flat[k]!r}" + (" (inert)" if eff[k] == INERT else "")

@@ -55,12 +55,13 @@ def as_dict(cfg) -> dict:
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {"a.b.c": value}; lists become tuples so values can key groups."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
     return out
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from train.config import Config, OptimConfig
+from train.run_config import flatten
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,6 @@ NOT_A_FACTOR = ("seed", "out_dir", "logger.", "data.cache_dir", "trainer.progres
 # Keys in which stage 2 may differ from stage 1 without a warning.
 STAGE_KEYS = (*NOT_A_FACTOR, "probes.", "trainer.checkpoint_every", "trainer.keep_last")
 ORDER = ("optim.name", "model.residual", "model.d_model", "model.n_layers")  # curve and arm keys, in this order
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 def _sorted_keys(keys) -> list[str]:
