@@ -109,6 +109,7 @@ def test_two_ranks_on_the_default_batch_match_one_rank(tmp_path, data_cache):
     (["-m", "model.n_streams=2,4"], "model.n_streams", "add model.residual=hc or model.residual=mhc"),
     (["optim.ns_steps=3"], "optim.ns_steps", "optim=muon"),
     (["-m", "seed=0,1", "launcher.nproc_per_node=1,3"], "trainer.global_batch_size", "a multiple of the 3"),
+    (["seed=0,1"], "seed", "the sweep with -m"),
 ])
 def test_refused_before_anything_starts(args, key, words):
     with pytest.raises(ConfigError) as err:

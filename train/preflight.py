@@ -187,6 +187,11 @@ def check(argv: list[str]) -> str | None:
     fields, nodes, options = schema_fields(), _nodes(), groups()
     for o in parsed:
         check_override(o, fields, nodes, options)
+    sweeps = [o for o in parsed if o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    if sweeps and not args.multirun and not args.cfg:
+        o = sweeps[0]
+        raise ConfigError(o.key_or_group, _shown(o), f"one value, or the sweep with -m (python launch.py -m "
+                          f"{o.input_line} ...)", "several values need -m")
     if args.cfg:  # printing the config: the keys are checked, nothing will run
         return None
     try:
