@@ -85,6 +85,16 @@ def test_indexer_topk_is_the_brute_force_ranking():
             assert index[b, t][valid[b, t]].tolist() == ranked
 
 
+def test_indexer_ties_go_to_the_earliest_entry_whatever_the_row_length():
+    """Entries tied at the k-th score (ReLU-zero index heads: exactly 0) are picked earliest first,
+    and rows with more not-yet-visible entries pick the same: a decoding cache, which holds only
+    the entries made so far, then selects what the full sequence selects. torch.topk does not."""
+    scores = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] + [0.0] * 30])
+    for n in (12, 20, 42):
+        index, valid = select_topk(scores[None, :, :n], torch.arange(n) < 12, k=5)
+        assert index[0, 0].tolist() == [1, 4, 0, 2, 3] and valid.all()
+
+
 def test_sparse_with_k_at_least_all_entries_equals_dense():
     x = torch.randn(2, 23, D, dtype=torch.float64)
     dense = attention("csa", ratio=2, topk=100, sparse=False).eval()(x)
