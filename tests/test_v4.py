@@ -226,6 +226,17 @@ def test_v4_tiny_outputs_ignore_later_tokens(training):
     assert (la[:, 20:] - lb[:, 20:]).abs().amax(-1).min() > 1e-3
 
 
+@pytest.mark.parametrize("preset", [["experiment=v4"], ["model=v4_small", "optim=muon"]], ids=["v4", "v4_small"])
+def test_v4_presets_choose_v4s_behaviour(preset):
+    """Where issue #14 kept the old behaviour as an ablation option, the V4 presets use V4's."""
+    cfg = compose_config(preset)
+    a = cfg.model.attn
+    assert a.q_head_norm and a.indexer_warmup == "indexer_only" and a.indexer_warmup_steps > 0
+    assert (a.compress_rope_theta, a.yarn_factor, a.yarn_beta_fast, a.yarn_beta_slow) == (160000.0, 16.0, 32.0, 1.0)
+    assert (cfg.model.residual, cfg.model.mtp_depth, cfg.model.attention) == ("mhc", 1, "v4")
+    assert cfg.optim.name == "muon" and cfg.optim.eps == 1e-20 and cfg.optim.ns_restarts is None
+
+
 def test_v4_parameters_are_routed_to_the_right_optimizer():
     from model import build_model
 
