@@ -23,9 +23,15 @@ COMBOS = [("adamw", 0), ("adamw", 1), ("adamw", 2), ("adamw", 3), ("muon", 0), (
 LAYERS = ["model.n_layers=3"]
 # v4: V4-tiny (MoE experts as 3-D matrices, selection biases from loads summed over ranks, CSA
 # after a 3-step indexer warm-up) with Muon on ZeRO-2 partitions.
-# AdamW eps 1e-8, not the recipe's 1e-20: the mHC α gradients start at 1e-8 to 1e-10, rounding
-# level, and with eps 1e-20 AdamW steps them by ±lr by their sign, which the ranks' summation order
-# decides (α differed by 0.007 = 2 lr after 10 steps). The test is of sharding, not of that.
+# AdamW eps 1e-8, not the recipe's 1e-20. The mHC α gates (and the b_pre / b_res biases) get
+# gradients of 1e-8 to 1e-10, rounding level; with eps 1e-20 AdamW steps each by about ±lr by its
+# sign, and the sign is decided by the order in which the batch's gradients are summed. That is
+# rounding, not sharding: one process alone, the same global batch summed as 1 or 4 micro-batches
+# instead of 2, moves α by 7.7e-3 / 1.3e-2 and puts 19 / 21 tensors outside the tolerance below
+# (2 ranks under ZeRO-2 against 1 process: α 6.0e-3, 20 tensors; every tensor outside the hc ones
+# within 4.6e-4). With eps 1e-8 the same comparisons move α by < 2e-5. (Measured 2026-11-30 over
+# these 10 steps: overrides("v4", 0) on one process with optim.eps=1e-20|1e-8 and
+# trainer.micro_batch_size=8|4|2, against overrides("v4", 2) on 2 ranks.)
 V4 = ["model=v4_tiny", "model.d_model=64", "model.n_heads=2", "model.attn.window=8", "model.attn.indexer_warmup_steps=3",
       "model.attn.csa_topk=4", "model.moe.bias_gamma=0.01", "optim.eps=1e-8"]
 STEPS = 10

@@ -85,6 +85,16 @@ def test_indexer_topk_is_the_brute_force_ranking():
             assert index[b, t][valid[b, t]].tolist() == ranked
 
 
+def test_indexer_ties_go_to_the_earliest_entry_whatever_the_row_length():
+    """Entries tied at the k-th score (ReLU-zero index heads: exactly 0) are picked earliest first,
+    and rows with more not-yet-visible entries pick the same: a decoding cache, which holds only
+    the entries made so far, then selects what the full sequence selects. torch.topk does not."""
+    scores = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] + [0.0] * 30])
+    for n in (12, 20, 42):
+        index, valid = select_topk(scores[None, :, :n], torch.arange(n) < 12, k=5)
+        assert index[0, 0].tolist() == [1, 4, 0, 2, 3] and valid.all()
+
+
 def test_sparse_with_k_at_least_all_entries_equals_dense():
     x = torch.randn(2, 23, D, dtype=torch.float64)
     dense = attention("csa", ratio=2, topk=100, sparse=False).eval()(x)
@@ -214,6 +224,17 @@ def test_v4_tiny_outputs_ignore_later_tokens(training):
         la, lb = model(a), model(b)
     assert (la[:, :20] - lb[:, :20]).abs().max() < 1e-12
     assert (la[:, 20:] - lb[:, 20:]).abs().amax(-1).min() > 1e-3
+
+
+@pytest.mark.parametrize("preset", [["experiment=v4"], ["model=v4_small", "optim=muon"]], ids=["v4", "v4_small"])
+def test_v4_presets_choose_v4s_behaviour(preset):
+    """Where issue #14 kept the old behaviour as an ablation option, the V4 presets use V4's."""
+    cfg = compose_config(preset)
+    a = cfg.model.attn
+    assert a.q_head_norm and a.indexer_warmup == "indexer_only" and a.indexer_warmup_steps > 0
+    assert (a.compress_rope_theta, a.yarn_factor, a.yarn_beta_fast, a.yarn_beta_slow) == (160000.0, 16.0, 32.0, 1.0)
+    assert (cfg.model.residual, cfg.model.mtp_depth, cfg.model.attention) == ("mhc", 1, "v4")
+    assert cfg.optim.name == "muon" and cfg.optim.eps == 1e-20 and cfg.optim.ns_restarts is None
 
 
 def test_v4_parameters_are_routed_to_the_right_optimizer():

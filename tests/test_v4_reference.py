@@ -53,6 +53,11 @@ def test_mtp_loss_matches_the_reference():
         for p in model.mtp.parameters():
             if p.dim() < 2:
                 p.add_(0.3 * torch.randn_like(p))
+    # A young trunk's streams are nearly equal (1e-4 apart), which would hide an MTP that reduced
+    # them first: make them differ, as they do after training.
+    noise = torch.Generator().manual_seed(2)
+    model.blocks[-1].register_forward_hook(
+        lambda mod, args, out: out + 0.5 * torch.randn(out.shape, generator=noise, dtype=out.dtype))
     seen = {}
     model.reduce.register_forward_hook(lambda mod, args, out: seen.update(trunk=args[0]))
     tokens = torch.randint(0, 64, (1, 21), generator=torch.Generator().manual_seed(1))
@@ -67,5 +72,5 @@ def test_mtp_loss_matches_the_reference():
     with torch.no_grad():
         ref = mtp.mtp_loss(seen["trunk"][0].detach(), tokens[0], weights, block, eps=cfg.norm_eps,
                            hc_eps=getattr(m.reduce, "hc_eps", 0.0))
-    assert ref > 1.0
+    assert ref > 1.0 and (seen["trunk"][..., 0, :] - seen["trunk"][..., 1, :]).abs().max() > 0.1  # streams differ
     assert abs(float(ours) - ref) < 1e-6 * ref  # ours is kept in float32 for the metrics
