@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.compressor import Compressor, rope_last, visible_entries
-from model.indexer import Indexer, kl_to_attention, select_topk
+from model.indexer import Indexer, gather_rows, kl_to_attention, select_topk
 from model.layers import rope_tables
 
 KINDS = ("window", "csa", "hca")
@@ -131,21 +131,23 @@ class V4Attention(nn.Module):
         t = x.size(1)
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         q_latent, q, kv = self.project(x, cos, sin)
-        entries = index_scores = None
+        entries = index = None
         if self.compressor is not None:
             entries = self.compressor(x, cos, sin)  # [B, N, hd]
             if self.indexer is not None and (self.sparse or self.training):
-                index_scores = self.indexer(x, q_latent, cos, sin)
+                index = self.indexer(x, q_latent, cos, sin)
         # Scores, softmax and weighted values in fp32 (or wider) even under bf16 autocast: bf16
         # logits would be rounded before the softmax, the sink with them.
         wide = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             out = self._attend(q.to(wide), kv.to(wide), None if entries is None else entries.to(wide),
-                               index_scores, cos, sin)
+                               index, cos, sin)
         return self.project_out(out, x.dtype)
 
-    def _attend(self, q, kv, entries, index_scores, cos, sin) -> torch.Tensor:
-        """One softmax over the window, the (selected) compressed entries and the sink → [B, H, T, hd]."""
+    def _attend(self, q, kv, entries, index, cos, sin) -> torch.Tensor:
+        """One softmax over the window, the (selected) compressed entries and the sink → [B, H, T, hd].
+        Sparse CSA scores only each query's top-k entries ([B, H, T, k]); dense CSA (the
+        indexer's warm-up) and HCA score every entry ([B, H, T, T/m])."""
         b, h, t, hd = q.shape
         w = self.window
         q = q * hd ** -0.5
@@ -159,13 +161,13 @@ class V4Attention(nn.Module):
         parts = [s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :t]]
         selected = chosen = visible = None
         if entries is not None:
-            visible = visible_entries(t, self.ratio, q.device)  # [T, N]
             if self.indexer is not None and self.sparse:
-                selected, chosen = select_topk(index_scores, visible, self.topk)  # [B, T, k]
-                entries = torch.gather(entries[:, None].expand(b, t, -1, hd), 2,
-                                       selected[..., None].expand(-1, -1, -1, hd))  # [B, T, k, hd]
+                n_visible = (torch.arange(t, device=q.device) + 1) // self.ratio  # query t sees entries < this
+                selected, chosen = select_topk(index, n_visible, self.topk)  # [B, T, k]
+                entries = gather_rows(entries, selected)  # [B, T, k, hd]
                 s_comp = torch.einsum("bhtd,btkd->bhtk", q, entries).masked_fill(~chosen[:, None], float("-inf"))
             else:
+                visible = visible_entries(t, self.ratio, q.device)  # [T, N]
                 s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
             parts.append(s_comp)
         parts.append(self.sink.view(1, h, 1, 1).expand(b, h, t, 1).to(q.dtype))
@@ -180,13 +182,12 @@ class V4Attention(nn.Module):
             p_comp = probs[..., 2 * w: -1]
             out = out + (torch.einsum("bhtk,btkd->bhtd", p_comp, entries) if selected is not None
                          else torch.einsum("bhtn,bnd->bhtd", p_comp, entries))
-            if index_scores is not None and self.training:
+            if index is not None and self.training:
                 target = p_comp.sum(1)  # attention over entries, summed over heads
                 if selected is not None:
-                    self.aux_loss = self.kl_weight * kl_to_attention(
-                        torch.gather(index_scores, 2, selected), target, chosen)
+                    self.aux_loss = self.kl_weight * kl_to_attention(index.selected_scores(selected), target, chosen)
                 else:
-                    self.aux_loss = self.kl_weight * kl_to_attention(index_scores, target, visible.expand(b, -1, -1))
+                    self.aux_loss = self.kl_weight * kl_to_attention(index.scores(), target, visible.expand(b, -1, -1))
         return rope_last(out, cos, -sin, self.rope_dim)  # inverse RoPE at the query's position
 
     def attention_flops(self, seq_len: int) -> float:

@@ -14,6 +14,8 @@ all visible entries while attention is dense (warm-up), over the selected ones o
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -28,37 +30,99 @@ class Indexer(nn.Module):
         self.head_weights = nn.Linear(d_model, n_heads, bias=False)
         self.keys = Compressor(d_model, dim, ratio, overlap=True, rope_dim=rope_dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos, sin) -> torch.Tensor:
-        """Index scores [B, T, N] (before masking). Queries and keys carry RoPE on their last
-        rope_dim channels (the attention's tables, highest frequencies), as V3.2's indexer does."""
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos, sin) -> "IndexQueries":
+        """The index queries of x (and their keys), from which `scores` and `select_topk` compute
+        scores [B, T, N] — all of them or a chunk of queries at a time. Queries and keys carry
+        RoPE on their last rope_dim channels (the attention's tables, highest frequencies), as
+        V3.2's indexer does."""
         x, q_latent = x.detach(), q_latent.detach()
         k = self.keys(x, *self.tables(cos, sin))  # [B, N, dim]
-        return self.scores(x, q_latent, k, cos, sin)
+        return self.queries(x, q_latent, k, cos, sin)
 
     def tables(self, cos, sin):
         return cos[:, : self.rope_dim // 2], sin[:, : self.rope_dim // 2]
 
-    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos, sin) -> torch.Tensor:
-        """Scores [B, T, N] of the queries of x / q_latent (at the positions of cos/sin) against
-        compressed index keys [B, N, dim]."""
+    def queries(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos, sin) -> "IndexQueries":
         b, t, _ = x.shape
         cos, sin = self.tables(cos, sin)
         q = self.q(q_latent).view(b, t, self.n_heads, self.dim).transpose(1, 2)
-        q = rope_last(q, cos, sin, self.rope_dim).transpose(1, 2)
+        q = rope_last(q, cos, sin, self.rope_dim).transpose(1, 2).contiguous()  # [B, T, H, dim]
         w = self.head_weights(x) * (self.dim ** -0.5 * self.n_heads ** -0.5)  # [B, T, H]
-        return torch.einsum("bth,bthn->btn", w, torch.relu(torch.einsum("bthd,bnd->bthn", q, keys)))
+        return IndexQueries(q, w, keys)
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Scores [B, T, N] of the queries of x / q_latent (at the positions of cos/sin) against
+        compressed index keys [B, N, dim]."""
+        return self.queries(x, q_latent, keys, cos, sin).scores()
 
 
-def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+class IndexQueries(NamedTuple):
+    """Index queries q [B, T, H, dim] with head weights w [B, T, H], and keys [B, N, dim]."""
+    q: torch.Tensor
+    w: torch.Tensor
+    keys: torch.Tensor
+
+    def scores(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """I(t, s) of queries start..stop-1 against every key: [B, stop - start, N]."""
+        q, w = self.q[:, start:stop], self.w[:, start:stop]
+        b, t, h, d = q.shape
+        # as two batched matmuls on contiguous operands: einsum would permute [B, T, H, N]
+        per_head = torch.relu(torch.bmm(q.reshape(b, t * h, d), self.keys.transpose(1, 2)))  # [B, T·H, N]
+        return torch.bmm(w.reshape(b * t, 1, h), per_head.view(b * t, h, -1)).view(b, t, -1)
+
+    def selected_scores(self, selected: torch.Tensor) -> torch.Tensor:
+        """I(t, s) of each query against its selected keys only (selected [B, T, k]) → [B, T, k]."""
+        keys = gather_rows(self.keys, selected)  # [B, T, k, dim]
+        return torch.einsum("bth,bthk->btk", self.w, torch.relu(torch.einsum("bthd,btkd->bthk", self.q, keys)))
+
+
+def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows [B, N, D] picked by index [B, T, k] → [B, T, k, D]. Indexing the flattened rows keeps
+    the backward an index-add into [B·N, D]: gathering from rows expanded to [B, T, N, D] would
+    allocate that whole expansion for its gradient."""
+    b, n, d = rows.shape
+    offset = torch.arange(b, device=index.device).view(b, 1, 1) * n
+    return rows.reshape(b * n, d)[index + offset]
+
+
+# Scores of this many (query, entry, index head) triples at most are alive at once while selecting.
+SELECT_CHUNK_ELEMENTS = 1 << 22
+
+
+def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best visible entries per query: indices [B, T, k'] and whether each pick is a
-    visible entry [B, T, k'] (early queries see fewer than k), k' = min(k, N)."""
-    k = min(k, scores.size(-1))
-    masked = scores.masked_fill(~visible, float("-inf"))
-    # Ties (entries whose every index head is ReLU-zero score exactly 0) go to the earlier entry,
-    # whatever the number of entries: a decoding cache, which holds only complete ones, then picks
-    # what the full sequence picks. topk leaves the order of ties unspecified.
-    values, index = masked.sort(dim=-1, descending=True, stable=True)
-    return index[..., :k], torch.isfinite(values[..., :k])
+    visible entry [B, T, k'] (early queries see fewer than k), k' = min(k, N). Query t sees
+    entries 0..n_visible[t]-1. `index` is IndexQueries (scored a chunk of queries at a time, so
+    that [B, T, N] scores never exist at once) or precomputed scores [B, T, N]. No gradient: the
+    indexer learns from the scores of what was selected (`IndexQueries.selected_scores`)."""
+    if isinstance(index, torch.Tensor):
+        rows, n = (lambda start, stop: index[:, start:stop]), index.size(-1)
+        chunk = max(1, index.size(1))
+    else:
+        rows, n = index.scores, index.keys.size(1)
+        chunk = max(1, SELECT_CHUNK_ELEMENTS // max(1, n * index.q.size(2)))
+    k = min(k, n)
+    picks, valid = [], []
+    with torch.no_grad():
+        for start in range(0, n_visible.size(0), chunk):  # chunks of queries, one at small T
+            stop = min(start + chunk, n_visible.size(0))
+            hidden = torch.arange(n, device=n_visible.device) >= n_visible[start:stop, None]
+            masked = rows(start, stop).masked_fill(hidden, float("-inf"))
+            values, order = masked.topk(k, dim=-1)
+            # Ties at the cut (entries whose every index head is ReLU-zero score exactly 0; the
+            # hidden ones) go to the earlier entry, whatever the number of entries: a decoding
+            # cache, which holds only complete ones, then picks what the full sequence picks.
+            # topk leaves the choice among ties unspecified, so the rows that have one (few:
+            # a full stable sort of every row costs ~5x the topk) are sorted stably instead.
+            cut = values[..., -1:]
+            tied = (masked == cut).sum(-1) > (values == cut).sum(-1)
+            if tied.any():
+                tie_rows = tied.nonzero(as_tuple=True)
+                row_values, row_order = masked[tie_rows].sort(dim=-1, descending=True, stable=True)
+                values[tie_rows], order[tie_rows] = row_values[..., :k], row_order[..., :k]
+            picks.append(order)
+            valid.append(torch.isfinite(values))
+    return torch.cat(picks, dim=1), torch.cat(valid, dim=1)
 
 
 def kl_to_attention(index_logits: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ experts, top-k routing on sqrt(softplus) affinities.
 - the first `hash_layers` layers pick experts by a fixed token-id hash instead of by score;
 - SwiGLU clamps: gate pre-activation ≤ clamp, linear part in [−clamp, clamp];
 - expert weights are stacked [E, out, in], so Muon orthogonalises each expert on its own.
+
+The experts run without a Python loop: token-expert pairs sorted by expert go through one grouped
+matmul per projection (`grouped_linear`).
 """
 from __future__ import annotations
 
@@ -61,22 +64,20 @@ class MoE(nn.Module):
         picked = scores.gather(1, chosen)
         return scores, chosen, picked / picked.sum(-1, keepdim=True).clamp_min(1e-20) * self.route_scale
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return clamped_swiglu(*(x @ self.gate_up[e].t()).chunk(2, dim=-1), self.clamp) @ self.down[e].t()
-
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         scores, chosen, weights = self.route(flat, ids.reshape(-1))
-        out = torch.zeros_like(flat)
-        for e in range(self.n_experts):  # a loop over experts, never over tokens
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, self.expert(e, flat[token]) * weights[token, slot, None].to(flat.dtype))
+        pair_expert, order = chosen.flatten().sort(stable=True)  # token-expert pairs grouped by expert
+        token = order // self.top_k
+        counts = torch.bincount(pair_expert, minlength=self.n_experts)
+        hidden = grouped_linear(flat[token], self.gate_up, pair_expert, counts)
+        routed = grouped_linear(clamped_swiglu(*hidden.chunk(2, dim=-1), self.clamp), self.down, pair_expert, counts)
+        routed = routed * weights.flatten()[order, None].to(flat.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token, routed)
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.training:
-            counts = torch.bincount(chosen.flatten(), minlength=self.n_experts)
             self.load += counts.to(self.load.dtype)
             if not self.hashed:  # a hash decides nothing the loss could balance
                 self.aux_loss = self.balance_weight * self.balance_loss(scores.view(b, t, -1), chosen.view(b, t, -1))
@@ -103,3 +104,30 @@ class MoE(nn.Module):
         if applied and not self.hashed:
             self.bias -= self.gamma * torch.sign(load - mean)
         return {"load_max_over_mean": float(load.max() / mean.clamp_min(1e-9))}
+
+
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands: fp32/bf16/fp16 (not fp64) with rows of
+    both matrices a multiple of 16 bytes. On CPU (torch 2.13) it exists but runs no faster than the
+    padded batched matmul (README, performance), so it is used on CUDA only."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    row = 16 // x.element_size()
+    return weight.size(1) % row == 0 and weight.size(2) % row == 0
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor,
+                   use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """Rows x [P, in] sorted by `expert` [P] (counts [E] rows each) times their expert's
+    weight [E, out, in] transposed → [P, out], in one grouped matmul: `torch._grouped_mm` where it
+    is supported, else one batched matmul over the groups padded to the largest."""
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_supported(x, weight)
+    if use_grouped_mm:
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(x.size(0), device=x.device) - starts[expert]  # row within its expert's group
+    padded = x.new_zeros(weight.size(0), int(counts.max()) if x.size(0) else 0, x.size(1))
+    padded = padded.index_put((expert, rank), x)
+    return torch.bmm(padded, weight.to(x.dtype).transpose(1, 2))[expert, rank]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from model.compressor import rope_last
-from model.indexer import select_topk
+from model.indexer import gather_rows, select_topk
 
 
 @dataclass
@@ -56,7 +56,7 @@ def attend_cached(attn, x: torch.Tensor, cache: V4Cache) -> torch.Tensor:
     keys = kv if cache.kv is None else torch.cat((cache.kv, kv), dim=1)
     q_pos = torch.arange(p, p + t, device=x.device)
     k_pos = torch.arange(p + t - keys.size(1), p + t, device=x.device)
-    entries = index_scores = None
+    entries = index = None
     if attn.compressor is not None:
         pending = x if cache.pending is None else torch.cat((cache.pending, x), dim=1)
         have = 0 if cache.entries is None else cache.entries.size(1)
@@ -71,7 +71,7 @@ def attend_cached(attn, x: torch.Tensor, cache: V4Cache) -> torch.Tensor:
             if attn.indexer is not None:
                 index_keys = x.new_zeros(b, 0, attn.indexer.dim)
         if attn.indexer is not None and attn.sparse:
-            index_scores = attn.indexer.scores(x, q_latent, index_keys, cos, sin)
+            index = attn.indexer.queries(x, q_latent, index_keys, cos, sin)
         # keep the inputs of the newest incomplete block (and for CSA the complete one before it)
         keep_from = max(0, ((p + t) // m - (1 if attn.compressor.overlap else 0)) * m)
         cache.pending = pending[:, keep_from - cache.pending_start:]
@@ -88,10 +88,9 @@ def attend_cached(attn, x: torch.Tensor, cache: V4Cache) -> torch.Tensor:
         if entries is not None:
             entries = entries.to(wide)
             visible = torch.arange(entries.size(1), device=x.device)[None, :] < ((q_pos + 1) // m)[:, None]  # [T, N]
-            if index_scores is not None:
-                selected, chosen = select_topk(index_scores, visible, attn.topk)  # [B, T, k]
-                entries = torch.gather(entries[:, None].expand(b, t, -1, attn.head_dim), 2,
-                                       selected[..., None].expand(-1, -1, -1, attn.head_dim))  # [B, T, k, hd]
+            if index is not None:
+                selected, chosen = select_topk(index, (q_pos + 1) // m, attn.topk)  # [B, T, k]
+                entries = gather_rows(entries, selected)  # [B, T, k, hd]
                 parts.append(torch.einsum("bhtd,btkd->bhtk", q, entries).masked_fill(~chosen[:, None], float("-inf")))
             else:
                 parts.append(torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf")))
@@ -100,7 +99,7 @@ def attend_cached(attn, x: torch.Tensor, cache: V4Cache) -> torch.Tensor:
         out = torch.einsum("bhtk,bkd->bhtd", probs[..., :keys.size(1)], keys)
         if entries is not None:
             p_comp = probs[..., keys.size(1):-1]
-            out = out + (torch.einsum("bhtk,btkd->bhtd", p_comp, entries) if index_scores is not None
+            out = out + (torch.einsum("bhtk,btkd->bhtd", p_comp, entries) if index is not None
                          else torch.einsum("bhtn,bnd->bhtd", p_comp, entries))
         out = rope_last(out, cos, -sin, attn.rope_dim)  # inverse RoPE at the query's position
     return attn.project_out(out, x.dtype)

@@ -10,6 +10,7 @@ import torch
 from model.attention import V4Attention, layer_kinds, window_mask
 from model.compressor import Compressor, visible_entries
 from model.indexer import kl_to_attention, select_topk
+from model.layers import clamped_swiglu
 from model.moe import MoE
 from optim.params import classify_parameters
 from tests.conftest import V4_RUN, compose_config
@@ -78,7 +79,7 @@ def test_indexer_topk_is_the_brute_force_ranking():
     torch.manual_seed(0)
     scores = torch.randn(2, 12, 6)
     visible = visible_entries(12, 2)
-    index, valid = select_topk(scores, visible, k=3)
+    index, valid = select_topk(scores, visible.sum(-1), k=3)
     for b in range(2):
         for t in range(12):
             ranked = sorted((i for i in range(6) if visible[t, i]), key=lambda i: -scores[b, t, i].item())[:3]
@@ -141,6 +142,10 @@ def moe(**overrides):
     return m
 
 
+def expert(m, e, x):
+    return clamped_swiglu(*(x @ m.gate_up[e].t()).chunk(2, dim=-1), m.clamp) @ m.down[e].t()
+
+
 def test_moe_output_is_the_explicit_sum_over_selected_experts():
     m = moe()
     m.bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))  # selection bias in play
@@ -149,7 +154,7 @@ def test_moe_output_is_the_explicit_sum_over_selected_experts():
     scores, chosen, weights = m.route(x.reshape(-1, D), ids.reshape(-1))
     for n, token in enumerate(x.reshape(-1, D)):
         assert set(chosen[n].tolist()) == set((scores[n] + m.bias).topk(2).indices.tolist())
-        expected = m.shared(token) + sum(w * m.expert(int(e), token[None])[0] for e, w in zip(chosen[n], weights[n]))
+        expected = m.shared(token) + sum(w * expert(m, int(e), token[None])[0] for e, w in zip(chosen[n], weights[n]))
         torch.testing.assert_close(out.reshape(-1, D)[n], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(weights.sum(-1), torch.full((15,), 1.5))  # normalised, times route_scale
     assert torch.equal(scores, torch.nn.functional.softplus(x.reshape(-1, D) @ m.router.t()).sqrt())

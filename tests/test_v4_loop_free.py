@@ -1,0 +1,150 @@
+"""V4's parts without Python loops over experts or tokens, against the formulations they replace:
+the grouped-matmul MoE against the per-expert loop, and sparse CSA over gathered top-k entries
+against attention over all entries with a dense [T, T] window mask and a [T, N] top-k mask."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model.indexer as indexer_module
+import model.moe as moe_module
+from model.attention import V4Attention
+from model.compressor import rope_last
+from model.indexer import kl_to_attention
+from model.layers import clamped_swiglu
+from model.moe import MoE
+from tests.test_v4 import D, attention
+from train.config import AttentionConfig, MoEConfig
+
+
+def loop_moe(m: MoE, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The reference: one matmul pair per expert over the tokens routed to it."""
+    b, t, d = x.shape
+    flat = x.reshape(-1, d)
+    _, chosen, weights = m.route(flat, ids.reshape(-1))
+    out = torch.zeros_like(flat)
+    for e in range(m.n_experts):
+        token, slot = (chosen == e).nonzero(as_tuple=True)
+        hidden = clamped_swiglu(*(flat[token] @ m.gate_up[e].t()).chunk(2, dim=-1), m.clamp)
+        out.index_add_(0, token, hidden @ m.down[e].t() * weights[token, slot, None])
+    return (out + m.shared(flat)).view(b, t, d)
+
+
+MOE_CASES = [(grouped_mm, hashed) for grouped_mm in (False, True) for hashed in (False, True)]
+
+
+@pytest.mark.parametrize("grouped_mm,hashed", MOE_CASES,
+                         ids=[f"{'grouped_mm' if g else 'padded_bmm'}-{'hash' if h else 'score'}" for g, h in MOE_CASES])
+def test_grouped_moe_equals_the_per_expert_loop(grouped_mm, hashed, monkeypatch):
+    """Outputs and every gradient to 1e-6 in fp32, through torch._grouped_mm (forced on: on CPU it
+    is not the default) and through the padded batched matmul, with an expert that gets no token."""
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda x, w: grouped_mm)
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_experts=5, top_k=2, n_shared=1, expert_hidden=8, hash_layers=1 if hashed else 0, clamp=1.5)
+    m = MoE(D, cfg, layer=0, vocab_size=32)
+    m.init_weights(0.5, 1.0)
+    ids = torch.randint(0, 32, (3, 7))
+    if hashed:
+        m.hash_table[ids.flatten()] = m.hash_table[ids.flatten()] % 4  # expert 4 picked by no token
+    else:
+        m.bias[4] = -100.0  # expert 4 selected by no token
+    x = torch.randn(3, 7, D, requires_grad=True)
+    m.train()
+    out = m(x, ids)
+    load = m.load.clone()
+    ref = loop_moe(m, x, ids)
+    assert load[4] == 0 and load.sum() == 2 * 21
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    grad = torch.randn_like(out)
+    params = [x, m.router, m.gate_up, m.down, *m.shared.parameters()]
+    ours = torch.autograd.grad(out, params, grad, allow_unused=True)
+    theirs = torch.autograd.grad(ref, params, grad, allow_unused=True)
+    for name, a, b in zip(("x", "router", "gate_up", "down", "shared.gate_up", "shared.down"), ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert ours[2][4].abs().sum() == 0  # the idle expert gets no gradient
+
+
+def dense_mask_attention(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse CSA written over everything: [T, T] window scores under a band mask, [T, N] entry
+    scores under the top-k mask (the k best visible entries by index score, ties to the earlier
+    entry), one softmax with the sink; the indexer's KL over the same mask. → (output, KL)."""
+    b, t, _ = x.shape
+    cos, sin = attn.rope_cos[:t], attn.rope_sin[:t]
+    q_latent, q, kv = attn.project(x, cos, sin)
+    entries = attn.compressor(x, cos, sin)
+    scores = attn.indexer(x, q_latent, cos, sin).scores()  # [B, T, N]
+    n = entries.size(1)
+    pos = torch.arange(t)
+    visible = torch.arange(n)[None, :] < ((pos + 1) // attn.ratio)[:, None]
+    ranked = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    picked = torch.zeros(b, t, n, dtype=torch.bool).scatter_(2, ranked[..., : attn.topk], True) & visible
+    q = q * attn.head_dim ** -0.5
+    band = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < attn.window)
+    logits = torch.cat((torch.einsum("bhtd,bsd->bhts", q, kv).masked_fill(~band, float("-inf")),
+                        torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~picked[:, None], float("-inf")),
+                        attn.sink.view(1, -1, 1, 1).expand(b, -1, t, 1)), dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    out = probs[..., :t] @ kv[:, None] + probs[..., t:-1] @ entries[:, None]
+    out = rope_last(out, cos, -sin, attn.rope_dim)
+    kl = attn.kl_weight * kl_to_attention(scores, probs[..., t:-1].sum(1), picked)
+    return attn.project_out(out, x.dtype), kl
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 8], ids=["one-chunk", "query-chunks"])
+@pytest.mark.parametrize("ratio,topk", [(2, 3), (3, 2), (4, 5)])
+def test_sparse_csa_over_gathered_topk_equals_the_dense_mask(ratio, topk, chunk_elements, monkeypatch):
+    """Forward, the indexer's KL and the gradients of every parameter and of x agree in fp64 to
+    1e-10, with ties in the index scores (one index head: every entry its ReLU zeroes scores
+    exactly 0) and early queries that see fewer entries than k; the top-k selected one chunk of
+    queries at a time or all at once."""
+    monkeypatch.setattr(indexer_module, "SELECT_CHUNK_ELEMENTS", chunk_elements)
+    attn = attention("csa", ratio=ratio, window=4, topk=topk, sparse=True, index_heads=1).train()
+    x = torch.randn(2, 29, D, dtype=torch.float64, requires_grad=True)
+    out, ref = attn(x), dense_mask_attention(attn, x)
+    torch.testing.assert_close(out, ref[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(attn.aux_loss, ref[1], rtol=0, atol=1e-10)
+    scores = attn.indexer(x, attn.project(x, attn.rope_cos[:29], attn.rope_sin[:29])[0],
+                          attn.rope_cos[:29], attn.rope_sin[:29]).scores()
+    visible_scores = [scores[bb, t, : (t + 1) // ratio] for bb in range(2) for t in range(29)]
+    assert any(((s == 0).sum() > 1) and (s > 0).sum() < topk <= s.numel() for s in visible_scores)  # ties at the cut
+    assert any(0 < s.numel() < topk for s in visible_scores)  # fewer visible than k
+    params = [x, *attn.parameters()]
+    grad = torch.randn_like(out)
+    for loss, reference in ((out, ref[0]), (attn.aux_loss, ref[1])):
+        ours = torch.autograd.grad(loss, params, grad if loss is out else None, retain_graph=True, allow_unused=True)
+        theirs = torch.autograd.grad(reference, params, grad if loss is out else None, retain_graph=True,
+                                     allow_unused=True)
+        for a, b in zip(ours, theirs):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.numel = max(self.numel, o.numel())
+        return out
+
+
+def test_sparse_csa_tensors_grow_linearly_in_t(monkeypatch):
+    """The largest tensor any op makes in a sparse CSA layer's forward + backward (training, KL
+    included) grows 4x from T = 256 to 1024: no [T, T] or [T, N] score tensor."""
+    monkeypatch.setattr(indexer_module, "SELECT_CHUNK_ELEMENTS", 4096)
+    cfg = AttentionConfig(window=8, head_dim=8, rope_dim=4, q_lora=8, out_groups=2, out_lora=4,
+                          csa_ratio=4, csa_topk=4, index_heads=2, index_dim=4)
+    largest = {}
+    for t in (256, 1024):
+        attn = V4Attention(D, 2, cfg, "csa", max_seq_len=t, eps=1e-6).train()
+        attn.sparse = True
+        x = torch.randn(1, t, D, requires_grad=True)
+        with LargestTensor() as mode:
+            out = attn(x)
+            (out.sum() + attn.aux_loss).backward()
+        largest[t] = mode.numel
+    assert largest[1024] <= 4 * largest[256], largest
