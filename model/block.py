@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.layers import RMSNorm
 from model.mhc import HyperConnection
 from model.moe import MoE
 
@@ -19,9 +20,9 @@ class Block(nn.Module):
                  residual: str = "residual", n_streams: int = 1, layer: int = 0, sinkhorn_iters: int = 20,
                  fused_hc: bool = True):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn_norm = RMSNorm(d_model, eps=norm_eps)
         self.attn = attn
-        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
         self.ffn = ffn
         self.ffn_reads_ids = isinstance(ffn, MoE)
         self.drop = nn.Dropout(dropout)

@@ -1,4 +1,4 @@
-"""The sublayers of a pre-norm decoder block: rotary attention and a SwiGLU feed-forward."""
+"""The sublayers of a pre-norm decoder block: RMSNorm, rotary attention and a SwiGLU feed-forward."""
 from __future__ import annotations
 
 import math
@@ -26,6 +26,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         pairs = pairs.contiguous()  # a complex view needs whole (re, im) pairs in memory
     rotation = torch.complex(cos[:t].to(pairs.dtype), sin[:t].to(pairs.dtype))
     return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x · r · w with r = rsqrt(mean(x²) + eps) per row, in as few passes over x as the
+    arithmetic allows: PyTorch's CPU rms_norm is about six elementwise kernels forward and its
+    autograd a dozen more backward. Same function; results equal up to float rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x_wide = x.to(wide)
+        eps = torch.finfo(wide).eps if eps is None else eps  # torch's default
+        # ‖x‖² / C from one norm reduction (mean(x²) would be a square, a mean and their temporaries)
+        rstd = torch.linalg.vector_norm(x_wide, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return (x_wide * rstd).mul_(weight.to(wide)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_in, weight, rstd = ctx.saved_tensors
+        wide = rstd.dtype
+        x, grad, w = x_in.to(wide), grad.to(wide), weight.to(wide)
+        gx = (grad * x).flatten(0, -2)  # [N, C]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (gx.T @ rstd.flatten()).to(weight.dtype)  # Σ_n g·x·r, one matrix-vector product
+        if ctx.needs_input_grad[0]:
+            # d/dx of x·r·w = r·(g·w) − x · r³ · Σ_c(g·w·x) / C
+            coef = (gx @ w).view_as(rstd).mul_(rstd.pow(3)).div_(-x.size(-1))
+            grad_x = (grad * w).mul_(rstd).addcmul_(x, coef).to(x_in.dtype)
+        return grad_x, grad_w, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm over the last dimension; on CPU with its closed-form backward (same function,
+    gradients equal up to float rounding). Elsewhere PyTorch's fused kernels run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.weight is None or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import V4Attention, layer_kinds
 from model.block import Block
-from model.layers import Attention, SwiGLU, rope_tables
+from model.layers import Attention, RMSNorm, SwiGLU, rope_tables
 from model.mhc import StreamReduce
 from model.moe import MoE
 from model.mtp import MTP, mtp_loss
@@ -59,7 +59,7 @@ class Transformer(nn.Module):
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.loss_count = 0
         self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model, fused=cfg.fused_hc) if self.n_streams > 1 else None
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

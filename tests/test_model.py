@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import build_model
-from model.layers import apply_rope, rope_tables
+from model.layers import RMSNorm, apply_rope, rope_tables
 from tests.conftest import compose_config
 
 
@@ -78,3 +78,33 @@ def test_rope_equals_the_real_rotation_forward_and_backward(dtype, tol):
         grad_ours, = torch.autograd.grad(ours, leaf, g)
         grad_ref, = torch.autograd.grad(ref, leaf, g)
         torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_rmsnorm_equals_torch_forward_and_backward(dtype, tol):
+    ref = torch.nn.RMSNorm(24, eps=1e-6).to(dtype)
+    ours = RMSNorm(24, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ours.weight.copy_(ref.weight)
+    x = (3 * torch.randn(5, 7, 24, dtype=dtype)).requires_grad_()
+    g = torch.randn(5, 7, 24, dtype=dtype)
+    y_ref, y_ours = ref(x), ours(x)
+    torch.testing.assert_close(y_ours, y_ref, rtol=tol, atol=tol)
+    for a, b in zip(torch.autograd.grad(y_ours, (x, ours.weight), g), torch.autograd.grad(y_ref, (x, ref.weight), g)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # the reference, F.rms_norm
+def test_rmsnorm_gradcheck_and_bf16_activations():
+    norm = RMSNorm(6, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    assert torch.autograd.gradcheck(norm, (torch.randn(3, 6, dtype=torch.float64, requires_grad=True),))
+    # bf16 activations with fp32 weights (autocast): bf16 out, gradients in each input's dtype
+    norm = RMSNorm(16).float()
+    x = torch.randn(4, 16).bfloat16().requires_grad_()
+    y = norm(x)
+    y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (16,), norm.weight, norm.eps))
