@@ -115,6 +115,40 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float | None) ->
     return F.silu(gate) * up
 
 
+class _SwiGLUFunction(torch.autograd.Function):
+    """clamped_swiglu on the fused [..., 2·hidden] gate/up projection: the same arithmetic forward
+    and backward, with both halves of the gradient written straight into one [..., 2·hidden]
+    tensor instead of computed apart and concatenated."""
+
+    @staticmethod
+    def forward(ctx, gate_up, clamp):
+        gate, up = gate_up.chunk(2, dim=-1)
+        if clamp is not None:
+            gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+        act = F.silu(gate)
+        ctx.clamp = clamp
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, act = ctx.saved_tensors
+        clamp = ctx.clamp
+        gate, up = gate_up.chunk(2, dim=-1)
+        if clamp is not None:
+            gate_c, up_c = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+        else:
+            gate_c, up_c = gate, up
+        out = torch.empty(gate_up.shape, dtype=torch.result_type(grad, act), device=grad.device)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up_c, gate_c, grad_input=d_gate)
+        if clamp is not None:  # clamp passes the gradient where the input lies inside its bounds
+            d_gate.masked_fill_(~(gate <= clamp), 0)
+            d_up.masked_fill_(~((up >= -clamp) & (up <= clamp)), 0)
+        return out.to(gate_up.dtype), None
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int, clamp: float | None = None):
         super().__init__()
@@ -124,4 +158,4 @@ class SwiGLU(nn.Module):
         self.clamp = clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(clamped_swiglu(*self.gate_up(x).chunk(2, dim=-1), self.clamp))
+        return self.down(_SwiGLUFunction.apply(self.gate_up(x), self.clamp))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import build_model
-from model.layers import RMSNorm, apply_rope, rope_tables
+from model.layers import RMSNorm, SwiGLU, apply_rope, clamped_swiglu, rope_tables
 from tests.conftest import compose_config
 
 
@@ -108,3 +108,24 @@ def test_rmsnorm_gradcheck_and_bf16_activations():
     y.float().sum().backward()
     assert y.dtype == x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (16,), norm.weight, norm.eps))
+
+
+@pytest.mark.parametrize("clamp", [None, 0.7])
+def test_swiglu_equals_the_chunked_form(clamp):
+    swiglu = SwiGLU(8, 10, clamp).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 8, dtype=torch.float64)
+
+    def chunked(x):
+        return swiglu.down(clamped_swiglu(*swiglu.gate_up(x).chunk(2, dim=-1), clamp))
+
+    ours, ref = swiglu(x), chunked(x)
+    params = (x, swiglu.gate_up.weight, swiglu.down.weight)
+    grads_ours, grads_ref = torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)
+    if clamp is None:  # the same operations: equal bit for bit
+        assert torch.equal(ours, ref) and all(torch.equal(a, b) for a, b in zip(grads_ours, grads_ref))
+    else:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+        for a, b in zip(grads_ours, grads_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(swiglu, (x,))
