@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, launch, launch_env
+from tests.conftest import ROOT, launch, launch_env, without_measured
 from train.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ OPTIMS = ("adamw", "muon")
 
 def rows(out: Path) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+    return without_measured([json.loads(line) for line in lines])
 
 
 def run(*args, **kw):

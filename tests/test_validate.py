@@ -35,6 +35,7 @@ BAD = [
     (["trainer.resume=/no/such/ckpt"], "trainer.resume", "auto, never"),
     (["probes.every=-1"], "probes.every", "non-negative"),
     (["probes.every=10", "deepspeed.zero_stage=3"], "probes.every", "zero_stage=3"),
+    (["trainer.peak_tflops=-1"], "trainer.peak_tflops", "positive"),
 ]
 
 

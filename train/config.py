@@ -135,6 +135,9 @@ class TrainerConfig:
     max_skipped_steps: int = 10
     # glibc: keep freed memory for reuse instead of page-faulting fresh pages every step (train/host.py)
     reuse_freed_memory: bool = True
+    # MFU's denominator, dense TFLOP/s per device; None: the accelerator's datasheet figure, or on
+    # CPU a matmul measured at start-up (train/mfu.py)
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

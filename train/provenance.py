@@ -43,7 +43,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-def record_start(out_dir: Path, step: int, world_size: int) -> None:
+def record_start(out_dir: Path, step: int, world_size: int, **extra) -> None:
+    """Append this start's entry; `extra` adds run-specific facts (e.g. the MFU peak, train/mfu.py)."""
     path = out_dir / "environment.json"
     starts = json.loads(path.read_text()) if path.exists() else []
     starts.append({
@@ -51,7 +52,7 @@ def record_start(out_dir: Path, step: int, world_size: int) -> None:
         "python": sys.version.split()[0], "packages": versions(), "platform": platform.platform(),
         "hostname": socket.gethostname(), "world_size": world_size, "argv": sys.argv,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "cuda": torch.version.cuda, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cuda": torch.version.cuda, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), **extra,
     })
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(starts, indent=1))

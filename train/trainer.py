@@ -29,6 +29,7 @@ from train.checkpoint import Checkpointer
 from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks
 from train.host import reuse_freed_memory
+from train.mfu import Utilisation
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
 from train.provenance import record_start
@@ -117,6 +118,7 @@ class Trainer:
             model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         )
         bind_zero_partitions(self.engine)
+        self.utilisation = Utilisation(self.flops_per_token, self.device, self.precision, t.peak_tflops)
         if cfg.optim.qk_clip_tau > 0:
             track_max_logits(self.engine.module)
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, reproducibly
@@ -179,8 +181,10 @@ class Trainer:
             self._non_finite(loss, grad_norm, applied=applied, before=before)
         if "loss/lm" in parts:
             parts["loss/total"], loss = loss, parts.pop("loss/lm")
+        tokens_per_s = self.tokens_per_step / elapsed
         metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                   "tokens_per_s": self.tokens_per_step / elapsed, "skipped_steps": self.skipped_steps, **parts}
+                   "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
+                   "skipped_steps": self.skipped_steps, **parts}
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
         return metrics
@@ -329,7 +333,7 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
-            record_start(self.out_dir, self.step, self.world_size)
+            record_start(self.out_dir, self.step, self.world_size, peak=self.utilisation.describe())
         for cb in self.callbacks.values():
             cb.on_train_start(self)
         try:
@@ -373,9 +377,10 @@ class Trainer:
         return metrics
 
     def _finish(self, status: str, wall_start: float, error: str | None = None, **extra) -> dict:
+        tokens_per_s = self.tokens / self.train_time if self.train_time else None
         summary = {
             "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
-            "tokens_per_s": self.tokens / self.train_time if self.train_time else None,
+            "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
             "wall_s": time.perf_counter() - wall_start,
             "probe/amax_fwd": self.probes.max_amax_fwd if self.probes else None,
             "probe/amax_bwd": self.probes.max_amax_bwd if self.probes else None,

@@ -200,6 +200,8 @@ def validate(cfg: Config) -> None:
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
     _positive("trainer.max_skipped_steps", t.max_skipped_steps, allow_zero=True)
+    if t.peak_tflops is not None:
+        _positive("trainer.peak_tflops", t.peak_tflops, integer=False)
 
     _positive("probes.every", cfg.probes.every, allow_zero=True)
     if cfg.probes.every and cfg.deepspeed.zero_stage == 3:
