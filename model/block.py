@@ -7,12 +7,21 @@ reads the token ids, for hash routing).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from model.layers import RMSNorm
 from model.mhc import HyperConnection
 from model.moe import MoE
+
+
+def named_range(name: str):
+    """A named range in torch.profiler traces (trainer.profile) while a profiler records; nothing
+    otherwise (entering a range costs several times more than this check)."""
+    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 class Block(nn.Module):
@@ -26,6 +35,7 @@ class Block(nn.Module):
         self.ffn = ffn
         self.ffn_reads_ids = isinstance(ffn, MoE)
         self.drop = nn.Dropout(dropout)
+        self.range_name = f"blocks.{layer}"  # its range in profiles; the model names it by module path
         self.hyper = residual != "residual"
         if self.hyper:
             self.attn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer, sinkhorn_iters, fused=fused_hc)
@@ -33,13 +43,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor | None = None):
         def attn(h):
-            return self.drop(self.attn(self.attn_norm(h), cos, sin))
+            with named_range(f"{self.range_name}.attn"):
+                return self.drop(self.attn(self.attn_norm(h), cos, sin))
 
         def ffn(h):
-            h = self.ffn_norm(h)
-            return self.drop(self.ffn(h, ids) if self.ffn_reads_ids else self.ffn(h))
+            with named_range(f"{self.range_name}.ffn"):
+                h = self.ffn_norm(h)
+                return self.drop(self.ffn(h, ids) if self.ffn_reads_ids else self.ffn(h))
 
-        if self.hyper:
-            return self.ffn_hc(self.attn_hc(x, attn), ffn)
-        x = x + attn(x)
-        return x + ffn(x)
+        with named_range(self.range_name):
+            if self.hyper:
+                return self.ffn_hc(self.attn_hc(x, attn), ffn)
+            x = x + attn(x)
+            return x + ffn(x)

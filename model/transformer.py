@@ -67,6 +67,9 @@ class Transformer(nn.Module):
         # Not persistent: the tables are a pure function of the config, so checkpoints stay small.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        for name, module in self.named_modules():  # profiles name each block by its module path
+            if isinstance(module, Block):
+                module.range_name = name
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -126,3 +126,14 @@ def test_cpu_peak_is_measured_once_at_the_runs_precision(tiny_config):
     assert peak["peak_source"].startswith("measured: float32")
     assert peak["peak_tflops_per_device"] == measured_matmul_tflops(torch.float32, torch.get_num_threads())
     assert 0 < read_metrics(cfg.out_dir)[0]["mfu"] < 1
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps_with_block_ranges(tiny_config):
+    cfg = tiny_config("trainer.max_steps=4", "trainer.eval_every=0", "trainer.profile=2:3")
+    Trainer(cfg).fit()
+    traces = list((Path(cfg.out_dir) / "profile").iterdir())
+    assert [p.name for p in traces] == ["trace_rank0_steps2-3.json"]
+    names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}
+    assert {"step 2", "step 3"} <= names and not {"step 1", "step 4"} & names
+    assert {f"blocks.{i}{part}" for i in (0, 1) for part in ("", ".attn", ".ffn")} <= names
+    assert any(n and n.startswith("aten::") for n in names)  # the operators inside the ranges

@@ -138,6 +138,7 @@ class TrainerConfig:
     # MFU's denominator, dense TFLOP/s per device; None: the accelerator's datasheet figure, or on
     # CPU a matmul measured at start-up (train/mfu.py)
     peak_tflops: Optional[float] = None
+    profile: Optional[str] = None  # START:END: torch.profiler trace of those steps in out_dir/profile/
 
 
 @dataclass

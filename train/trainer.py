@@ -32,6 +32,7 @@ from train.host import reuse_freed_memory
 from train.mfu import Utilisation
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
+from train.profiling import StepProfiler
 from train.provenance import record_start
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class Trainer:
         )
         bind_zero_partitions(self.engine)
         self.utilisation = Utilisation(self.flops_per_token, self.device, self.precision, t.peak_tflops)
+        self.profiler = StepProfiler(t.profile, self.out_dir, self.rank, self.device)
         if cfg.optim.qk_clip_tau > 0:
             track_max_logits(self.engine.module)
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, reproducibly
@@ -361,7 +363,8 @@ class Trainer:
         t = self.cfg.trainer
         if self.probes:
             self.probes.before_step(self.step + 1)
-        metrics = self.train_step()
+        with self.profiler.step(self.step + 1):
+            metrics = self.train_step()
         if self.probes:
             self.probes.after_step(metrics)
         if self.optimizer_state_mb is None:  # once the first step has created the state
@@ -377,6 +380,7 @@ class Trainer:
         return metrics
 
     def _finish(self, status: str, wall_start: float, error: str | None = None, **extra) -> dict:
+        self.profiler.close()
         tokens_per_s = self.tokens / self.train_time if self.train_time else None
         summary = {
             "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,

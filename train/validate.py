@@ -11,6 +11,7 @@ from pathlib import Path
 
 from train.config import Config
 from train.launcher import read_hostfile, world_size
+from train.profiling import parse_steps
 
 OPTIMIZERS = ("adamw", "muon")
 RESIDUALS = ("residual", "hc", "mhc")
@@ -202,6 +203,14 @@ def validate(cfg: Config) -> None:
     _positive("trainer.max_skipped_steps", t.max_skipped_steps, allow_zero=True)
     if t.peak_tflops is not None:
         _positive("trainer.peak_tflops", t.peak_tflops, integer=False)
+    if t.profile is not None:
+        try:
+            _, end = parse_steps(t.profile)
+        except ValueError as e:
+            raise ConfigError("trainer.profile", t.profile, "START:END, two step numbers with 1 <= START <= END, "
+                              "e.g. 10:12", str(e)) from None
+        if end > t.max_steps:
+            raise ConfigError("trainer.profile", t.profile, f"START:END with END at most trainer.max_steps={t.max_steps}")
 
     _positive("probes.every", cfg.probes.every, allow_zero=True)
     if cfg.probes.every and cfg.deepspeed.zero_stage == 3:
