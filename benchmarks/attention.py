@@ -8,12 +8,18 @@ context (analytic, from the shapes the modules implement), and measured CPU forw
    published ratios (which are against V3.2's MLA, not dense MHA).
 2. One attention layer's forward at T ∈ {2K, 4K, 8K} (batch 1, fp32, CPU): dense causal SDPA
    against V4 window, CSA (sparse top-k) and HCA layers of the same config, alternating.
+3. `--measure memory` (or `both`): peak memory of one attention layer's forward + backward (training mode, CSA after
+   the indexer's warm-up) at the same lengths: the bytes allocated beyond what existed before
+   (input and weights), from torch.profiler's allocation events on CPU or CUDA's peak statistics
+   on a GPU; ratios T / 2K (linear growth: 4× at 8K) and V4 / dense.
 
-    python -m benchmarks.attention [--model v4_small --rounds 3]
+    python -m benchmarks.attention [--model v4_small --rounds 3 --measure time|memory|both --device cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 
 import torch
 
@@ -47,12 +53,58 @@ def v4_costs(cfg, context: int) -> tuple[float, float]:
     return kv_bytes, flops
 
 
+def peak_memory_bytes(run, device: torch.device) -> int:
+    """Peak bytes allocated while `run()` runs, over what was allocated when it started."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    # "Total Allocated" counts from the profiler's start: the running total of what run() holds
+    return max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
+
+
+def memory_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device) -> None:
+    print(f"\npeak memory of one attention layer's forward + backward, batch 1, fp32, {device} (MiB):")
+    print(f"{'T':>6} " + " ".join(f"{k:>10}" for k in layers) + "   v4 / dense (window, csa, hca)")
+    peaks: dict[int, dict[str, int]] = {}
+    for t in lengths:
+        x = torch.randn(1, t, d_model, device=device, requires_grad=True)
+
+        def step(layer):
+            def run():
+                layer.train()(x, cos, sin).sum().backward()
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+            return run
+        peaks[t] = {k: peak_memory_bytes(step(m), device) for k, m in layers.items()}
+        print(f"{t:>6} " + " ".join(f"{v / 2**20:>10.1f}" for v in peaks[t].values()) + "   "
+              + ", ".join(f"{peaks[t][k] / peaks[t]['dense']:.2f}x" for k in ("window", "csa", "hca")))
+    first = lengths[0]
+    for t in lengths[1:]:
+        print(f"T={t} / T={first}: " + ", ".join(f"{k} {peaks[t][k] / peaks[first][k]:.2f}x" for k in layers)
+              + f"   (linear: {t / first:.1f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="v4_small")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--measure", choices=("time", "memory", "both"), default="time",
+                    help="forward time, peak memory of forward + backward, or both")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     cfg = load_config([f"model={args.model}"]).model
     a = cfg.attn
     print(f"model={args.model}: d={cfg.d_model}, {cfg.n_heads} heads, {cfg.n_layers} layers "
@@ -74,17 +126,24 @@ def main() -> None:
     for kind in ("window", "csa", "hca"):
         layers[kind] = V4Attention(cfg.d_model, cfg.n_heads, a, kind, top, cfg.norm_eps)
         layers[kind].sparse = True
-    cos, sin = rope_tables(top, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-    print(f"forward time of one attention layer, batch 1, fp32, {torch.get_num_threads()} CPU threads "
+    layers = {k: m.to(device) for k, m in layers.items()}
+    cos, sin = (t.to(device) for t in rope_tables(top, cfg.d_model // cfg.n_heads, cfg.rope_theta))
+    if args.measure in ("memory", "both"):
+        memory_table(layers, cfg.d_model, lengths, cos, sin, device)
+    if args.measure == "memory":
+        return
+    print(f"\nforward time of one attention layer, batch 1, fp32, {device}, {torch.get_num_threads()} CPU threads "
           f"(median of {args.rounds} alternating rounds):")
     print(f"{'T':>6} " + " ".join(f"{k + ' ms':>12}" for k in layers) + "   v4 / dense (window, csa, hca)")
     for t in lengths:
-        x = torch.randn(1, t, cfg.d_model)
+        x = torch.randn(1, t, cfg.d_model, device=device)
 
         def forward(layer):
             def run():
                 with torch.no_grad():
                     layer.eval()(x, cos, sin)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
             return run
         times = alternate({k: forward(m) for k, m in layers.items()}, steps=1, rounds=args.rounds)
         ms = {k: 1e3 * median(v) for k, v in times.items()}

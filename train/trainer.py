@@ -31,8 +31,10 @@ from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks
 from train.host import reuse_freed_memory
 from train.log_setup import build_output_to_log
+from train.mfu import Utilisation
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
+from train.profiling import StepProfiler
 from train.provenance import record_start
 from train.run_config import as_dict, check_resume, flatten, inert_in, record_start_config, to_yaml
 from train.spikes import SpikeGuard
@@ -126,6 +128,8 @@ class Trainer:
             model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         )
         bind_zero_partitions(self.engine)
+        self.utilisation = Utilisation(self.flops_per_token, self.device, self.precision, t.peak_tflops)
+        self.profiler = StepProfiler(t.profile, self.out_dir, self.rank, self.device)
         if cfg.optim.qk_clip_tau > 0:
             track_max_logits(self.engine.module)
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, reproducibly
@@ -198,8 +202,10 @@ class Trainer:
                         self.cfg.trainer.spike_sigma, len(self.spikes.losses), self.skipped_steps)
         if "loss/lm" in parts:
             parts["loss/total"], loss = loss, parts.pop("loss/lm")
+        tokens_per_s = self.tokens_per_step / elapsed
         metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                   "tokens_per_s": self.tokens_per_step / elapsed, "skipped_steps": self.skipped_steps, **parts}
+                   "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
+                   "skipped_steps": self.skipped_steps, **parts}
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
         if self.spikes is not None:
@@ -372,7 +378,8 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             inert = self.inert_keys()
-            start = record_start(self.out_dir, self.step, self.world_size, changed=self.resumed_changes, inert=inert)
+            start = record_start(self.out_dir, self.step, self.world_size, changed=self.resumed_changes, inert=inert,
+                                 peak=self.utilisation.describe())
             record_start_config(self.out_dir, self.cfg, start, inert)
             self._warn_inert(inert)
             if (self.prepared / "tokenizer.json").is_file():  # the run decodes with it after training
@@ -404,7 +411,8 @@ class Trainer:
         t = self.cfg.trainer
         if self.probes:
             self.probes.before_step(self.step + 1)
-        metrics = self.train_step()
+        with self.profiler.step(self.step + 1):
+            metrics = self.train_step()
         if self.probes:
             self.probes.after_step(metrics)
         if self.optimizer_state_mb is None:  # once the first step has created the state
@@ -420,9 +428,11 @@ class Trainer:
         return metrics
 
     def _finish(self, status: str, wall_start: float, error: str | None = None, **extra) -> dict:
+        self.profiler.close()
+        tokens_per_s = self.tokens / self.train_time if self.train_time else None
         summary = {
             "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
-            "tokens_per_s": self.tokens / self.train_time if self.train_time else None,
+            "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
             "wall_s": time.perf_counter() - wall_start,
             "probe/amax_fwd": self.probes.max_amax_fwd if self.probes else None,
             "probe/amax_bwd": self.probes.max_amax_bwd if self.probes else None,
