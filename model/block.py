@@ -20,8 +20,11 @@ from model.moe import MoE
 
 def named_range(name: str):
     """A named range in torch.profiler traces (trainer.profile) while a profiler records; nothing
-    otherwise (entering a range costs several times more than this check)."""
-    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+    otherwise (entering a range costs several times more than this check). Compiled blocks have
+    none: the compiler fuses across them, and traces name its regions itself."""
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return record_function(name)
 
 
 class Block(nn.Module):

@@ -40,6 +40,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # (x1·cos − x2·sin, x1·sin + x2·cos) up to float rounding. Always in fp32 or wider.
     t = x.shape[-2]
     pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():  # Inductor has no complex kernels; it fuses the real form into one loop
+        x1, x2 = pairs.unbind(-1)
+        c, s = cos[:t].to(pairs.dtype), sin[:t].to(pairs.dtype)
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
     if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-2]):
         pairs = pairs.contiguous()  # a complex view needs whole (re, im) pairs in memory
     rotation = torch.complex(cos[:t].to(pairs.dtype), sin[:t].to(pairs.dtype))
@@ -190,7 +194,7 @@ class _SwiGLUFunction(torch.autograd.Function):
             gate_c, up_c = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
         else:
             gate_c, up_c = gate, up
-        out = torch.empty(gate_up.shape, dtype=torch.result_type(grad, act), device=grad.device)
+        out = torch.empty(gate_up.shape, dtype=torch.promote_types(grad.dtype, act.dtype), device=grad.device)
         d_gate, d_up = out.chunk(2, dim=-1)
         torch.mul(grad, act, out=d_up)
         torch.ops.aten.silu_backward.grad_input(grad * up_c, gate_c, grad_input=d_gate)
@@ -209,4 +213,7 @@ class SwiGLU(nn.Module):
         self.clamp = clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(_SwiGLUFunction.apply(self.gate_up(x), self.clamp))
+        gate_up = self.gate_up(x)
+        if torch.compiler.is_compiling():  # Inductor derives the backward and fuses it in one loop
+            return self.down(clamped_swiglu(*gate_up.chunk(2, dim=-1), self.clamp))
+        return self.down(_SwiGLUFunction.apply(gate_up, self.clamp))

@@ -159,6 +159,8 @@ class TrainerConfig:
     # CPU a matmul measured at start-up (train/mfu.py)
     peak_tflops: Optional[float] = None
     profile: Optional[str] = None  # START:END: torch.profiler trace of those steps in out_dir/profile/
+    # every block through torch.compile (train/compile.py); the default is measured: configs/trainer/default.yaml
+    compile: bool = False
 
 
 @dataclass

@@ -27,6 +27,7 @@ from optim.zero import bind_zero_partitions
 from train.batch import accumulation_steps, micro_batch_size
 from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
+from train.compile import compile_blocks, compile_seconds, eager
 from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks
 from train.host import reuse_freed_memory
@@ -120,6 +121,9 @@ class Trainer:
         self.n_params = model.num_params()
         self.n_active_params = model.num_active_params()
         self.flops_per_token = model.flops_per_token(d.seq_len)
+        # in place, before DeepSpeed wraps the model: names and checkpoints stay the eager run's
+        self.compiled = compile_blocks(model) if t.compile else []
+        self.compile_s = 0.0  # seconds spent compiling (the first steps, the first evaluation)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
         ds_config = deepspeed_config(cfg, self.world_size, self.precision)
@@ -161,6 +165,7 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
         start = time.perf_counter()
+        compile_start = compile_seconds()
         # what a stop on a non-finite step rolls back to: the data position and RNG before it
         before = (self.loader.state_dict(), rng_state())
         skipped_before = self.engine.skipped_steps
@@ -188,8 +193,14 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         self.step += 1
         self.tokens += self.tokens_per_step
-        elapsed = time.perf_counter() - start
+        # The compiler's time (first steps) is no training: it stays out of tokens/s.
+        compiled_s = compile_seconds() - compile_start
+        self.compile_s += compiled_s
+        elapsed = time.perf_counter() - start - compiled_s
         self.train_time += elapsed
+        if self.compiled and self.step == 1 and self.rank == 0:
+            log.info("torch.compile: %.1f s compiling %d block(s) in step 1, kept out of tokens/s",
+                     compiled_s, len(self.compiled))
         applied = self.engine.skipped_steps == skipped_before
         # MoE bias updates and the loss parts; `loss` stays the next-token loss, comparable across models
         parts = module.on_step_end(applied) if hasattr(module, "on_step_end") else {}
@@ -414,7 +425,8 @@ class Trainer:
         with self.profiler.step(self.step + 1):
             metrics = self.train_step()
         if self.probes:
-            self.probes.after_step(metrics)
+            with eager(self.compiled):  # its hooks and recordings would compile other graphs
+                self.probes.after_step(metrics)
         if self.optimizer_state_mb is None:  # once the first step has created the state
             self.optimizer_state_mb = self.optimizer_state_bytes() / 2**20
             log.info("rank %d: optimizer state %.2f MB", self.rank, self.optimizer_state_mb)
@@ -440,7 +452,8 @@ class Trainer:
             "n_params": self.n_params, "n_active_params": self.n_active_params,
             "flops_per_token": self.flops_per_token, "world_size": self.world_size, "precision": self.precision,
             "optimizer_state_mb_per_rank": self.optimizer_state_mb, "skipped_steps": self.skipped_steps,
-            "micro_batch_size": self.micro_batch, **extra,
+            "micro_batch_size": self.micro_batch, "compile_s": self.compile_s if self.compiled else None,
+            **extra,
         }
         if self.overrides is not None:
             summary["overrides"] = self.overrides
