@@ -7,11 +7,24 @@ reads the token ids, for hash routing).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.profiler import record_function
 
+from model.layers import RMSNorm
 from model.mhc import HyperConnection
 from model.moe import MoE
+
+
+def named_range(name: str):
+    """A named range in torch.profiler traces (trainer.profile) while a profiler records; nothing
+    otherwise (entering a range costs several times more than this check). Compiled blocks have
+    none: the compiler fuses across them, and traces name its regions itself."""
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return record_function(name)
 
 
 class Block(nn.Module):
@@ -19,12 +32,13 @@ class Block(nn.Module):
                  residual: str = "residual", n_streams: int = 1, layer: int = 0, sinkhorn_iters: int = 20,
                  fused_hc: bool = True):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn_norm = RMSNorm(d_model, eps=norm_eps)
         self.attn = attn
-        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
         self.ffn = ffn
         self.ffn_reads_ids = isinstance(ffn, MoE)
         self.drop = nn.Dropout(dropout)
+        self.range_name = f"blocks.{layer}"  # its range in profiles; the model names it by module path
         self.hyper = residual != "residual"
         if self.hyper:
             # The coefficients' RMS uses the model's norm eps, as V4's (rms_norm_eps) does.
@@ -37,14 +51,17 @@ class Block(nn.Module):
                 cache=None):
         """`cache`: the attention's decoding cache (sampling); everything else is per token."""
         def attn(h):
-            h = self.attn_norm(h)
-            return self.drop(self.attn(h, cos, sin) if cache is None else self.attn(h, cos, sin, cache=cache))
+            with named_range(f"{self.range_name}.attn"):
+                h = self.attn_norm(h)
+                return self.drop(self.attn(h, cos, sin) if cache is None else self.attn(h, cos, sin, cache=cache))
 
         def ffn(h):
-            h = self.ffn_norm(h)
-            return self.drop(self.ffn(h, ids) if self.ffn_reads_ids else self.ffn(h))
+            with named_range(f"{self.range_name}.ffn"):
+                h = self.ffn_norm(h)
+                return self.drop(self.ffn(h, ids) if self.ffn_reads_ids else self.ffn(h))
 
-        if self.hyper:
-            return self.ffn_hc(self.attn_hc(x, attn), ffn)
-        x = x + attn(x)
-        return x + ffn(x)
+        with named_range(self.range_name):
+            if self.hyper:
+                return self.ffn_hc(self.attn_hc(x, attn), ffn)
+            x = x + attn(x)
+            return x + ffn(x)

@@ -1,4 +1,4 @@
-"""The sublayers of a pre-norm decoder block: rotary attention and a SwiGLU feed-forward."""
+"""The sublayers of a pre-norm decoder block: RMSNorm, rotary attention and a SwiGLU feed-forward."""
 from __future__ import annotations
 
 import math
@@ -35,10 +35,60 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, yarn: dict | None = N
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (2i, 2i+1) of x [B, H, T, D] by position-dependent angles."""
-    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+    # As a complex product (x_2i + i·x_2i+1)·(cos + i·sin): one kernel forward and one backward,
+    # where the real form is a dozen elementwise ops and a stack each way; the same arithmetic
+    # (x1·cos − x2·sin, x1·sin + x2·cos) up to float rounding. Always in fp32 or wider.
+    t = x.shape[-2]
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():  # Inductor has no complex kernels; it fuses the real form into one loop
+        x1, x2 = pairs.unbind(-1)
+        c, s = cos[:t].to(pairs.dtype), sin[:t].to(pairs.dtype)
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+    if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-2]):
+        pairs = pairs.contiguous()  # a complex view needs whole (re, im) pairs in memory
+    rotation = torch.complex(cos[:t].to(pairs.dtype), sin[:t].to(pairs.dtype))
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x · r · w with r = rsqrt(mean(x²) + eps) per row, in as few passes over x as the
+    arithmetic allows: PyTorch's CPU rms_norm is about six elementwise kernels forward and its
+    autograd a dozen more backward. Same function; results equal up to float rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x_wide = x.to(wide)
+        eps = torch.finfo(wide).eps if eps is None else eps  # torch's default
+        # ‖x‖² / C from one norm reduction (mean(x²) would be a square, a mean and their temporaries)
+        rstd = torch.linalg.vector_norm(x_wide, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return (x_wide * rstd).mul_(weight.to(wide)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_in, weight, rstd = ctx.saved_tensors
+        wide = rstd.dtype
+        x, grad, w = x_in.to(wide), grad.to(wide), weight.to(wide)
+        gx = (grad * x).flatten(0, -2)  # [N, C]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (gx.T @ rstd.flatten()).to(weight.dtype)  # Σ_n g·x·r, one matrix-vector product
+        if ctx.needs_input_grad[0]:
+            # d/dx of x·r·w = r·(g·w) − x · r³ · Σ_c(g·w·x) / C
+            coef = (gx @ w).view_as(rstd).mul_(rstd.pow(3)).div_(-x.size(-1))
+            grad_x = (grad * w).mul_(rstd).addcmul_(x, coef).to(x_in.dtype)
+        return grad_x, grad_w, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm over the last dimension; on CPU with its closed-form backward (same function,
+    gradients equal up to float rounding). Elsewhere PyTorch's fused kernels run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.weight is None or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 @torch.no_grad()
@@ -120,6 +170,40 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float | None) ->
     return F.silu(gate) * up
 
 
+class _SwiGLUFunction(torch.autograd.Function):
+    """clamped_swiglu on the fused [..., 2·hidden] gate/up projection: the same arithmetic forward
+    and backward, with both halves of the gradient written straight into one [..., 2·hidden]
+    tensor instead of computed apart and concatenated."""
+
+    @staticmethod
+    def forward(ctx, gate_up, clamp):
+        gate, up = gate_up.chunk(2, dim=-1)
+        if clamp is not None:
+            gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+        act = F.silu(gate)
+        ctx.clamp = clamp
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, act = ctx.saved_tensors
+        clamp = ctx.clamp
+        gate, up = gate_up.chunk(2, dim=-1)
+        if clamp is not None:
+            gate_c, up_c = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+        else:
+            gate_c, up_c = gate, up
+        out = torch.empty(gate_up.shape, dtype=torch.promote_types(grad.dtype, act.dtype), device=grad.device)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up_c, gate_c, grad_input=d_gate)
+        if clamp is not None:  # clamp passes the gradient where the input lies inside its bounds
+            d_gate.masked_fill_(~(gate <= clamp), 0)
+            d_up.masked_fill_(~((up >= -clamp) & (up <= clamp)), 0)
+        return out.to(gate_up.dtype), None
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int, clamp: float | None = None):
         super().__init__()
@@ -129,4 +213,7 @@ class SwiGLU(nn.Module):
         self.clamp = clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(clamped_swiglu(*self.gate_up(x).chunk(2, dim=-1), self.clamp))
+        gate_up = self.gate_up(x)
+        if torch.compiler.is_compiling():  # Inductor derives the backward and fuses it in one loop
+            return self.down(clamped_swiglu(*gate_up.chunk(2, dim=-1), self.clamp))
+        return self.down(_SwiGLUFunction.apply(gate_up, self.clamp))

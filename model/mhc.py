@@ -108,7 +108,9 @@ class HyperConnection(nn.Module):
         if self.fused and hc_kernel.usable(x, *self.parameters()):
             link = None
             if self.kind == "mhc":
-                link = hc_kernel.Link()
+                # The link's gradient hand-over saves a pass in eager mode; the compiler cannot
+                # trace it, and compiled code runs the kernels' registered autograd instead.
+                link = None if torch.compiler.is_compiling() else hc_kernel.Link()
                 x_in, pre, post, res = hc_kernel.mhc_in(x, self.phi.weight, self.alpha, self.b_pre, self.b_post,
                                                         self.b_res, self.iters, self.eps, self.hc_eps, link=link)
             else:

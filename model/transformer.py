@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import V4Attention, layer_kinds
 from model.block import Block
-from model.layers import Attention, SwiGLU, rope_tables
+from model.layers import Attention, RMSNorm, SwiGLU, rope_tables
 from model.mhc import StreamReduce
 from model.moe import MoE
 from model.mtp import MTP, mtp_loss
@@ -72,7 +72,7 @@ class Transformer(nn.Module):
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.loss_count = 0
         self.reduce = self.stream_reduce(residual)
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -80,6 +80,9 @@ class Transformer(nn.Module):
         # Not persistent: the tables are a pure function of the config, so checkpoints stay small.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        for name, module in self.named_modules():  # profiles name each block by its module path
+            if isinstance(module, Block):
+                module.range_name = name
         self.reset_parameters()
 
     def stream_reduce(self, residual: str) -> StreamReduce | None:

@@ -14,6 +14,14 @@ CONFIGS = ROOT / "configs"
 os.environ.setdefault("WANDB_SILENT", "true")
 register_configs()
 
+# Metrics that measure the machine, not the training: they differ between otherwise identical runs.
+MEASURED = frozenset({"tokens_per_s", "mfu", "mem/peak_gb"})
+
+
+def without_measured(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
+
+
 # Small enough that a step takes milliseconds; shared by most tests.
 TINY = [
     "model=tiny", "data.seq_len=32", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",

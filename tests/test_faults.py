@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Crash, interrupted_run
+from tests.conftest import Crash, interrupted_run, without_measured
 from train.checkpoint import CheckpointError
 from train.trainer import Diverged, Trainer
 
@@ -15,7 +15,7 @@ COMMON = ("trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_eve
 
 def rows(out_dir):
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+    return without_measured([json.loads(line) for line in lines])
 
 
 def poison(trainer, bad_steps):

@@ -9,8 +9,9 @@ from tests.conftest import launch
 pytestmark = pytest.mark.slow
 
 SMOKE = ["experiment=smoke", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3"]
-STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
-SUMMARY_KEYS = {"final_val_loss", "steps", "tokens", "tokens_per_s", "wall_s", "probe/amax_fwd", "probe/amax_bwd"}
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem/peak_gb"}
+SUMMARY_KEYS = {"final_val_loss", "steps", "tokens", "tokens_per_s", "wall_s", "probe/amax_fwd", "probe/amax_bwd", "mfu",
+                "mem/peak_gb"}
 
 
 def check_run_files(out, steps):

@@ -1,8 +1,10 @@
-"""The plain transformer: shapes, causality, initialisation, FLOP accounting."""
+"""The plain transformer: shapes, causality, initialisation, FLOP accounting, and the dense
+sublayers' fast forms against plain formulations."""
+import pytest
 import torch
 
 from model import build_model
-from model.layers import apply_rope, rope_tables
+from model.layers import RMSNorm, SwiGLU, apply_rope, clamped_swiglu, rope_tables
 from tests.conftest import compose_config
 
 
@@ -52,3 +54,78 @@ def test_flops_per_token_counts_six_n_plus_attention():
     model = tiny_model()
     n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed"))
     assert model.flops_per_token(64) == 6 * n + 12 * 2 * 32 * 64
+
+
+# -- the dense sublayers' fast forms against their plain PyTorch formulations --------------------
+
+def rope_reference(x, cos, sin):
+    """Rotation of channel pairs (2i, 2i+1), written out in real arithmetic."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_rope_equals_the_real_rotation_forward_and_backward(dtype, tol):
+    cos, sin = rope_tables(16, 8, 10000.0)
+    qkv = torch.randn(2, 16, 3 * 2 * 8, dtype=dtype, requires_grad=True)
+    q, k, _ = qkv.view(2, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)  # strided views, as in Attention
+    odd = torch.randn(2, 2, 16, 11, dtype=dtype, requires_grad=True)  # a slice at an odd offset
+    for x, leaf in ((q, qkv), (k, qkv), (odd[..., 3:], odd)):
+        g = torch.randn(x.shape, dtype=dtype)
+        ours, ref = apply_rope(x, cos, sin), rope_reference(x, cos, sin)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=tol)
+        grad_ours, = torch.autograd.grad(ours, leaf, g)
+        grad_ref, = torch.autograd.grad(ref, leaf, g)
+        torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_rmsnorm_equals_torch_forward_and_backward(dtype, tol):
+    ref = torch.nn.RMSNorm(24, eps=1e-6).to(dtype)
+    ours = RMSNorm(24, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ours.weight.copy_(ref.weight)
+    x = (3 * torch.randn(5, 7, 24, dtype=dtype)).requires_grad_()
+    g = torch.randn(5, 7, 24, dtype=dtype)
+    y_ref, y_ours = ref(x), ours(x)
+    torch.testing.assert_close(y_ours, y_ref, rtol=tol, atol=tol)
+    for a, b in zip(torch.autograd.grad(y_ours, (x, ours.weight), g), torch.autograd.grad(y_ref, (x, ref.weight), g)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # the reference, F.rms_norm
+def test_rmsnorm_gradcheck_and_bf16_activations():
+    norm = RMSNorm(6, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    assert torch.autograd.gradcheck(norm, (torch.randn(3, 6, dtype=torch.float64, requires_grad=True),))
+    # bf16 activations with fp32 weights (autocast): bf16 out, gradients in each input's dtype
+    norm = RMSNorm(16).float()
+    x = torch.randn(4, 16).bfloat16().requires_grad_()
+    y = norm(x)
+    y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (16,), norm.weight, norm.eps))
+
+
+@pytest.mark.parametrize("clamp", [None, 0.7])
+def test_swiglu_equals_the_chunked_form(clamp):
+    swiglu = SwiGLU(8, 10, clamp).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 8, dtype=torch.float64)
+
+    def chunked(x):
+        return swiglu.down(clamped_swiglu(*swiglu.gate_up(x).chunk(2, dim=-1), clamp))
+
+    ours, ref = swiglu(x), chunked(x)
+    params = (x, swiglu.gate_up.weight, swiglu.down.weight)
+    grads_ours, grads_ref = torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)
+    if clamp is None:  # the same operations: equal bit for bit
+        assert torch.equal(ours, ref) and all(torch.equal(a, b) for a, b in zip(grads_ours, grads_ref))
+    else:
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+        for a, b in zip(grads_ours, grads_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(swiglu, (x,))

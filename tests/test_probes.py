@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import V4_RUN, interrupted_run
+from tests.conftest import V4_RUN, interrupted_run, without_measured
 from train.probes import SpikeDetector, amax_gains, spectral_norm
 from train.trainer import Trainer
 
@@ -103,8 +103,7 @@ def test_probe_state_survives_resume(tiny_config, tmp_path):
     cfg.out_dir = str(tmp_path / "cut")
     interrupted_run(cfg, after_step=5)
     summary = Trainer(cfg).fit()
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
-    assert strip(rows(cfg.out_dir)) == strip(rows(ref.out_dir))
+    assert without_measured(rows(cfg.out_dir)) == without_measured(rows(ref.out_dir))
     assert summary["probe/amax_fwd"] == ref_summary["probe/amax_fwd"]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, V4_RUN, compose_config, interrupted_run
+from tests.conftest import CONFIGS, V4_RUN, compose_config, interrupted_run, without_measured
 from train.trainer import Diverged, Trainer
 
 
@@ -76,10 +76,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path, model):
     interrupted_run(cfg, after_step=7)
     assert len(read_metrics(cfg.out_dir)) == 7
     Trainer(cfg).fit()
-    def without_speed(rows):
-        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
-
-    assert without_speed(read_metrics(cfg.out_dir)) == without_speed(read_metrics(ref.out_dir))
+    assert without_measured(read_metrics(cfg.out_dir)) == without_measured(read_metrics(ref.out_dir))
 
 
 def test_non_finite_loss_stops_with_error(tiny_config):
@@ -109,3 +106,44 @@ def test_bf16_autocast_follows_fp32(tiny_config, tmp_path):
     gaps = [abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"])]
     assert len(gaps) == 8 and min(gaps) > 0 and max(gaps) < 0.01, gaps
     assert abs(summaries["bf16"]["final_val_loss"] - summaries["fp32"]["final_val_loss"]) < 0.01
+
+
+def test_metrics_carry_mfu_and_peak_memory(tiny_config):
+    """mfu = FLOPs/token × tokens/s ÷ peak, with the peak given; memory is the process's peak RSS
+    on CPU; the summary carries both, environment.json the peak."""
+    import resource
+
+    cfg = tiny_config("trainer.max_steps=2", "trainer.eval_every=0", "trainer.peak_tflops=0.5")
+    t = Trainer(cfg)
+    summary = t.fit()
+    rows = read_metrics(cfg.out_dir)
+    for r in rows:
+        assert r["mfu"] == pytest.approx(t.flops_per_token * r["tokens_per_s"] / 0.5e12, rel=1e-12)
+        assert 0.01 < r["mem/peak_gb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    assert summary["mfu"] == pytest.approx(t.flops_per_token * summary["tokens_per_s"] / 0.5e12, rel=1e-12)
+    assert summary["mem/peak_gb"] >= rows[-1]["mem/peak_gb"]
+    peak = json.loads((Path(cfg.out_dir) / "environment.json").read_text())[-1]["peak"]
+    assert peak["peak_tflops_per_device"] == 0.5 and peak["peak_source"] == "trainer.peak_tflops"
+
+
+def test_cpu_peak_is_measured_once_at_the_runs_precision(tiny_config):
+    from train.mfu import measured_matmul_tflops
+
+    cfg = tiny_config("trainer.max_steps=1", "trainer.eval_every=0")
+    t = Trainer(cfg)
+    t.fit()
+    peak = json.loads((Path(cfg.out_dir) / "environment.json").read_text())[-1]["peak"]
+    assert peak["peak_source"].startswith("measured: float32")
+    assert peak["peak_tflops_per_device"] == measured_matmul_tflops(torch.float32, torch.get_num_threads())
+    assert 0 < read_metrics(cfg.out_dir)[0]["mfu"] < 1
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps_with_block_ranges(tiny_config):
+    cfg = tiny_config("trainer.max_steps=4", "trainer.eval_every=0", "trainer.profile=2:3")
+    Trainer(cfg).fit()
+    traces = list((Path(cfg.out_dir) / "profile").iterdir())
+    assert [p.name for p in traces] == ["trace_rank0_steps2-3.json"]
+    names = {e.get("name") for e in json.loads(traces[0].read_text())["traceEvents"]}
+    assert {"step 2", "step 3"} <= names and not {"step 1", "step 4"} & names
+    assert {f"blocks.{i}{part}" for i in (0, 1) for part in ("", ".attn", ".ffn")} <= names
+    assert any(n and n.startswith("aten::") for n in names)  # the operators inside the ranges

@@ -37,6 +37,12 @@ BAD = [
     (["trainer.resume=/no/such/ckpt"], "trainer.resume", "auto, never"),
     (["probes.every=-1"], "probes.every", "non-negative"),
     (["probes.every=10", "deepspeed.zero_stage=3"], "probes.every", "zero_stage=3"),
+    (["trainer.peak_tflops=-1"], "trainer.peak_tflops", "positive"),
+    (["trainer.profile=3"], "trainer.profile", "START:END"),
+    (["trainer.profile=a:b"], "trainer.profile", "START:END"),
+    (["trainer.profile=5:2"], "trainer.profile", "1 <= START <= END"),
+    (["trainer.profile=0:2"], "trainer.profile", "1 <= START <= END"),
+    (["trainer.profile=10:2000"], "trainer.profile", "trainer.max_steps=1500"),
 ]
 
 

@@ -98,6 +98,8 @@ class ProgressBar(Callback):
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         post = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
+        if metrics.get("mfu") is not None:
+            post["mfu"] = f"{metrics['mfu']:.1%}"
         if "val_loss" in metrics:
             post["val"] = f"{metrics['val_loss']:.4f}"
         self.bar.set_postfix(post, refresh=False)

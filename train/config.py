@@ -155,6 +155,12 @@ class TrainerConfig:
     spike_window: int = 128
     # glibc: keep freed memory for reuse instead of page-faulting fresh pages every step (train/host.py)
     reuse_freed_memory: bool = True
+    # MFU's denominator, dense TFLOP/s per device; None: the accelerator's datasheet figure, or on
+    # CPU a matmul measured at start-up (train/mfu.py)
+    peak_tflops: Optional[float] = None
+    profile: Optional[str] = None  # START:END: torch.profiler trace of those steps in out_dir/profile/
+    # every block through torch.compile (train/compile.py); the default is measured: configs/trainer/default.yaml
+    compile: bool = False
 
 
 @dataclass

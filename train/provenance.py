@@ -45,10 +45,11 @@ def versions() -> dict[str, str]:
 
 
 def record_start(out_dir: Path, step: int, world_size: int, changed: dict | None = None,
-                 inert: list[str] = ()) -> int:
+                 inert: list[str] = (), **extra) -> int:
     """Append this start's entry and return its number (0 = the first start). `changed`: the
     settings that differ from the checkpoint this start resumes ({key: [old, new]}), which change
-    the trajectory; `inert`: keys with no effect in this run."""
+    the trajectory; `inert`: keys with no effect in this run; `extra` adds run-specific facts (e.g. the MFU peak,
+    train/mfu.py)."""
     path = out_dir / "environment.json"
     starts = json.loads(path.read_text()) if path.exists() else []
     starts.append({
@@ -57,7 +58,7 @@ def record_start(out_dir: Path, step: int, world_size: int, changed: dict | None
         "hostname": socket.gethostname(), "world_size": world_size, "argv": sys.argv,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cuda": torch.version.cuda, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "changed": {k: list(v) for k, v in (changed or {}).items()}, "inert": list(inert),
+        "changed": {k: list(v) for k, v in (changed or {}).items()}, "inert": list(inert), **extra,
     })
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(starts, indent=1))

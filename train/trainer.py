@@ -27,12 +27,15 @@ from optim.zero import bind_zero_partitions
 from train.batch import accumulation_steps, micro_batch_size
 from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
+from train.compile import compile_blocks, compile_seconds, eager
 from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks
 from train.host import reuse_freed_memory
 from train.log_setup import build_output_to_log
+from train.mfu import Utilisation
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
+from train.profiling import StepProfiler
 from train.provenance import record_start
 from train.run_config import as_dict, check_resume, flatten, inert_in, record_start_config, to_yaml
 from train.spikes import SpikeGuard
@@ -118,6 +121,9 @@ class Trainer:
         self.n_params = model.num_params()
         self.n_active_params = model.num_active_params()
         self.flops_per_token = model.flops_per_token(d.seq_len)
+        # in place, before DeepSpeed wraps the model: names and checkpoints stay the eager run's
+        self.compiled = compile_blocks(model) if t.compile else []
+        self.compile_s = 0.0  # seconds spent compiling (the first steps, the first evaluation)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
         ds_config = deepspeed_config(cfg, self.world_size, self.precision)
@@ -126,6 +132,8 @@ class Trainer:
             model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         )
         bind_zero_partitions(self.engine)
+        self.utilisation = Utilisation(self.flops_per_token, self.device, self.precision, t.peak_tflops)
+        self.profiler = StepProfiler(t.profile, self.out_dir, self.rank, self.device)
         if cfg.optim.qk_clip_tau > 0:
             track_max_logits(self.engine.module)
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, reproducibly
@@ -157,6 +165,7 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
         start = time.perf_counter()
+        compile_start = compile_seconds()
         # what a stop on a non-finite step rolls back to: the data position and RNG before it
         before = (self.loader.state_dict(), rng_state())
         skipped_before = self.engine.skipped_steps
@@ -184,8 +193,14 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         self.step += 1
         self.tokens += self.tokens_per_step
-        elapsed = time.perf_counter() - start
+        # The compiler's time (first steps) is no training: it stays out of tokens/s.
+        compiled_s = compile_seconds() - compile_start
+        self.compile_s += compiled_s
+        elapsed = time.perf_counter() - start - compiled_s
         self.train_time += elapsed
+        if self.compiled and self.step == 1 and self.rank == 0:
+            log.info("torch.compile: %.1f s compiling %d block(s) in step 1, kept out of tokens/s",
+                     compiled_s, len(self.compiled))
         applied = self.engine.skipped_steps == skipped_before
         # MoE bias updates and the loss parts; `loss` stays the next-token loss, comparable across models
         parts = module.on_step_end(applied) if hasattr(module, "on_step_end") else {}
@@ -198,8 +213,10 @@ class Trainer:
                         self.cfg.trainer.spike_sigma, len(self.spikes.losses), self.skipped_steps)
         if "loss/lm" in parts:
             parts["loss/total"], loss = loss, parts.pop("loss/lm")
+        tokens_per_s = self.tokens_per_step / elapsed
         metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                   "tokens_per_s": self.tokens_per_step / elapsed, "skipped_steps": self.skipped_steps, **parts}
+                   "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
+                   "skipped_steps": self.skipped_steps, **parts}
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
         if self.spikes is not None:
@@ -372,7 +389,8 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             inert = self.inert_keys()
-            start = record_start(self.out_dir, self.step, self.world_size, changed=self.resumed_changes, inert=inert)
+            start = record_start(self.out_dir, self.step, self.world_size, changed=self.resumed_changes, inert=inert,
+                                 peak=self.utilisation.describe())
             record_start_config(self.out_dir, self.cfg, start, inert)
             self._warn_inert(inert)
             if (self.prepared / "tokenizer.json").is_file():  # the run decodes with it after training
@@ -404,9 +422,11 @@ class Trainer:
         t = self.cfg.trainer
         if self.probes:
             self.probes.before_step(self.step + 1)
-        metrics = self.train_step()
+        with self.profiler.step(self.step + 1):
+            metrics = self.train_step()
         if self.probes:
-            self.probes.after_step(metrics)
+            with eager(self.compiled):  # its hooks and recordings would compile other graphs
+                self.probes.after_step(metrics)
         if self.optimizer_state_mb is None:  # once the first step has created the state
             self.optimizer_state_mb = self.optimizer_state_bytes() / 2**20
             log.info("rank %d: optimizer state %.2f MB", self.rank, self.optimizer_state_mb)
@@ -420,9 +440,11 @@ class Trainer:
         return metrics
 
     def _finish(self, status: str, wall_start: float, error: str | None = None, **extra) -> dict:
+        self.profiler.close()
+        tokens_per_s = self.tokens / self.train_time if self.train_time else None
         summary = {
             "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
-            "tokens_per_s": self.tokens / self.train_time if self.train_time else None,
+            "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
             "wall_s": time.perf_counter() - wall_start,
             "probe/amax_fwd": self.probes.max_amax_fwd if self.probes else None,
             "probe/amax_bwd": self.probes.max_amax_bwd if self.probes else None,
@@ -430,7 +452,8 @@ class Trainer:
             "n_params": self.n_params, "n_active_params": self.n_active_params,
             "flops_per_token": self.flops_per_token, "world_size": self.world_size, "precision": self.precision,
             "optimizer_state_mb_per_rank": self.optimizer_state_mb, "skipped_steps": self.skipped_steps,
-            "micro_batch_size": self.micro_batch, **extra,
+            "micro_batch_size": self.micro_batch, "compile_s": self.compile_s if self.compiled else None,
+            **extra,
         }
         if self.overrides is not None:
             summary["overrides"] = self.overrides

@@ -14,6 +14,7 @@ from train.config import Config
 from train.batch import micro_batch_size
 from train.launcher import read_hostfile, world_size
 from train.study import check_study
+from train.profiling import parse_steps
 
 OPTIMIZERS = ("adamw", "muon")
 RESIDUALS = ("residual", "hc", "mhc")
@@ -209,6 +210,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError("trainer.on_spike", t.on_spike, "off, or skip with deepspeed.zero_stage=0",
                               "at ZeRO ≥ 1 DeepSpeed computes the gradient norm and applies the update in one call, "
                               "so there is no point to decide between them")
+    if t.peak_tflops is not None:
+        _positive("trainer.peak_tflops", t.peak_tflops, integer=False)
+    if t.profile is not None:
+        try:
+            _, end = parse_steps(t.profile)
+        except ValueError as e:
+            raise ConfigError("trainer.profile", t.profile, "START:END, two step numbers with 1 <= START <= END, "
+                              "e.g. 10:12", str(e)) from None
+        if end > t.max_steps:
+            raise ConfigError("trainer.profile", t.profile, f"START:END with END at most trainer.max_steps={t.max_steps}")
 
     _positive("probes.every", cfg.probes.every, allow_zero=True)
     if cfg.probes.every and cfg.deepspeed.zero_stage == 3:

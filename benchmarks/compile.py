@@ -1,0 +1,55 @@
+"""trainer.compile's worth: tokens/s of the trainer's step compiled ÷ eager for one configuration,
+or (`--pair`) two configurations both compiled, e.g. mHC ÷ residual step time. Contenders train
+alternately in one process after a warm-up that holds the compilation (its time is printed apart).
+
+    python -m benchmarks.compile [--steps 5 --rounds 4] [hydra overrides ...]
+    python -m benchmarks.compile --pair model.residual=residual model.residual=mhc [overrides ...]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import alternate, benchmark_trainer, median
+from train.compile import compile_seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5, help="optimizer steps per contender per round")
+    ap.add_argument("--rounds", type=int, default=4, help="measured rounds (one more is warm-up)")
+    ap.add_argument("--pair", nargs=2, metavar=("BASE", "OTHER"),
+                    help="compare two overrides, both compiled, instead of compiled against eager")
+    ap.add_argument("overrides", nargs="*", help="hydra overrides, as for launch.py")
+    args = ap.parse_args()
+    if args.pair:
+        runs = {o: [o, "trainer.compile=true"] for o in args.pair}
+    else:
+        runs = {"eager": ["trainer.compile=false"], "compiled": ["trainer.compile=true"]}
+    trainers = {}
+    for name, extra in runs.items():
+        trainer = benchmark_trainer([*args.overrides, *extra])
+        start, compiling = time.perf_counter(), compile_seconds()
+        trainer.train_step()  # the first step compiles (and warms the allocator)
+        print(f"{name}: first step {time.perf_counter() - start:.1f} s, of which compiling "
+              f"{compile_seconds() - compiling:.1f} s", flush=True)
+        trainers[name] = trainer
+    times = alternate({n: t.train_step for n, t in trainers.items()}, args.steps, args.rounds)
+    tokens = next(iter(trainers.values())).tokens_per_step
+    tps = {n: tokens / median(ts) for n, ts in times.items()}
+    print(f"overrides: {' '.join(args.overrides) or '(defaults)'}; {tokens} tokens/step, {args.rounds} rounds × "
+          f"{args.steps} steps, torch threads {torch.get_num_threads()}")
+    for n, v in tps.items():
+        mfu = trainers[n].utilisation.metrics(v)["mfu"]
+        print(f"{n:>24}: {v:>10,.0f} tokens/s, {1e3 * median(times[n]):.0f} ms/step, MFU {mfu:.3f} (median; rounds: "
+              f"{', '.join(f'{1e3 * s:.0f}' for s in times[n])} ms)")
+    print(f"peak: {next(iter(trainers.values())).utilisation.describe()}")
+    a, b = list(tps)
+    print(f" ratio tokens/s {b} ÷ {a} = {tps[b] / tps[a]:.3f}; step time {b} ÷ {a} = "
+          f"{median(times[b]) / median(times[a]):.3f}")
+
+
+if __name__ == "__main__":
+    main()

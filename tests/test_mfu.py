@@ -1,0 +1,29 @@
+"""The MFU denominator: datasheet peaks by device name, the CPU's measured matmul peak."""
+import pytest
+import torch
+
+from train.mfu import Utilisation, measured_matmul_tflops, table_peak_tflops
+
+
+@pytest.mark.parametrize("name,tflops", [
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA GH200 480GB", 989.0), ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0), ("NVIDIA L4", 121.0),
+    ("NVIDIA L40S", 362.0), ("AMD Instinct MI300X", 1307.4), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_known_accelerators_by_name(name, tflops):
+    assert table_peak_tflops(name) == tflops
+
+
+def test_measured_cpu_peak_is_plausible_and_cached():
+    first = measured_matmul_tflops(torch.float32, torch.get_num_threads(), budget_s=0.05, n=256)
+    assert 1e-4 < first < 10  # TFLOP/s of a CPU
+    assert measured_matmul_tflops(torch.float32, torch.get_num_threads(), budget_s=0.05, n=256) == first
+
+
+def test_mfu_is_null_without_a_peak_or_a_speed():
+    u = Utilisation(1000, torch.device("cpu"), "fp32", peak_tflops=2.0)
+    assert u.mfu(None) is None
+    assert u.mfu(1e9) == pytest.approx(1000 * 1e9 / 2e12)
+    u.total_tflops = None  # an unknown GPU without trainer.peak_tflops
+    assert u.metrics(1e9)["mfu"] is None and u.metrics(1e9)["mem/peak_gb"] > 0
