@@ -25,7 +25,8 @@ def plain_loop(cfg, prepared, vocab_size):
     o = cfg.optim
     opt = torch.optim.AdamW(adamw_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
     sched = build_scheduler(opt, o, cfg.trainer.max_steps)
-    loader = TokenLoader(prepared, cfg.data.seq_len, cfg.trainer.micro_batch_size, cfg.seed)
+    loader = TokenLoader(prepared, cfg.data.seq_len, cfg.trainer.micro_batch_size, cfg.seed,
+                         global_batch=cfg.trainer.global_batch_size)
     accum = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
 
     def step():

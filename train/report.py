@@ -35,6 +35,18 @@ class Run:
     summary: dict | None
     group: str = ""
     label: str = ""
+    starts: list[dict] | None = None  # environment.json: one entry per start of the run
+
+    @property
+    def ranks(self) -> str:
+        """World size per segment of the run, e.g. `2, 1 from step 300` after an elastic resume."""
+        if not self.starts:
+            return "–" if not self.summary else str(self.summary.get("world_size", "–"))
+        segments = []
+        for s in self.starts:  # a restart at the same size is not a new segment
+            if not segments or segments[-1][1] != s["world_size"]:
+                segments.append((s["from_step"], s["world_size"]))
+        return ", ".join(f"{n}" if step == 0 else f"{n} from step {step}" for step, n in segments)
 
     @property
     def status(self) -> str:
@@ -84,7 +96,8 @@ def load_runs(dirs: list[Path]) -> list[Run]:
                     break  # cut short by a kill
             config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
             summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else None
-            runs.append(Run(path, config, rows, summary))
+            env = path / "environment.json"
+            runs.append(Run(path, config, rows, summary, starts=json.loads(env.read_text()) if env.exists() else None))
     flat = [_flatten(r.config) for r in runs]
     common = set.intersection(*(set(f) for f in flat)) if flat else set()  # keys of older schemas aside
     varying = sorted((k for k in common if not k.startswith(IGNORED) and len({f[k] for f in flat}) > 1),
@@ -141,13 +154,13 @@ def _count(items) -> dict:
 
 
 def run_table(runs: list[Run]) -> str:
-    lines = ["| run | status | steps | tokens | parameters (active) | FLOPs/token | final val loss | max Amax fwd | "
-             "max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | status | steps | tokens | ranks | parameters (active) | FLOPs/token | final val loss | "
+             "max Amax fwd | max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         last, s = (r.rows[-1] if r.rows else {}), (r.summary or {})
         params = f"{_fmt(s.get('n_params'), ',')} ({_fmt(s.get('n_active_params'), ',')})"
         lines.append(f"| {r.label} (`{r.path}`) | **{r.status}** | {last.get('step', 0)} | {last.get('tokens', 0):,} | "
-                     f"{params} | {_fmt(s.get('flops_per_token'), '.3g')} | "
+                     f"{r.ranks} | {params} | {_fmt(s.get('flops_per_token'), '.3g')} | "
                      f"{_fmt(r.final_val_loss, '.4f')} | {_fmt(r.max_of('probe/amax_fwd'))} | "
                      f"{_fmt(r.max_of('probe/amax_bwd'))} | {_fmt(r.max_of('probe/spikes'), 'g')} |")
     return "\n".join(lines)
