@@ -15,4 +15,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import os
+    import sys
+
+    if "RANK" not in os.environ:  # ranks re-read a launch that was checked before they started
+        from train.preflight import main as preflight
+
+        preflight(sys.argv[1:])
     main()

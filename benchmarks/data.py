@@ -14,6 +14,7 @@ import time
 from benchmarks.common import benchmark_trainer, load_config
 from data.loader import TokenLoader
 from data.shards import load_manifest, prepare
+from train.batch import micro_batch_size
 
 
 def timed_prepare(cfg) -> tuple[float, dict]:
@@ -41,11 +42,11 @@ def main() -> None:
 
     trainer = benchmark_trainer(["data=pycode", f"data.cache_dir={cache}", "logger.wandb.mode=disabled"])
     cfg = trainer.cfg
-    loader = TokenLoader(prepare(cfg.data), cfg.data.seq_len, cfg.trainer.micro_batch_size, seed=0)
+    loader = TokenLoader(prepare(cfg.data), cfg.data.seq_len, micro_batch_size(cfg.trainer, 1), seed=0)
     start = time.perf_counter()
     for _ in range(args.batches):
         next(loader)
-    loader_tps = args.batches * cfg.trainer.micro_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+    loader_tps = args.batches * micro_batch_size(cfg.trainer, 1) * cfg.data.seq_len / (time.perf_counter() - start)
 
     for _ in range(3):
         trainer.train_step()
@@ -59,7 +60,7 @@ def main() -> None:
         label = "byte-level" if tokenizer == "byte" else f"BPE {args.vocab} (incl. training)"
         print(f"prepare {label:<28} {seconds:7.1f} s  {tokens / seconds:>12,.0f} tokens/s  "
               f"{byte_tokens / seconds:>12,.0f} bytes/s  ({tokens:,} tokens)")
-    print(f"loader (seq {cfg.data.seq_len}, batch {cfg.trainer.micro_batch_size}) {loader_tps:>14,.0f} tokens/s")
+    print(f"loader (seq {cfg.data.seq_len}, batch {micro_batch_size(cfg.trainer, 1)}) {loader_tps:>14,.0f} tokens/s")
     print(f"training, default model             {train_tps:>14,.0f} tokens/s")
     print(f"ratio loader / training = {loader_tps / train_tps:,.0f}x  (target >= 50x); "
           f"BPE preparation {rows[1][1]:.1f} s (target < 120 s)")

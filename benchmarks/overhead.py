@@ -16,6 +16,7 @@ from data.loader import TokenLoader
 from model import build_model
 from optim import build_scheduler
 from optim.builder import adamw_groups
+from train.batch import micro_batch_size
 
 
 def plain_loop(cfg, prepared, vocab_size):
@@ -25,9 +26,9 @@ def plain_loop(cfg, prepared, vocab_size):
     o = cfg.optim
     opt = torch.optim.AdamW(adamw_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
     sched = build_scheduler(opt, o, cfg.trainer.max_steps)
-    loader = TokenLoader(prepared, cfg.data.seq_len, cfg.trainer.micro_batch_size, cfg.seed,
-                         global_batch=cfg.trainer.global_batch_size)
-    accum = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size
+    micro = micro_batch_size(cfg.trainer, 1)
+    loader = TokenLoader(prepared, cfg.data.seq_len, micro, cfg.seed, global_batch=cfg.trainer.global_batch_size)
+    accum = cfg.trainer.global_batch_size // micro
 
     def step():
         for _ in range(accum):

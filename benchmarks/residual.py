@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.common import alternate, load_config, median
 from model import build_model
+from train.batch import micro_batch_size
 
 VARIANTS = {"residual": [], "hc": ["model.residual=hc", "model.n_streams=4"],
             "mhc": ["model.residual=mhc", "model.n_streams=4"],
@@ -48,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     base = load_config(args.overrides)
     gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 256, (base.trainer.micro_batch_size, base.data.seq_len), generator=gen)
+    idx = torch.randint(0, 256, (micro_batch_size(base.trainer, 1), base.data.seq_len), generator=gen)
     targets = torch.randint(0, 256, idx.shape, generator=gen)
     steps, memory = {}, {}
     for name, extra in VARIANTS.items():

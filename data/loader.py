@@ -5,9 +5,10 @@ shifted by one; windows never straddle shards). Each epoch visits the windows in
 fixed by (seed, epoch). Every micro-step takes the next `micro_batch * world_size` windows of that
 order and rank r reads its own slice of them, so ranks never share a window; an optimizer step
 therefore consumes the next `global_batch` windows whatever the layout. The position is global —
-(epoch, windows consumed in it) — and an epoch ends on a whole optimizer step (its last
-`n_windows mod global_batch` windows are left out), so a resume at another world size or
-micro-batch continues the same global sample order: nothing repeated, nothing skipped.
+(epoch, windows consumed in it) — and a step that would not fit in what is left of the epoch starts
+the next one (the epoch's last `n_windows mod global_batch` windows are left out), so a resume at
+another world size or micro-batch continues the same global sample order: nothing repeated,
+nothing skipped. A resume with another global batch continues from the same position.
 
 `V4LAB_BATCH_DIGEST=1` makes the loader sum a 40-bit hash of every window it hands out
 (`take_digest`); summed over ranks, a step's digest names its set of windows independently of the
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from data.shards import load_manifest, read_tokens
-from data.sources import DataError
+from common.errors import DataError
 
 
 class Windows:
@@ -61,8 +62,9 @@ class Windows:
 
 
 class TokenLoader:
-    """Training batches of one rank. `global_batch` (windows per optimizer step, a multiple of
-    `micro_batch * world_size`; default one micro-step) fixes where an epoch ends."""
+    """Training batches of one rank. `global_batch`: windows per optimizer step, a multiple of
+    `micro_batch * world_size` (default: one micro-step); a step that would not fit in the rest of
+    the epoch starts the next one."""
 
     STATE_VERSION = 2  # 1: (epoch, step_in_epoch) in micro-steps of a fixed micro_batch × world_size
 
@@ -84,6 +86,8 @@ class TokenLoader:
                 f"fewer than one step's {self.global_batch}"
             )
         self.epoch, self.position = 0, 0  # windows of this epoch's order consumed by all ranks together
+        self._micro_steps = self.global_batch // (micro_batch * world_size)
+        self._micro = 0  # micro-steps of the current optimizer step taken
         self._order: torch.Tensor | None = None
         self._digest = 0 if os.environ.get("V4LAB_BATCH_DIGEST") == "1" else None
 
@@ -106,11 +110,12 @@ class TokenLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position >= self.windows_per_epoch:
+        if self._micro == 0 and self.position + self.global_batch > self.n_windows:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         begin = self.position + self.rank * self.micro_batch
         idx = self._epoch_order()[begin : begin + self.micro_batch].numpy()
         self.position += self.micro_batch * self.world_size
+        self._micro = (self._micro + 1) % self._micro_steps
         x, y = self.windows.batch(idx)
         if self._digest is not None:
             self._digest += sum(_window_hash(row) for row in torch.cat([x, y[:, -1:]], dim=1).numpy())
@@ -141,13 +146,7 @@ class TokenLoader:
             position = state["step_in_epoch"] * state["micro_batch"] * state["world_size"]
         else:
             position = state["position"]
-            if state["global_batch"] != self.global_batch:
-                raise DataError(
-                    f"data loader state does not match this run: saved global_batch={state['global_batch']}, "
-                    f"current trainer.global_batch_size={self.global_batch}; the global batch defines the run's "
-                    f"sample order, resume with the same one"
-                )
-        self.epoch, self.position, self._order = state["epoch"], position, None
+        self.epoch, self.position, self._micro, self._order = state["epoch"], position, 0, None
 
 
 def _window_hash(tokens: np.ndarray) -> int:

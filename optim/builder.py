@@ -6,9 +6,9 @@ import logging
 import torch
 from torch import nn
 
+from common.errors import ConfigError
 from optim.muon import Muon
 from optim.params import classify_parameters, describe_groups
-from train.validate import ConfigError
 
 log = logging.getLogger(__name__)
 

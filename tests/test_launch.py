@@ -56,10 +56,20 @@ def test_launch_two_local_ranks(tmp_path):
 
 def test_multirun_gives_each_job_its_own_out_dir(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = launch("-m", *SMOKE, "trainer.max_steps=3", "seed=0,1", "logger.wandb.mode=disabled",
+    proc = launch("-m", *SMOKE, "trainer.max_steps=3", "seed=0,1", "logger.wandb.mode=offline",
                   f"out_dir={sweep}", f"data.cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, seed in (("0", 0), ("1", 1)):
         cfg = yaml.safe_load((sweep / job / "config.yaml").read_text())
         assert cfg["seed"] == seed and cfg["out_dir"] == str(sweep / job)
-        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 3
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["steps"] == 3
+        # grouped in wandb by the sweep directory, named by the job's overrides, which the files carry
+        # (Hydra keeps one value per key: max_steps=3 replaces the 6 in SMOKE, in its place)
+        named = ["experiment=smoke", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+                 f"seed={seed}"]
+        job_overrides = [*named, f"data.cache_dir={tmp_path / 'cache'}"]
+        assert cfg["logger"]["wandb"]["group"] == "sweep" and cfg["logger"]["wandb"]["name"] == ",".join(named)
+        assert summary["overrides"] == job_overrides
+        rows = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["overrides"] == job_overrides for r in rows)

@@ -29,7 +29,8 @@ OPTIMS = ("adamw", "muon")
 
 def rows(out: Path) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+    # the job's overrides differ between a killed run, its resume and the reference sweep
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "overrides")} for line in lines]
 
 
 def run(*args, **kw):

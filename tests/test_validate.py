@@ -13,7 +13,7 @@ BAD = [
     (["optim.lr=-0.001"], "optim.lr", "positive"),
     (["data.seq_len=512"], "data.seq_len", "model.max_seq_len=256"),
     (["trainer.global_batch_size=24", "trainer.micro_batch_size=16"], "trainer.global_batch_size", "multiple of 16"),
-    (["launcher.nproc_per_node=2", "trainer.global_batch_size=16"], "trainer.global_batch_size", "multiple of 32"),
+    (["launcher.nproc_per_node=2", "trainer.micro_batch_size=16"], "trainer.global_batch_size", "multiple of 32"),
     (["data.source=files", "data.path=/no/such/corpus"], "data.path", "existing"),
     (["data.source=files"], "data.path", "required"),
     (["data.source=hub9"], "data.source", "shakespeare, pycode, files, hub"),

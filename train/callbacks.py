@@ -28,8 +28,9 @@ def _jsonable(v):
 class MetricsFile(Callback):
     """`metrics.jsonl`: one JSON object per step, flushed as written so a killed run keeps its log."""
 
-    def __init__(self, path: Path):
-        self.path, self.file = path, None
+    def __init__(self, path: Path, extra: dict | None = None):
+        """`extra`: keys added to every row (the job's overrides)."""
+        self.path, self.file, self.extra = path, None, extra or {}
 
     def on_train_start(self, trainer) -> None:
         # A resumed run re-logs the steps after its checkpoint: drop what the interrupted run wrote
@@ -48,7 +49,7 @@ class MetricsFile(Callback):
         self.file = open(self.path, "a", buffering=1)
 
     def on_step_end(self, trainer, metrics: dict) -> None:
-        self.file.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+        self.file.write(json.dumps({**{k: _jsonable(v) for k, v in metrics.items()}, **self.extra}) + "\n")
 
     def on_train_end(self, trainer, summary: dict) -> None:
         if self.file:

@@ -64,7 +64,8 @@ class Checkpointer:
     def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int):
         self.dir, self.keep_last, self.rank, self.world_size = directory, keep_last, rank, world_size
 
-    def save(self, engine, step: int, trainer_state: dict) -> Path:
+    def save(self, engine, step: int, trainer_state: dict, extra_files: dict[str, str] | None = None) -> Path:
+        """`extra_files`: {name: text} written beside the state by rank 0 (the run's config)."""
         final, tmp = self.dir / f"{PREFIX}{step:08d}", self.dir / f".tmp-{PREFIX}{step:08d}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +78,9 @@ class Checkpointer:
         barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
         torch.save(trainer_state, tmp / f"trainer_state_rank{self.rank}.pt")
+        if self.rank == 0:
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         barrier()
         if self.rank == 0:
             seal(tmp, step=step, world_size=self.world_size, zero_stage=engine.zero_optimization_stage(),

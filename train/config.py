@@ -7,7 +7,7 @@ Semantic checks (ranges, combinations) live in `train.validate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 
@@ -119,7 +119,10 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1500
-    micro_batch_size: int = 16  # sequences per rank per forward pass
+    # sequences per rank per forward pass; auto: the largest that divides global_batch_size / ranks,
+    # at most max_micro_batch_size (train/batch.py), so every world size trains the same trajectory
+    micro_batch_size: Union[int, str] = "auto"
+    max_micro_batch_size: int = 16  # the memory cap for auto
     global_batch_size: int = 16  # sequences per optimizer step over all ranks and micro-batches
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 100
@@ -133,6 +136,12 @@ class TrainerConfig:
     # state and exit with an error; skip: count it, log it and go on (at most max_skipped_steps).
     on_nonfinite: str = "stop"  # stop | skip
     max_skipped_steps: int = 10
+    # Loss-spike policy (OLMo-core's skip-step optimizer): skip: an update whose loss or gradient
+    # norm is more than spike_sigma standard deviations above the mean of the previous spike_window
+    # steps is not applied (once the window is half full). off: nothing is measured.
+    on_spike: str = "off"  # off | skip
+    spike_sigma: float = 6.0
+    spike_window: int = 128
     # glibc: keep freed memory for reuse instead of page-faulting fresh pages every step (train/host.py)
     reuse_freed_memory: bool = True
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ConfigError
 from train.config import Config
 
 # Sent to this process, these go on to the ranks. A terminal's Ctrl-C (SIGINT) also reaches the
@@ -33,6 +34,14 @@ ENTRY = Path(__file__).resolve().parents[1] / "launch.py"
 
 def world_size(cfg: Config) -> int:
     return cfg.launcher.nnodes * cfg.launcher.nproc_per_node
+
+
+def check_multi_node_out_dir(cfg: Config, overrides: list[str]) -> None:
+    """Every node resolves the default out_dir (a timestamp) on its own: several nodes need one given."""
+    multi_node = cfg.launcher.nnodes > 1 or cfg.launcher.hostfile
+    if multi_node and "RANK" not in os.environ and not any(o.startswith("out_dir=") for o in overrides):
+        raise ConfigError("out_dir", cfg.out_dir, "an explicit out_dir=PATH on a file system every node shares",
+                          "the default is a timestamp, which each node would resolve differently")
 
 
 def read_hostfile(path: str) -> list[tuple[str, int]]:
@@ -174,8 +183,6 @@ def submitit_job():
 
 def adopt_submitit_task(cfg: Config) -> None:
     """Under hydra-submitit-launcher each task is one rank: export the variables torch reads."""
-    from train.validate import ConfigError
-
     job = submitit_job()
     if job is None or "RANK" in os.environ or job.num_tasks == 1 and world_size(cfg) == 1:
         return
@@ -234,8 +241,6 @@ class SubmititLayout(Callback):
     the job layout is one task per rank, and answers launcher.dry_run with the sbatch file."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from train.validate import ConfigError
-
         try:
             self._check(config)
         except ConfigError as e:
@@ -246,8 +251,6 @@ class SubmititLayout(Callback):
             sys.exit(2)
 
     def _check(self, config: DictConfig) -> None:
-        from train.validate import ConfigError
-
         params = OmegaConf.to_container(config.hydra.launcher, resolve=True)
         if "submitit" not in str(params.get("_target_", "")):
             return

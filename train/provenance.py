@@ -1,5 +1,6 @@
 """`environment.json`: what produced a run. One entry per start (a resumed run adds one), each with
-the git commit, package versions, machine, command line and the step it started from."""
+the git commit, package versions, machine, command line, the step it started from, the settings
+changed since the checkpoint it resumed, and the keys with no effect in the run."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -43,7 +44,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def record_start(out_dir: Path, step: int, world_size: int) -> None:
+def record_start(out_dir: Path, step: int, world_size: int, changed: dict | None = None,
+                 inert: list[str] = ()) -> int:
+    """Append this start's entry and return its number (0 = the first start). `changed`: the
+    settings that differ from the checkpoint this start resumes ({key: [old, new]}), which change
+    the trajectory; `inert`: keys with no effect in this run."""
     path = out_dir / "environment.json"
     starts = json.loads(path.read_text()) if path.exists() else []
     starts.append({
@@ -52,7 +57,9 @@ def record_start(out_dir: Path, step: int, world_size: int) -> None:
         "hostname": socket.gethostname(), "world_size": world_size, "argv": sys.argv,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cuda": torch.version.cuda, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "changed": {k: list(v) for k, v in (changed or {}).items()}, "inert": list(inert),
     })
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(starts, indent=1))
     os.replace(tmp, path)
+    return len(starts) - 1

@@ -1,11 +1,14 @@
 """Turn finished (or running) runs into a markdown report with PNG plots.
 
-    python -m train.report DIR [DIR ...] [--out REPORT_DIR] [--target-loss X]
+    python -m train.report DIR [DIR ...] [--out REPORT_DIR] [--target-loss X] [--x step|tokens|time]
+    python -m train.report --diff RUN_A RUN_B
 
 Every directory below the given ones that holds a `metrics.jsonl` is a run; runs are grouped by
 the config values that differ between them (seeds aside), so a sweep over optimizer × residual
-× seed gives one row per optimizer × residual with mean ± std over seeds. Diverged and unfinished
-runs are reported as such, never dropped.
+× seed gives one row per optimizer × residual with mean ± std over seeds. A key that has no effect
+in a run (train/variants.py: `model.n_streams` of a plain-residual run) does not split groups.
+Diverged and unfinished runs are reported as such, with their last validation loss and how far
+they got, never dropped; a run resumed with settings that change its trajectory is marked.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from train.run_config import flatten  # noqa: E402
+from train.variants import is_inert  # noqa: E402
+
 IGNORED = ("seed", "out_dir", "logger.", "data.cache_dir", "trainer.progress", "trainer.resume")
 ALIASES = {"optim.name": "optim", "model.residual": "residual"}
 
@@ -35,6 +41,7 @@ class Run:
     summary: dict | None
     group: str = ""
     label: str = ""
+    changed: tuple = ()  # keys changed on resume that change the trajectory (environment.json)
     starts: list[dict] | None = None  # environment.json: one entry per start of the run
 
     @property
@@ -58,9 +65,31 @@ class Run:
             return "running"
         return self.summary.get("status", "completed")
 
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[key]) for r in self.rows if r.get(key) is not None]
+    def series(self, key: str, x: str = "step") -> tuple[list[float], list[float]]:
+        """`key` against `x`: step, tokens, or time (training seconds, summed from each step's
+        tokens and tokens/s, so evaluation and restarts do not count)."""
+        xs, elapsed, tokens = {}, 0.0, 0
+        for r in self.rows:
+            if r.get("tokens_per_s"):
+                elapsed += (r["tokens"] - tokens) / r["tokens_per_s"]
+            tokens = r.get("tokens", tokens)
+            xs[r["step"]] = {"step": r["step"], "tokens": r.get("tokens"), "time": elapsed}[x]
+        pts = [(xs[r["step"]], r[key]) for r in self.rows if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
+
+    @property
+    def last_val_loss(self) -> float | None:
+        if self.summary and self.summary.get("final_val_loss") is not None:
+            return self.summary["final_val_loss"]
+        vals = self.series("val_loss")[1]
+        return vals[-1] if vals else None
+
+    @property
+    def progress(self) -> str:
+        """How far the run got: `step N of M`."""
+        step = self.rows[-1]["step"] if self.rows else 0
+        total = (self.config.get("trainer") or {}).get("max_steps")
+        return f"step {step} of {total}" if total else f"step {step}"
 
     def max_of(self, key: str) -> float | None:
         vals = [r[key] for r in self.rows if isinstance(r.get(key), (int, float))]
@@ -83,6 +112,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+INERT = "(inert)"
+
+
+def _namespace(d: dict):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+def _effective(config: dict) -> dict:
+    """The flattened config, each key with no effect in the run replaced by INERT."""
+    flat = _flatten(config)
+    try:
+        ns = _namespace(config)
+        return {k: INERT if is_inert(k, ns) else v for k, v in flat.items()}
+    except AttributeError:  # a config of an older schema: every key counts
+        return flat
+
+
 def load_runs(dirs: list[Path]) -> list[Run]:
     runs = []
     for d in dirs:
@@ -96,14 +144,18 @@ def load_runs(dirs: list[Path]) -> list[Run]:
                     break  # cut short by a kill
             config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
             summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else None
-            env = path / "environment.json"
-            runs.append(Run(path, config, rows, summary, starts=json.loads(env.read_text()) if env.exists() else None))
-    flat = [_flatten(r.config) for r in runs]
+            runs.append(Run(path, config, rows, summary))
+    for run in runs:
+        env = run.path / "environment.json"
+        run.starts = json.loads(env.read_text()) if env.exists() else None
+        run.changed = tuple(sorted({k for s in run.starts or () for k in s.get("changed", {})}))
+    flat = [_effective(r.config) for r in runs]
     common = set.intersection(*(set(f) for f in flat)) if flat else set()  # keys of older schemas aside
-    varying = sorted((k for k in common if not k.startswith(IGNORED) and len({f[k] for f in flat}) > 1),
+    # a key splits groups when the runs in which it has an effect disagree on it
+    varying = sorted((k for k in common if not k.startswith(IGNORED) and len({f[k] for f in flat} - {INERT}) > 1),
                      key=lambda k: (k not in ALIASES, list(ALIASES).index(k) if k in ALIASES else 0, k))
     for run, f in zip(runs, flat):
-        short = {ALIASES.get(k, k): f.get(k) for k in varying}
+        short = {ALIASES.get(k, k): f.get(k) for k in varying if f.get(k) != INERT}
         run.group = ", ".join(f"{k}={v}" for k, v in short.items()) or "all runs"
         run.label = f"{run.group} seed={f.get('seed')}" if len(runs) > 1 else run.path.name
     return runs
@@ -154,14 +206,18 @@ def _count(items) -> dict:
 
 
 def run_table(runs: list[Run]) -> str:
-    lines = ["| run | status | steps | tokens | ranks | parameters (active) | FLOPs/token | final val loss | "
+    lines = ["| run | status | steps | tokens | ranks | parameters (active) | FLOPs/token | val loss | "
              "max Amax fwd | max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         last, s = (r.rows[-1] if r.rows else {}), (r.summary or {})
         params = f"{_fmt(s.get('n_params'), ',')} ({_fmt(s.get('n_active_params'), ',')})"
-        lines.append(f"| {r.label} (`{r.path}`) | **{r.status}** | {last.get('step', 0)} | {last.get('tokens', 0):,} | "
+        status = f"**{r.status}**" + (f", {r.progress}" if r.status != "completed" else "") + \
+            (f", resumed with changes ({', '.join(r.changed)})" if r.changed else "")
+        val = _fmt(r.final_val_loss, ".4f") if r.status == "completed" or r.last_val_loss is None else \
+            f"{r.last_val_loss:.4f} (last, {r.progress})"
+        lines.append(f"| {r.label} (`{r.path}`) | {status} | {last.get('step', 0)} | {last.get('tokens', 0):,} | "
                      f"{r.ranks} | {params} | {_fmt(s.get('flops_per_token'), '.3g')} | "
-                     f"{_fmt(r.final_val_loss, '.4f')} | {_fmt(r.max_of('probe/amax_fwd'))} | "
+                     f"{val} | {_fmt(r.max_of('probe/amax_fwd'))} | "
                      f"{_fmt(r.max_of('probe/amax_bwd'))} | {_fmt(r.max_of('probe/spikes'), 'g')} |")
     return "\n".join(lines)
 
@@ -171,12 +227,16 @@ def _colors(runs: list[Run]) -> dict[str, str]:
     return {g: cmap(i % 10) for i, g in enumerate(sorted({r.group for r in runs}))}
 
 
-def plot(runs: list[Run], out: Path, key: str, title: str, ylabel: str, log: bool = False, name: str = "") -> str | None:
+XLABELS = {"step": "step", "tokens": "tokens", "time": "training time (s)"}
+
+
+def plot(runs: list[Run], out: Path, key: str, title: str, ylabel: str, log: bool = False, name: str = "",
+         x_axis: str = "step") -> str | None:
     colors = _colors(runs)
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn, labelled = False, set()
     for r in runs:
-        x, y = r.series(key)
+        x, y = r.series(key, x_axis)
         if not x:
             continue
         drawn = True
@@ -188,7 +248,7 @@ def plot(runs: list[Run], out: Path, key: str, title: str, ylabel: str, log: boo
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.set(title=title, xlabel=XLABELS[x_axis], ylabel=ylabel)
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -228,7 +288,7 @@ def plot_depth(runs: list[Run], out: Path) -> str | None:
     return "amax_vs_depth.png"
 
 
-def write_report(dirs: list[Path], out: Path | None = None, target: float | None = None) -> Path:
+def write_report(dirs: list[Path], out: Path | None = None, target: float | None = None, x_axis: str = "step") -> Path:
     runs = load_runs(dirs)
     if not runs:
         raise SystemExit(f"error: no run (a directory with metrics.jsonl) under {', '.join(map(str, dirs))}")
@@ -237,15 +297,17 @@ def write_report(dirs: list[Path], out: Path | None = None, target: float | None
     finals = [r.final_val_loss for r in runs if r.final_val_loss is not None]
     if target is None:  # the loss every completed run reached: compares how fast each got there
         target = max(finals) if finals else min((v for r in runs for v in r.series("val_loss")[1]), default=0.0)
+    x = {"x_axis": x_axis}
     figures = [
-        plot(runs, out, "loss", "Training loss", "loss"),
-        plot(runs, out, "val_loss", "Validation loss", "loss"),
-        plot(runs, out, "grad_norm", "Gradient norm", "‖g‖", log=True),
-        plot(runs, out, "probe/amax_fwd", "Composite Amax gain (forward) vs step", "gain", log=True),
-        plot(runs, out, "probe/amax_bwd", "Composite Amax gain (backward) vs step", "gain", log=True),
+        plot(runs, out, "loss", "Training loss", "loss", **x),
+        plot(runs, out, "val_loss", "Validation loss", "loss", **x),
+        plot(runs, out, "grad_norm", "Gradient norm", "‖g‖", log=True, **x),
+        plot(runs, out, "probe/amax_fwd", f"Composite Amax gain (forward) vs {x_axis}", "gain", log=True, **x),
+        plot(runs, out, "probe/amax_bwd", f"Composite Amax gain (backward) vs {x_axis}", "gain", log=True, **x),
         plot_depth(runs, out),
-        plot(runs, out, "probe/update_weight_ratio/matrix", "Update/weight ratio, hidden matrices", "ratio", log=True),
-        plot(runs, out, "probe/max_logit", "Max attention logit", "logit"),
+        plot(runs, out, "probe/update_weight_ratio/matrix", "Update/weight ratio, hidden matrices", "ratio", log=True,
+             **x),
+        plot(runs, out, "probe/max_logit", "Max attention logit", "logit", **x),
     ]
     md = [f"# Run report\n\n{len(runs)} run(s) from {', '.join(f'`{d}`' for d in dirs)}.\n",
           "## Groups\n", group_table(runs, target), "\n## Runs\n", run_table(runs), "\n## Plots\n"]
@@ -255,13 +317,39 @@ def write_report(dirs: list[Path], out: Path | None = None, target: float | None
     return path
 
 
+def config_diff(a: Path, b: Path) -> str:
+    """The config keys whose values differ between runs `a` and `b`, one `key: A -> B` per line;
+    keys with no effect in a run say so."""
+    def load(run: Path) -> dict:
+        path = Path(run) / "config.yaml"
+        if not path.is_file():
+            raise SystemExit(f"error: {run} holds no config.yaml (not a run directory)")
+        return yaml.safe_load(path.read_text())
+    ca, cb = load(a), load(b)
+    fa, fb, ea, eb = _flatten(ca), _flatten(cb), _effective(ca), _effective(cb)
+
+    def shown(flat, eff, k):
+        return "(absent)" if k not in flat else f"{flat[k]!r}" + (" (inert)" if eff[k] == INERT else "")
+    lines = [f"{k}: {shown(fa, ea, k)} -> {shown(fb, eb, k)}" for k in sorted(set(fa) | set(fb))
+             if k != "out_dir" and fa.get(k, INERT + "a") != fb.get(k, INERT + "b")]
+    return "\n".join(lines) if lines else "the two runs' configs are the same (out_dir aside)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("dirs", nargs="*", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="where report.md and the PNGs go (default: the first DIR)")
     ap.add_argument("--target-loss", type=float, default=None, help="val loss for 'tokens to reach'")
+    ap.add_argument("--x", choices=tuple(XLABELS), default="step", help="the plots' horizontal axis")
+    ap.add_argument("--diff", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
+                    help="print the config keys that differ between two runs, and nothing else")
     args = ap.parse_args()
-    print(write_report(args.dirs, args.out, args.target_loss))
+    if args.diff:
+        print(config_diff(*args.diff))
+        return
+    if not args.dirs:
+        ap.error("give the run or sweep directories to report on, or --diff RUN_A RUN_B")
+    print(write_report(args.dirs, args.out, args.target_loss, args.x))
 
 
 if __name__ == "__main__":

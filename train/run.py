@@ -12,8 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ConfigError, DataError
 from train.config import Config
-from train.validate import ConfigError, validate
+from train.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -64,33 +65,75 @@ def drop_if_empty(out: Path) -> None:
         out.rmdir()
 
 
+def job_overrides(overrides: list[str]) -> list[str]:
+    """What `metrics.jsonl` and `summary.json` record as the job's overrides: the command line's,
+    without where files and logs go (out_dir, logger.*; config.yaml has them)."""
+    return [o for o in overrides if not o.lstrip("+").startswith(("out_dir=", "logger."))]
+
+
+def name_sweep_job(cfg: Config, overrides: list[str]) -> list[str]:
+    """A job of a multirun gets a wandb group (the sweep directory's name) and a run name made of
+    its overrides, unless set; returns the overrides that pass them on to the job's ranks."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN or cfg.logger.wandb.mode == "disabled":
+        return []
+    wb, added = cfg.logger.wandb, []
+    if wb.group is None:
+        wb.group = Path(HydraConfig.get().sweep.dir).name
+        added.append(f"logger.wandb.group='{wb.group}'")
+    if wb.name is None:
+        wb.name = ",".join(o for o in job_overrides(overrides)
+                           if not o.lstrip("+").startswith(("data.cache_dir=", "launcher.")))
+        wb.name = wb.name or f"job{HydraConfig.get().job.num}"
+        added.append(f"logger.wandb.name='{wb.name}'")
+    return added
+
+
+def check_resumable(cfg: Config) -> None:
+    """Refuse, before anything starts, a resume whose checkpoint's settings this launch changes
+    where they cannot change (train/run_config.py); the trainer logs the allowed changes."""
+    from train.checkpoint import Checkpointer
+    from train.launcher import world_size
+    from train.run_config import check_resume
+
+    t = cfg.trainer
+    if t.resume == "never":
+        return
+    ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", 1, 0, 1).newest_valid() if t.resume == "auto" \
+        else Path(t.resume).expanduser()
+    if ckpt is not None:
+        check_resume(cfg, ckpt, world_size(cfg))
+
+
 def fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
 
 
 def run(dict_cfg: DictConfig) -> int:
-    from data.sources import DataError
-
     from train import launcher
 
     overrides = list(HydraConfig.get().overrides.task)
     try:
         cfg = typed_config(dict_cfg)
         validate(cfg)
-        multi_node = cfg.launcher.nnodes > 1 or cfg.launcher.hostfile
-        if multi_node and "RANK" not in os.environ and not any(o.startswith("out_dir=") for o in overrides):
-            raise ConfigError("out_dir", cfg.out_dir, "an explicit out_dir=PATH on a file system every node shares",
-                              "the default is a timestamp, which each node would resolve differently")
+        launcher.check_multi_node_out_dir(cfg, overrides)
         launcher.adopt_submitit_task(cfg)
     except ConfigError as e:
         drop_if_empty(Path(HydraConfig.get().runtime.output_dir))
         return fail(str(e), EXIT_CONFIG)
+    overrides += name_sweep_job(cfg, overrides)
     plan = launcher.plan_launch(cfg, overrides)
     if cfg.launcher.dry_run:
         print(launcher.describe(plan, cfg, overrides), flush=True)
         drop_if_empty(Path(cfg.out_dir))
         return 0
+    from train.checkpoint import CheckpointError
+
+    if "RANK" not in os.environ:
+        try:  # before any rank starts: a checkpoint this launch cannot continue is refused here
+            check_resumable(cfg)
+        except CheckpointError as e:
+            return fail(str(e), EXIT_CHECKPOINT)
     if plan is not None:
         if cfg.launcher.node_rank == 0:
             try:
@@ -100,7 +143,9 @@ def run(dict_cfg: DictConfig) -> int:
                 return fail(str(e), EXIT_CONFIG)
         return launcher.execute(plan, cfg)
 
-    from train.checkpoint import CheckpointError
+    from train.log_setup import route_logs
+
+    route_logs(Path(cfg.out_dir), int(os.environ.get("RANK", 0)))
     from train.distributed import shutdown_distributed
     from train.preemption import StopSignals
     from train.trainer import Diverged, Trainer
@@ -108,7 +153,7 @@ def run(dict_cfg: DictConfig) -> int:
     try:
         # stop signals from here on: one during start-up ends the run before its first step
         with run_directory_lock(cfg), StopSignals() as stop:
-            summary = Trainer(cfg).fit(stop)
+            summary = Trainer(cfg, job_overrides(overrides)).fit(stop)
     except RunDirectoryBusy as e:
         return fail(str(e), EXIT_CONFIG)
     except DataError as e:

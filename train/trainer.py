@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from data.loader import TokenLoader, validation_batches
 from data.shards import prepare
@@ -24,14 +23,18 @@ from model import build_model
 from optim import build_optimizer, build_scheduler
 from optim.qk_clip import qk_clip, track_max_logits
 from optim.zero import bind_zero_partitions
+from train.batch import accumulation_steps, micro_batch_size
 from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
 from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks, sum_over_ranks
 from train.host import reuse_freed_memory
+from train.log_setup import build_output_to_log
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
 from train.provenance import record_start
+from train.run_config import as_dict, check_resume, flatten, inert_in, record_start_config, to_yaml
+from train.spikes import SpikeGuard
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     stage = cfg.deepspeed.zero_stage
     return {
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world_size),
+        "train_micro_batch_size_per_gpu": micro_batch_size(t, world_size),
+        "gradient_accumulation_steps": accumulation_steps(t, world_size),
         # ZeRO-0 clips without reporting the norm; there the trainer clips itself.
         "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
@@ -81,16 +84,21 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, overrides: list[str] | None = None):
+        """`overrides`: the command-line overrides of this run (launch.py), carried by every
+        metrics row and the summary so that a sweep's files say which job they belong to."""
         import deepspeed
 
         self.cfg, t = cfg, cfg.trainer
+        self.overrides = list(overrides) if overrides is not None else None
         if t.reuse_freed_memory:
             reuse_freed_memory()
         self.out_dir = Path(cfg.out_dir)
-        self.rank, self.world_size, self.device = init_distributed(cfg.launcher.collective_timeout_s)
+        with build_output_to_log():  # DeepSpeed's op builds print; a normal start does not show them
+            self.rank, self.world_size, self.device = init_distributed(cfg.launcher.collective_timeout_s)
         self.max_steps = t.max_steps
-        self.accum = t.global_batch_size // (t.micro_batch_size * self.world_size)
+        self.micro_batch = micro_batch_size(t, self.world_size)
+        self.accum = accumulation_steps(t, self.world_size)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.precision = resolve_precision(t.precision, self.device)
 
@@ -100,9 +108,9 @@ class Trainer:
         barrier()
         if self.rank != 0:
             self.prepared = prepare(d)
-        self.loader = TokenLoader(self.prepared, d.seq_len, t.micro_batch_size, cfg.seed, self.rank, self.world_size,
+        self.loader = TokenLoader(self.prepared, d.seq_len, self.micro_batch, cfg.seed, self.rank, self.world_size,
                                   global_batch=t.global_batch_size)
-        self.val_batches = validation_batches(self.prepared, d.seq_len, t.micro_batch_size, t.eval_batches,
+        self.val_batches = validation_batches(self.prepared, d.seq_len, self.micro_batch, t.eval_batches,
                                               self.rank, self.world_size)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -127,21 +135,24 @@ class Trainer:
             x, y = self.val_batches[0]
             self.probes = StabilityProbes(self.engine.module, (x.to(self.device), y.to(self.device)), cfg.probes.every)
         self.step, self.tokens, self.train_time, self.skipped_steps = 0, 0, 0.0, 0
+        self.spikes = SpikeGuard(t.spike_sigma, t.spike_window) if t.on_spike == "skip" else None
+        self.resumed_changes: dict = {}
         self.last_checkpoint: tuple[int, Path] | None = None
         self.val_loss: float | None = None
         self.optimizer_state_mb: float | None = None
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", t.keep_last, self.rank, self.world_size)
         self.callbacks = {}
         if self.rank == 0:
-            resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-            self.callbacks["metrics"] = MetricsFile(self.out_dir / "metrics.jsonl")
+            resolved = as_dict(cfg)
+            self.callbacks["metrics"] = MetricsFile(self.out_dir / "metrics.jsonl",
+                                                    {} if self.overrides is None else {"overrides": self.overrides})
             if cfg.logger.wandb.mode != "disabled":
                 self.callbacks["wandb"] = WandbLogger(cfg.logger.wandb, self.out_dir, resolved)
             if t.progress:
                 self.callbacks["progress"] = ProgressBar()
-        log.info("model: %s parameters (%s active per token), %s training FLOPs/token; precision %s; %d rank(s), %d micro-batch(es) per step",
-                 f"{self.n_params:,}", f"{self.n_active_params:,}", f"{self.flops_per_token:,}", self.precision,
-                 self.world_size, self.accum)
+        log.info("model: %s parameters (%s active per token), %s training FLOPs/token; precision %s; %d rank(s), "
+                 "%d micro-batch(es) of %d per step", f"{self.n_params:,}", f"{self.n_active_params:,}",
+                 f"{self.flops_per_token:,}", self.precision, self.world_size, self.accum, self.micro_batch)
 
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -154,7 +165,7 @@ class Trainer:
         self._set_model_phase()
         self.engine.train()
         loss_sum = torch.zeros((), device=self.device)
-        grad_norm = None
+        grad_norm, spike = None, False
         for _ in range(self.accum):
             x, y = next(self.loader)
             loss = self.engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
@@ -162,7 +173,9 @@ class Trainer:
             loss_sum += loss.detach().float()
             if self.manual_clip and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._clip_grad_norm()
-                self._skip_update_if(not math.isfinite(grad_norm))
+                if self.spikes is not None:  # the step's loss over all ranks, before the update
+                    spike = self.spikes.is_spike(mean_over_ranks(loss_sum / self.accum).item(), grad_norm)
+                self._skip_update_if(not math.isfinite(grad_norm) or spike)
             self.engine.step()
         clipped = qk_clip(self.engine.module, self.cfg.optim.qk_clip_tau) if self.cfg.optim.qk_clip_tau > 0 else None
         if grad_norm is None:
@@ -178,12 +191,19 @@ class Trainer:
         parts = module.on_step_end(applied) if hasattr(module, "on_step_end") else {}
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._non_finite(loss, grad_norm, applied=applied, before=before)
+        elif spike:
+            self.skipped_steps += 1
+            log.warning("step %d: loss %.4g or gradient norm %.4g more than trainer.spike_sigma=%g standard deviations "
+                        "above the last %d steps; update skipped (%d skipped so far)", self.step, loss, grad_norm,
+                        self.cfg.trainer.spike_sigma, len(self.spikes.losses), self.skipped_steps)
         if "loss/lm" in parts:
             parts["loss/total"], loss = loss, parts.pop("loss/lm")
         metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
                    "tokens_per_s": self.tokens_per_step / elapsed, "skipped_steps": self.skipped_steps, **parts}
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
+        if self.spikes is not None:
+            metrics["spike_skipped"] = spike
         digest = self.loader.take_digest()
         if digest is not None:  # V4LAB_BATCH_DIGEST=1: which windows the step trained on, whatever the layout
             metrics["data/digest"] = sum_over_ranks(digest)
@@ -265,6 +285,7 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time,
                 "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict(), "rng": rng_state(),
                 "probes": self.probes.state_dict() if self.probes else None,
+                "spikes": self.spikes.state_dict() if self.spikes else None,
                 "callbacks": {k: cb.state_dict() for k, cb in self.callbacks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -280,6 +301,8 @@ class Trainer:
             torch.manual_seed(seed)
         if self.probes and state.get("probes"):
             self.probes.load_state_dict(state["probes"])
+        if self.spikes and state.get("spikes"):
+            self.spikes.load_state_dict(state["spikes"])
         for k, cb in self.callbacks.items():
             cb.load_state_dict(state["callbacks"].get(k, {}))
 
@@ -289,7 +312,7 @@ class Trainer:
         return path if step == self.step else self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
-        path = self.checkpointer.save(self.engine, self.step, self.state_dict())
+        path = self.checkpointer.save(self.engine, self.step, self.state_dict(), {"config.yaml": self.config_yaml()})
         self.last_checkpoint = (self.step, path)
         return path
 
@@ -306,6 +329,7 @@ class Trainer:
             ckpt = Path(resume).expanduser()
         if ckpt is None:
             return
+        self.resumed_changes = check_resume(self.cfg, ckpt, self.world_size, log_changes=self.rank == 0)
         groups = self.scheduler.optimizer.param_groups
         configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         self.load_state_dict(self.checkpointer.load(self.engine, ckpt))
@@ -327,6 +351,23 @@ class Trainer:
                 log.warning("optimizer group %s: %s from this launch's config", group.get("name", i),
                             ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
 
+    def config_yaml(self) -> str:
+        return to_yaml(self.cfg, self.inert_keys())
+
+    def inert_keys(self) -> list[str]:
+        return inert_in(self.cfg, flatten(as_dict(self.cfg)))
+
+    def _warn_inert(self, inert: list[str]) -> None:
+        """One warning naming the keys this run was given that have no effect in it: set on the
+        command line, or away from their default (a sweep crossing variants sets them)."""
+        default = flatten(as_dict(Config()))
+        given = {o.lstrip("+").split("=", 1)[0] for o in self.overrides or ()}
+        now = flatten(as_dict(self.cfg))
+        named = [k for k in inert if k in given or now[k] != default.get(k)]
+        if named:
+            log.warning("no effect in this run (marked inert in config.yaml): %s", ", ".join(
+                f"{k}={now[k]!r}" for k in named))
+
     # -- the run ----------------------------------------------------------------------------
     def fit(self, stop: StopSignals | None = None) -> dict:
         """Train to max_steps. `stop`: the signal handlers launch.py installed before building
@@ -338,8 +379,10 @@ class Trainer:
         self.maybe_resume()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
-            record_start(self.out_dir, self.step, self.world_size)
+            inert = self.inert_keys()
+            start = record_start(self.out_dir, self.step, self.world_size, changed=self.resumed_changes, inert=inert)
+            record_start_config(self.out_dir, self.cfg, start, inert)
+            self._warn_inert(inert)
         for cb in self.callbacks.values():
             cb.on_train_start(self)
         try:
@@ -392,8 +435,11 @@ class Trainer:
             "probe/spikes": self.probes.spikes if self.probes else None,
             "n_params": self.n_params, "n_active_params": self.n_active_params,
             "flops_per_token": self.flops_per_token, "world_size": self.world_size, "precision": self.precision,
-            "optimizer_state_mb_per_rank": self.optimizer_state_mb, "skipped_steps": self.skipped_steps, **extra,
+            "optimizer_state_mb_per_rank": self.optimizer_state_mb, "skipped_steps": self.skipped_steps,
+            "micro_batch_size": self.micro_batch, **extra,
         }
+        if self.overrides is not None:
+            summary["overrides"] = self.overrides
         if error:
             summary["error"] = error
         for cb in self.callbacks.values():
@@ -402,3 +448,4 @@ class Trainer:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         barrier()
         return summary
+

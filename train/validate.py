@@ -9,7 +9,9 @@ import math
 import os
 from pathlib import Path
 
+from common.errors import ConfigError  # noqa: F401  (re-exported for callers of train.validate)
 from train.config import Config
+from train.batch import micro_batch_size
 from train.launcher import read_hostfile, world_size
 
 OPTIMIZERS = ("adamw", "muon")
@@ -18,13 +20,6 @@ SCHEDULES = ("cosine", "wsd", "constant")
 SOURCES = ("shakespeare", "pycode", "files", "hub")
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("offline", "online", "disabled")
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, value, accepted: str, why: str = ""):
-        self.key, self.value = key, value
-        reason = f": {why}" if why else ""
-        super().__init__(f"invalid configuration {key}={value!r}{reason}. Accepted: {accepted}.")
 
 
 def _choice(key: str, value, accepted: tuple) -> None:
@@ -182,24 +177,26 @@ def validate(cfg: Config) -> None:
     if d.shard_tokens <= d.seq_len:
         raise ConfigError("data.shard_tokens", d.shard_tokens, f"more than data.seq_len={d.seq_len}")
 
-    for key in ("max_steps", "micro_batch_size", "global_batch_size", "eval_batches", "keep_last"):
+    for key in ("max_steps", "eval_batches", "keep_last"):
         _positive(f"trainer.{key}", getattr(t, key))
     for key in ("eval_every", "checkpoint_every"):
         _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
     _positive("trainer.grad_clip", t.grad_clip, integer=False, allow_zero=True)
-    per_step = t.micro_batch_size * world_size(cfg)
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            "trainer.global_batch_size", t.global_batch_size,
-            f"a multiple of {per_step}, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}",
-            f"it must split into micro-batches of trainer.micro_batch_size={t.micro_batch_size} "
-            f"on each of {world_size(cfg)} rank(s)",
-        )
+    micro_batch_size(t, world_size(cfg))  # raises, naming the micro- and global batch sizes that work
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
         raise ConfigError("trainer.resume", t.resume, "auto, never, or an existing checkpoint directory")
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
     _positive("trainer.max_skipped_steps", t.max_skipped_steps, allow_zero=True)
+    _choice("trainer.on_spike", t.on_spike, ("off", "skip"))
+    if t.on_spike == "skip":
+        _positive("trainer.spike_sigma", t.spike_sigma, integer=False)
+        if t.spike_window < 4:
+            raise ConfigError("trainer.spike_window", t.spike_window, "an integer ≥ 4")
+        if cfg.deepspeed.zero_stage != 0:
+            raise ConfigError("trainer.on_spike", t.on_spike, "off, or skip with deepspeed.zero_stage=0",
+                              "at ZeRO ≥ 1 DeepSpeed computes the gradient norm and applies the update in one call, "
+                              "so there is no point to decide between them")
 
     _positive("probes.every", cfg.probes.every, allow_zero=True)
     if cfg.probes.every and cfg.deepspeed.zero_stage == 3:

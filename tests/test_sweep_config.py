@@ -1,0 +1,222 @@
+"""Sweep-safe configuration: no override is silently dropped, ignored or changed, and every run
+says what it ran (issue #15). Each test of the first block failed before the change."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, compose_config, interrupted_run, launch
+from train.batch import micro_batch_size
+from train.checkpoint import CheckpointError
+from train.config import TrainerConfig
+from train.preflight import check
+from common.errors import ConfigError
+
+
+def refused(tmp_path, *args) -> str:
+    """Launch in an empty working directory; the launch must be refused with one line, exit 2,
+    and leave the directory empty."""
+    proc = launch(*args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid configuration ") and "Accepted: " in lines[0]
+    assert not list(tmp_path.iterdir()), f"the refused launch left {list(tmp_path.iterdir())}"
+    return lines[0]
+
+
+# -- the issue's list, one test each ---------------------------------------------------------------
+@pytest.mark.parametrize("args,words", [
+    (["+trainer.foo=1"], "trainer has no key 'foo'"),
+    (["++trainer.foo=1"], "trainer has no key 'foo'"),
+    (["optim.lrr=1e-3"], "did you mean optim.lr"),
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc': wrong type. Accepted: an integer"),
+    (["data.path=/tmp"], "unless data.source=files. Accepted: add data.source=files"),
+], ids=["+unknown", "++unknown", "typo", "type", "inert"])
+def test_bad_override_exits_2_with_one_line_and_leaves_nothing(args, words, tmp_path):
+    assert words in refused(tmp_path, *args)
+
+
+def test_dry_run_in_an_empty_directory_leaves_it_empty(tmp_path):
+    proc = launch("launcher.dry_run=true", "launcher.nproc_per_node=2", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and "torch.distributed.run" in proc.stdout, proc.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_with_changed_max_steps_prints_the_diff_and_keeps_both_configs(tiny_config, caplog):
+    from train.trainer import Trainer
+
+    cfg = tiny_config("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_every=0")
+    interrupted_run(cfg, after_step=3)
+    cfg.trainer.max_steps = 8
+    with caplog.at_level("WARNING"):
+        Trainer(cfg).fit()
+    assert "trainer.max_steps: 6 -> 8" in caplog.text
+    out = Path(cfg.out_dir)
+    first, second = (yaml.safe_load((out / "configs" / f"start_{i:03d}.yaml").read_text()) for i in (0, 1))
+    assert first["trainer"]["max_steps"] == 6 and second["trainer"]["max_steps"] == 8
+    starts = json.loads((out / "environment.json").read_text())
+    assert starts[0]["changed"] == {} and starts[1]["changed"] == {"trainer.max_steps": [6, 8]}
+    from train.report import load_runs, run_table
+    assert "resumed with changes (trainer.max_steps)" in run_table(load_runs([out]))
+
+
+def test_resume_with_changed_model_shape_is_refused(tiny_config):
+    from train.run_config import check_resume
+    from train.trainer import Trainer
+
+    cfg = tiny_config("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_every=0")
+    interrupted_run(cfg, after_step=3)
+    ckpt = Path(cfg.out_dir) / "checkpoints" / "step_00000002"
+    cfg.model.d_model, cfg.seed = 64, 5
+    with pytest.raises(CheckpointError, match=r"model.d_model: 32 -> 64, seed: 0 -> 5"):
+        check_resume(cfg, ckpt, 1)
+    with pytest.raises(CheckpointError, match="model.d_model"):  # the trainer refuses before loading
+        Trainer(cfg).fit()
+
+
+@pytest.mark.slow
+def test_two_ranks_on_the_default_batch_match_one_rank(tmp_path, data_cache):
+    """The README's `launcher.nproc_per_node=2` on the default config (global batch 16): auto
+    micro-batches of 8 per rank train the trajectory of one rank's 16."""
+    from tests.conftest import launch_env
+    from train.trainer import Trainer
+
+    common = ["model=tiny", "data.seq_len=32", "trainer.max_steps=4", "trainer.eval_every=0",
+              "trainer.progress=false", "logger.wandb.mode=disabled", "optim.warmup_steps=2"]
+    proc = launch(*common, "launcher.nproc_per_node=2", f"out_dir={tmp_path / 'two'}", f"data.cache_dir={data_cache}",
+                  env=launch_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["micro_batch_size"] == 8
+    cfg = compose_config(common, out_dir=tmp_path / "one", cache_dir=data_cache)
+    assert Trainer(cfg).fit()["micro_batch_size"] == 16
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+# -- strict overrides, in process ------------------------------------------------------------------
+@pytest.mark.parametrize("args,key,words", [
+    (["+optim.lr=1"], "+optim.lr", "without the +"),
+    (["optim=sgd"], "optim", "adamw, muon"),
+    (["model.attn=3"], "model.attn", "a group of keys"),
+    (["model.attn.windw=3"], "model.attn.windw", "did you mean model.attn.window"),
+    (["trainer.micro_batch_size=abc"], "trainer.micro_batch_size", "auto, or a positive integer"),
+    (["optim.betas=[0.9,abc]"], "optim.betas", "a list of numbers"),
+    (["-m", "model.n_streams=2,4"], "model.n_streams", "add model.residual=hc or model.residual=mhc"),
+    (["optim.ns_steps=3"], "optim.ns_steps", "optim=muon"),
+    (["-m", "seed=0,1", "launcher.nproc_per_node=1,3"], "trainer.global_batch_size", "a multiple of the 3"),
+])
+def test_refused_before_anything_starts(args, key, words):
+    with pytest.raises(ConfigError) as err:
+        check(args)
+    assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_sweep_across_variants_is_accepted():
+    assert check(["-m", "model.residual=residual,mhc", "model.n_streams=2,4", "launcher.dry_run=true"]) is not None
+
+
+# -- batch geometry --------------------------------------------------------------------------------
+def test_auto_micro_batch_is_the_largest_divisor_under_the_cap():
+    t = TrainerConfig(global_batch_size=48, max_micro_batch_size=16)
+    assert [micro_batch_size(t, w) for w in (1, 2, 3, 4, 6, 8)] == [16, 12, 16, 12, 8, 6]
+    assert micro_batch_size(TrainerConfig(), 1) == 16  # the default run: as before auto
+    with pytest.raises(ConfigError, match=r"trainer.micro_batch_size to one of 1, 2, 3, 4, 6, 8, 12, 24"):
+        micro_batch_size(TrainerConfig(global_batch_size=48, micro_batch_size=16), 2)
+
+
+# -- spike policy ----------------------------------------------------------------------------------
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_spike_policy_that_never_fires_is_bit_identical_to_off(tiny_config, tmp_path):
+    from train.trainer import Trainer
+
+    common = ("trainer.max_steps=6", "trainer.eval_every=3", "model.dropout=0.1")
+    runs = {}
+    for name, extra in (("absent", ()), ("off", ("trainer.on_spike=off",)),
+                        ("skip", ("trainer.on_spike=skip", "trainer.spike_sigma=1e9", "trainer.spike_window=4"))):
+        cfg = tiny_config(*common, *extra)
+        cfg.out_dir = str(tmp_path / name)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        runs[name] = ([{k: v for k, v in r.items() if k not in ("tokens_per_s", "spike_skipped")}
+                       for r in _rows(cfg.out_dir)], trainer.full_state_dict())
+    for name in ("off", "skip"):
+        assert runs[name][0] == runs["absent"][0]
+        assert all(torch.equal(v, runs["absent"][1][k]) for k, v in runs[name][1].items())
+
+
+def test_an_injected_spike_is_skipped(tiny_config):
+    from train.trainer import Trainer
+
+    cfg = tiny_config("trainer.max_steps=8", "trainer.eval_every=0", "trainer.on_spike=skip",
+                      "trainer.spike_window=8", "optim.schedule=constant")
+    trainer = Trainer(cfg)
+    module, forward = trainer.engine.module, trainer.engine.module.forward
+    module.forward = lambda x, y: forward(x, y) * (50.0 if trainer.step == 6 else 1.0)  # step 7's loss
+    step, seen = trainer.train_step, {}
+
+    def watched():
+        before = trainer.full_state_dict()
+        metrics = step()
+        seen[trainer.step] = all(torch.equal(v, before[k]) for k, v in trainer.full_state_dict().items())
+        return metrics
+    trainer.train_step = watched
+    summary = trainer.fit()
+    rows = _rows(cfg.out_dir)
+    assert [r["spike_skipped"] for r in rows] == [False] * 6 + [True, False]
+    assert seen == {s: s == 7 for s in range(1, 9)}  # only step 7 left the parameters alone
+    assert summary["skipped_steps"] == 1 and rows[-1]["skipped_steps"] == 1
+
+
+# -- the report --------------------------------------------------------------------------------------
+def _fake_run(path: Path, config_overrides, rows, summary=None, starts=None):
+    path.mkdir(parents=True)
+    cfg = compose_config(config_overrides, out_dir=path)
+    from train.run_config import as_dict
+    (path / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg)))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary:
+        (path / "summary.json").write_text(json.dumps(summary))
+    if starts:
+        (path / "environment.json").write_text(json.dumps(starts))
+
+
+ROWS = [{"step": s, "loss": 3.0 - s / 10, "tokens": 100 * s, "tokens_per_s": 50.0, "grad_norm": 1.0,
+         **({"val_loss": 2.9 - s / 10} if s % 2 == 0 else {})} for s in range(1, 5)]
+
+
+def test_report_groups_only_on_keys_that_matter_and_shows_how_far_runs_got(tmp_path):
+    from train.report import load_runs, run_table
+
+    _fake_run(tmp_path / "a", ["model.n_streams=2"], ROWS, {"status": "completed", "final_val_loss": 2.5})
+    _fake_run(tmp_path / "b", ["model.n_streams=4"], ROWS, {"status": "preempted", "final_val_loss": 2.5})
+    _fake_run(tmp_path / "c", ["model.residual=mhc", "model.n_streams=2"], ROWS)
+    runs = {r.path.name: r for r in load_runs([tmp_path])}
+    assert runs["a"].group == runs["b"].group == "residual=residual"  # n_streams is inert there
+    assert runs["c"].group == "residual=mhc"
+    table = run_table(list(runs.values()))
+    assert "**preempted**, step 4 of 1500" in table and "2.5000 (last, step 4 of 1500)" in table
+    assert "**running**, step 4 of 1500" in table and "2.5000 (last, step 4 of 1500)" in table
+
+
+def test_report_diff_and_x_axis(tmp_path, capsys):
+    import sys
+    from train import report
+
+    _fake_run(tmp_path / "a", ["optim.lr=0.01"], ROWS)
+    _fake_run(tmp_path / "b", ["optim.lr=0.02", "optim.ns_steps=7"], ROWS)
+    assert report.config_diff(tmp_path / "a", tmp_path / "b").splitlines() == [
+        "optim.lr: 0.01 -> 0.02", "optim.ns_steps: 5 (inert) -> 7 (inert)"]
+    run = report.load_runs([tmp_path / "a"])[0]
+    assert run.series("val_loss", "tokens")[0] == [200, 400]
+    assert run.series("val_loss", "time")[0] == [4.0, 8.0]  # 100 tokens per step at 50 tokens/s
+    sys.argv = ["report", str(tmp_path / "a"), "--x", "time", "--out", str(tmp_path / "r")]
+    report.main()
+    assert (tmp_path / "r" / "val_loss.png").stat().st_size > 1000

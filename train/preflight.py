@@ -1,0 +1,228 @@
+"""What `python launch.py ARGS` checks before Hydra creates a directory or starts a job.
+
+- Every override names a key of the typed schema (train/config.py) or an option of a config
+  group, written plain, with `+` or with `++`; keys inside a node the code never reads are refused
+  too. A value of the wrong type is refused the same way: one line, exit status 2, naming the
+  closest valid keys.
+- Each job of the launch (one, or every combination of a sweep) is composed and validated
+  (train/validate.py), so a sweep with one impossible job starts none.
+- A key set on the command line that has no effect in any job is refused, naming the setting it
+  needs (train/variants.py).
+- A dry run (`launcher.dry_run=true`, other than under SLURM/submitit) is answered here.
+So a refused or dry-run launch leaves nothing behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+
+from common.errors import ConfigError
+from train.config import Config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+# -- the schema ---------------------------------------------------------------------------------
+def schema_fields(cls=Config, prefix: str = "") -> dict[str, object]:
+    """Every leaf key of the schema, dotted, with its type."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(schema_fields(hint, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = hint
+    return out
+
+
+def _nodes(cls=Config, prefix: str = "") -> set[str]:
+    out = set()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.add(f"{prefix}{f.name}")
+            out |= _nodes(hint, f"{prefix}{f.name}.")
+    return out
+
+
+def describe_type(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin in (list, typing.List):
+        return f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def groups() -> dict[str, list[str]]:
+    """Config groups (configs/<group>/) and their options."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONFIGS.iterdir())
+            if d.is_dir() and d.name != "hydra"}
+
+
+# -- one override -------------------------------------------------------------------------------
+def _values(o) -> list:
+    """The values an override sets: one, or each of a sweep's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not o.is_sweep_override():
+        return [o.value()]
+    if not o.is_discrete_sweep():
+        return []  # ranges and intervals of other sweepers: their values are checked per job
+    parser = OverridesParser.create()
+    return [parser.parse_override(f"{o.key_or_group}={v}").value() for v in o.sweep_string_iterator()]
+
+
+def check_override(o, fields: dict, nodes: set, options: dict) -> None:
+    key = o.key_or_group
+    text = o.input_line
+    if key == "hydra" or key.startswith(("hydra.", "hydra/")) or o.is_delete():
+        return
+    if key in options:  # a group: optim=muon, experiment=stress
+        for v in _values(o):
+            if v is not None and str(v) not in options[key]:
+                raise ConfigError(key, v, ", ".join(options[key]), f"there is no preset configs/{key}/{v}.yaml")
+        return
+    if key not in fields:
+        close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+        inside = next((n for n in sorted(nodes, key=len, reverse=True) if key.startswith(n + ".")), None)
+        where = f"{inside} has no key {key[len(inside) + 1:]!r}" if inside else "no such key"
+        if key in nodes:
+            example = next(k for k in fields if k.startswith(key + "."))
+            where = f"{key} is a group of keys, not a value; set one of them, e.g. {example}"
+        elif close:
+            where += f" (did you mean {' or '.join(close)}?)"
+        raise ConfigError(key, _shown(o), "a key of the schema in train/config.py (all of them, with their values: "
+                                          "python launch.py --cfg job)", where)
+    if o.is_add():  # +key=value for a key the schema has already
+        raise ConfigError(text.split("=", 1)[0], _shown(o), f"{key}=VALUE, without the +",
+                          f"{key} exists already; + only adds keys, and the schema takes no new ones")
+    node = OmegaConf.structured(Config)
+    for v in _values(o):
+        if isinstance(v, str) and "${" in v:
+            continue
+        try:
+            OmegaConf.update(node, key, v, merge=True)
+        except Exception:
+            raise ConfigError(key, v, describe_type(fields[key]), "wrong type") from None
+
+
+def _shown(o):
+    """The value as the user wrote it (a sweep's whole list)."""
+    if o.is_sweep_override():
+        return o.input_line.split("=", 1)[1]
+    return o.value()
+
+
+# -- the launch's jobs --------------------------------------------------------------------------
+def _compose(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+
+
+def jobs(parsed, raw: list[str], multirun: bool, config_name: str) -> list[tuple[list[str], object]]:
+    """(task overrides, composed config with its `hydra` node) of every job the launch runs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not multirun:
+        return [(raw, _compose(config_name, raw))]
+    first = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(_values(o)), None)}"
+             for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
+    cfg = _compose(config_name, first)
+    params = [f"{k}={v}" for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()]
+    try:
+        [batches] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + raw), None)
+    except Exception:  # a sweeper of its own (ranges, intervals): Hydra checks each job as it starts
+        return []
+    return [(job, _compose(config_name, job)) for job in batches]
+
+
+def typed(cfg, job_num: int | None):
+    """The job's Config, its out_dir as the job will see it."""
+    hydra_node = cfg.hydra
+    if job_num is None:
+        out = Path(str(hydra_node.run.dir))
+    else:
+        with open_dict(cfg):
+            cfg.hydra.job.num = job_num
+        out = Path(str(hydra_node.sweep.dir)) / str(hydra_node.sweep.subdir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    config: Config = OmegaConf.to_object(cfg)
+    config.out_dir = str(out.resolve())
+    return config
+
+
+def check(argv: list[str]) -> str | None:
+    """Raise ConfigError for a launch that must not start; return the dry run's text, or None to
+    let Hydra go ahead."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from train import launcher
+    from train.validate import validate
+    from train.variants import condition, is_inert
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return None  # Hydra prints its own usage
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError("override", " ".join(args.overrides), "KEY=VALUE, +KEY=VALUE or GROUP=OPTION; sweeps "
+                          "KEY=A,B with -m", f"cannot parse the command line ({first})") from None
+    fields, nodes, options = schema_fields(), _nodes(), groups()
+    for o in parsed:
+        check_override(o, fields, nodes, options)
+    if args.cfg:  # printing the config: the keys are checked, nothing will run
+        return None
+    try:
+        found = jobs(parsed, args.overrides, args.multirun, args.config_name or "config")
+    except Exception:  # e.g. a sweep without -m: Hydra's own message says what to do
+        return None
+    if not all(str(cfg.hydra.launcher._target_).endswith("BasicLauncher") for _, cfg in found):
+        return None  # SLURM/submitit: train.launcher.SubmititLayout checks the layout, each job the rest
+    configs = [typed(cfg, i if args.multirun else None) for i, (_, cfg) in enumerate(found)]
+    for cfg in configs:
+        validate(cfg)
+    for o in parsed:
+        key = o.key_or_group
+        if key in fields and configs and condition(key) and all(is_inert(key, c) for c in configs):
+            needs = condition(key)[0]
+            raise ConfigError(key, _shown(o), f"add {needs}, or leave {key} out",
+                              f"it has no effect unless {needs}")
+    for (job, _), cfg in zip(found, configs):
+        launcher.check_multi_node_out_dir(cfg, [o for o in job if not o.startswith(("hydra.", "hydra/"))])
+    if not configs or not all(c.launcher.dry_run for c in configs):
+        return None
+    texts = []
+    for i, ((job, _), cfg) in enumerate(zip(found, configs)):
+        task = [o for o in job if not o.lstrip("+").startswith(("hydra.", "hydra/"))]
+        text = launcher.describe(launcher.plan_launch(cfg, task), cfg, task)
+        texts.append(f"job {i} ({' '.join(task)}):\n{text}" if args.multirun else text)
+    return "\n".join(texts)
+
+
+def main(argv: list[str]) -> None:
+    """Exit with status 2 and one line for a refused launch, 0 after a dry run; return otherwise."""
+    try:
+        dry_run = check(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if dry_run is not None:
+        print(dry_run, flush=True)
+        sys.exit(0)
