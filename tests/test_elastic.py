@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_config, launch_env
+from tests.conftest import ROOT, compose_config, drop_recorded_configs, launch_env
 from tests.elastic_runs import CASES, CUT, STEPS, V4_CASE, overrides, stopped_copy
 from train import reshard
 from train.checkpoint import CheckpointError
@@ -202,8 +202,7 @@ def test_what_cannot_be_resharded_is_refused_before_anything_is_written(change, 
     """Found in the checkpoint itself, not only by comparing configs (train/run_config.py refuses
     these keys first where the checkpoint holds its config): here it holds none, as older ones."""
     run = stopped_copy(runs / "adamw2_2", tmp_path / "run")
-    for config in run.rglob("config.yaml"):
-        config.unlink()
+    drop_recorded_configs(run)
     files = {f: f.stat().st_mtime_ns for f in run.rglob("*")}
     with pytest.raises(CheckpointError, match=reason):
         one_rank(run, "adamw2", data_cache, change).fit()
