@@ -6,6 +6,7 @@ BPE: byte-level BPE trained with the `tokenizers` library, `<|endoftext|>` = id 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,12 @@ class ByteTokenizer:
     def save(self, directory: Path) -> None:
         """Nothing to save: the byte tokenizer has no learned state."""
 
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for: one, and none for the end-of-document token."""
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        lengths[self.eos_id] = 0
+        return lengths
+
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with an end-of-document token."""
@@ -49,6 +56,65 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         self.tok.save(str(directory / "tokenizer.json"))
+
+    def byte_lengths(self) -> np.ndarray | None:
+        """UTF-8 bytes of text each id stands for (special tokens: none), exact for byte-level
+        BPE, whose every token character is one byte; None for other tokenizers, whose tokens'
+        bytes depend on their neighbours (SentencePiece's leading spaces, byte fallback)."""
+        if not isinstance(self.tok.decoder, decoders.ByteLevel):
+            return None
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        added = self.tok.get_added_tokens_decoder()
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                lengths[i] = 0 if added[i].special else len(token.encode("utf-8"))
+            elif set(token) <= alphabet:
+                lengths[i] = len(token)
+            else:
+                return None
+        return lengths
+
+
+EOS = "<|endoftext|>"
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """ByteTokenizer as a `tokenizers.Tokenizer`: id b is byte b (1..255) and id 0 the
+    end-of-document token `<|endoftext|>` (our byte 0, which text never holds). A byte-level
+    BPE with no merges: each byte is its own token, as GPT-2's byte alphabet spells it."""
+    alphabet = {c: b for b, c in _byte_alphabet().items()}
+    vocab = {EOS: 0, **{c: b for c, b in alphabet.items() if b != 0}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    return tok
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte (the ByteLevel pre-tokenizer's)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelled[b] = chr(b)
+        else:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return spelled
+
+
+def save_for_transformers(tokenizer, directory: Path, max_length: int) -> None:
+    """tokenizer.json and tokenizer_config.json that `AutoTokenizer.from_pretrained(directory)`
+    loads as the same tokenizer (byte-level runs: `byte_level_tokenizer`)."""
+    tok = byte_level_tokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer.tok
+    tok.save(str(directory / "tokenizer.json"))
+    eos = tok.id_to_token(tokenizer.eos_id)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+              "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos, "bos_token": eos}, indent=2))
 
 
 def train_bpe(texts, vocab_size: int) -> HFTokenizer:

@@ -1,9 +1,13 @@
 """DeepSeek-V4 attention: every query attends, in one softmax, to a sliding window of raw tokens
 and to compressed entries of the whole past (REFERENCE.md §3).
 
-- queries: low-rank projection, RMSNorm, up to heads; one shared key/value head (K = V), RMSNorm;
-  RoPE on the last `rope_dim` channels of both; the output is rotated back by the query's own
-  position (inverse RoPE), so what a value contributes depends on relative position only;
+- queries: low-rank projection, RMSNorm, up to heads, then each head RMS-normalised again without
+  a weight (`q_head_norm`: what bounds V4's logits); one shared key/value head (K = V), RMSNorm;
+  RoPE (interleaved pairs) on the last `rope_dim` channels of both; the output is rotated back by
+  the query's own position (inverse RoPE), so what a value contributes depends on relative
+  position only;
+- RoPE base per layer: `window` layers use the model's `rope_theta`; layers with a compressor
+  use `compress_rope_theta` with YaRN (`yarn_*`), for their window, entries and indexer alike;
 - a learnable sink logit per head joins the softmax denominator;
 - output: heads in `out_groups` groups, each projected to rank `out_lora`, then to d_model;
 - kinds per layer: `window` (raw window only), `csa` (entries of `csa_ratio` tokens, overlapping,
@@ -45,11 +49,24 @@ def window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
     return (k <= q) & (q - k < window) & (k >= 0)
 
 
+def rope_base(kind: str, cfg, rope_theta: float, max_seq_len: int) -> tuple[float, dict | None]:
+    """(theta, YaRN parameters or None) of a layer: V4 rotates window-only layers with the model's
+    base and layers with a compressor with `compress_rope_theta` and YaRN."""
+    if kind == "window":
+        return rope_theta, None
+    if cfg.yarn_factor == 1:
+        return cfg.compress_rope_theta, None
+    original = cfg.yarn_original_seq_len or max(1, round(max_seq_len / cfg.yarn_factor))
+    return cfg.compress_rope_theta, {"factor": cfg.yarn_factor, "original_seq_len": original,
+                                     "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
+
+
 class V4Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, cfg, kind: str, max_seq_len: int, eps: float,
                  rope_theta: float = 10000.0):
         super().__init__()
         self.kind, self.n_heads, self.head_dim, self.rope_dim = kind, n_heads, cfg.head_dim, cfg.rope_dim
+        self.q_head_norm, self.eps = cfg.q_head_norm, eps
         self.window, self.topk, self.kl_weight = cfg.window, cfg.csa_topk, cfg.indexer_kl_weight
         self.ratio = {"window": 0, "csa": cfg.csa_ratio, "hca": cfg.hca_ratio}[kind]
         hd, groups = cfg.head_dim, cfg.out_groups
@@ -69,7 +86,11 @@ class V4Attention(nn.Module):
                                rope_dim=min(cfg.rope_dim, cfg.index_dim)) if kind == "csa" else None
         self.sparse = False  # CSA: top-k entries (after the indexer's warm-up) or all visible ones
         self.aux_loss: torch.Tensor | None = None  # the indexer's KL of the last training forward
-        cos, sin = rope_tables(max_seq_len, max(cfg.rope_dim, 2), rope_theta)
+        # Per-head max pre-softmax logit (window, entries and sink) of the last forward, for the
+        # probes; computed only while `track_max_logits` is on.
+        self.track_max_logits = False
+        self.max_logits: torch.Tensor | None = None
+        cos, sin = rope_tables(max_seq_len, max(cfg.rope_dim, 2), *rope_base(kind, cfg, rope_theta, max_seq_len))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -77,13 +98,39 @@ class V4Attention(nn.Module):
         nn.init.normal_(self.out_down, std=std)
         nn.init.normal_(self.out.weight, std=std * out_scale)
 
-    def forward(self, x: torch.Tensor, *unused) -> torch.Tensor:
+    def new_cache(self, batch: int, capacity: int, device, dtype) -> "V4Cache":
+        from model.v4_cache import V4Cache
+
+        return V4Cache()
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Query latent [B, T, q_lora], rotated queries [B, H, T, hd] and key/value [B, T, hd] of x
+        at the positions of cos/sin."""
         b, t, _ = x.shape
-        h, hd = self.n_heads, self.head_dim
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         q_latent = self.q_norm(self.q_down(x))
-        q = rope_last(self.q_up(q_latent).view(b, t, h, hd).transpose(1, 2), cos, sin, self.rope_dim)
+        q = self.q_up(q_latent).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.q_head_norm:
+            q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = rope_last(q, cos, sin, self.rope_dim)
         kv = rope_last(self.kv_norm(self.kv(x)), cos, sin, self.rope_dim)  # [B, T, hd], key and value
+        return q_latent, q, kv
+
+    def project_out(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Heads [B, H, T, hd] → [B, T, d_model] through the grouped low-rank projection."""
+        b, _, t, _ = out.shape
+        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1).to(dtype)  # [B, T, G, H·hd/G]
+        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down.to(grouped.dtype)).flatten(2))
+
+    def forward(self, x: torch.Tensor, *unused, cache: "V4Cache | None" = None) -> torch.Tensor:
+        """x [B, T, d_model] at positions 0..T-1; with `cache` (decoding), x continues the cached
+        tokens (model/v4_cache.py)."""
+        if cache is not None:
+            from model.v4_cache import attend_cached
+
+            return attend_cached(self, x, cache)
+        t = x.size(1)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        q_latent, q, kv = self.project(x, cos, sin)
         entries = index_scores = None
         if self.compressor is not None:
             entries = self.compressor(x, cos, sin)  # [B, N, hd]
@@ -95,8 +142,7 @@ class V4Attention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             out = self._attend(q.to(wide), kv.to(wide), None if entries is None else entries.to(wide),
                                index_scores, cos, sin)
-        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1).to(x.dtype)  # [B, T, G, H·hd/G]
-        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down.to(grouped.dtype)).flatten(2))
+        return self.project_out(out, x.dtype)
 
     def _attend(self, q, kv, entries, index_scores, cos, sin) -> torch.Tensor:
         """One softmax over the window, the (selected) compressed entries and the sink → [B, H, T, hd]."""
@@ -123,7 +169,10 @@ class V4Attention(nn.Module):
                 s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
             parts.append(s_comp)
         parts.append(self.sink.view(1, h, 1, 1).expand(b, h, t, 1).to(q.dtype))
-        probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+        logits = torch.cat(parts, dim=-1)
+        if self.track_max_logits:
+            self.max_logits = logits.detach().amax(dim=(0, 2, 3))
+        probs = torch.softmax(logits, dim=-1)
 
         p_win = F.pad(probs[..., : 2 * w], (0, 0, 0, pad)).view(b, h, n_chunks, w, 2 * w)
         out = torch.einsum("bhcqk,bckd->bhcqd", p_win, kc).reshape(b, h, n_chunks * w, hd)[:, :, :t]

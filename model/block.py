@@ -27,12 +27,18 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.hyper = residual != "residual"
         if self.hyper:
-            self.attn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer, sinkhorn_iters, fused=fused_hc)
-            self.ffn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer + 1, sinkhorn_iters, fused=fused_hc)
+            # The coefficients' RMS uses the model's norm eps, as V4's (rms_norm_eps) does.
+            self.attn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer, sinkhorn_iters, eps=norm_eps,
+                                           fused=fused_hc)
+            self.ffn_hc = HyperConnection(residual, n_streams, d_model, 2 * layer + 1, sinkhorn_iters, eps=norm_eps,
+                                          fused=fused_hc)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor | None = None,
+                cache=None):
+        """`cache`: the attention's decoding cache (sampling); everything else is per token."""
         def attn(h):
-            return self.drop(self.attn(self.attn_norm(h), cos, sin))
+            h = self.attn_norm(h)
+            return self.drop(self.attn(h, cos, sin) if cache is None else self.attn(h, cos, sin, cache=cache))
 
         def ffn(h):
             h = self.ffn_norm(h)

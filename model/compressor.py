@@ -1,10 +1,12 @@
 """KV compression for V4 attention: each block of `ratio` tokens becomes one entry.
 
 An entry is a per-channel softmax-gated average of its tokens' projections, the gate logits
-carrying a learned bias for each position inside the block; CSA's entries overlap, each pooling
-its own block and the one before (2·ratio tokens). The entry is RMS-normalised and rotated to the
-position of its block's first token. Query t may use entry i only once every token it pools is at
-or before t: `i < floor((t + 1) / ratio)` (`visible_entries`).
+carrying a learned bias for each position inside the block. CSA's entries overlap, each pooling
+its own block and the one before (2·ratio tokens), as V4 does it: the value and gate projections
+(and the position bias) are 2·dim wide; entry i pools block i−1 through the first dim channels and
+block i through the second dim channels (entry 0 has no previous block). The entry is
+RMS-normalised and rotated to the position of its block's first token. Query t may use entry i
+only once every token it pools is at or before t: `i < floor((t + 1) / ratio)` (`visible_entries`).
 """
 from __future__ import annotations
 
@@ -32,31 +34,34 @@ def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: i
 class Compressor(nn.Module):
     def __init__(self, d_model: int, dim: int, ratio: int, overlap: bool, rope_dim: int, eps: float):
         super().__init__()
-        self.ratio, self.overlap, self.rope_dim = ratio, overlap, rope_dim
-        self.proj = nn.Linear(d_model, dim, bias=False)
-        self.gate = nn.Linear(d_model, dim, bias=False)
-        self.pos_bias = nn.Parameter(torch.zeros((2 if overlap else 1) * ratio, dim))
+        self.ratio, self.overlap, self.rope_dim, self.dim = ratio, overlap, rope_dim, dim
+        width = 2 * dim if overlap else dim  # overlap: [previous block's channels | own block's channels]
+        self.proj = nn.Linear(d_model, width, bias=False)
+        self.gate = nn.Linear(d_model, width, bias=False)
+        self.pos_bias = nn.Parameter(torch.zeros(ratio, width))
         self.pos_bias.optim_role = "scalar"  # a bias, whatever its shape
         self.norm = nn.RMSNorm(dim, eps=eps)
 
     def pooled_positions(self, n_entries: int) -> torch.Tensor:
         """[N, width] token position each gate slot of each entry reads (negative: none)."""
+        width = (2 if self.overlap else 1) * self.ratio
         start = torch.arange(n_entries)[:, None] * self.ratio - (self.ratio if self.overlap else 0)
-        return start + torch.arange(self.pos_bias.size(0))[None, :]
+        return start + torch.arange(width)[None, :]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, d_model] → entries [B, T // ratio, dim] (only complete blocks)."""
         b, t, _ = x.shape
         n = t // self.ratio
         x = x[:, : n * self.ratio]
-        value = self.proj(x).view(b, n, self.ratio, -1)
-        logit = self.gate(x).view(b, n, self.ratio, -1)
-        if self.overlap:  # prepend the previous block; entry 0 has none
-            value = torch.cat((F.pad(value, (0, 0, 0, 0, 1, 0))[:, :n], value), dim=2)
-            prev = F.pad(logit, (0, 0, 0, 0, 1, 0), value=float("-inf"))[:, :n]
-            logit = torch.cat((prev, logit), dim=2)
-        weight = torch.softmax((logit + self.pos_bias).to(torch.promote_types(logit.dtype, torch.float32)),
-                               dim=2).type_as(value)
+        value = self.proj(x).unflatten(1, (n, self.ratio))
+        logit = self.gate(x).unflatten(1, (n, self.ratio)) + self.pos_bias
+        if self.overlap:  # slots 0..m-1: the previous block's first half; m..2m-1: this block's second half
+            d = self.dim
+            prev_value = F.pad(value[..., :d], (0, 0, 0, 0, 1, 0))[:, :n]
+            prev_logit = F.pad(logit[..., :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))[:, :n]
+            value = torch.cat((prev_value, value[..., d:]), dim=2)
+            logit = torch.cat((prev_logit, logit[..., d:]), dim=2)
+        weight = torch.softmax(logit.to(torch.promote_types(logit.dtype, torch.float32)), dim=2).type_as(value)
         entries = self.norm((weight * value).sum(dim=2))
         if not self.rope_dim:
             return entries

@@ -1,7 +1,7 @@
 """Fused CPU kernels for hyper-connections: the eager path's arithmetic in two passes per sublayer.
 
 `mhc_in` is mHC's whole coefficient path plus the stream read (RMS, φ projection, sigmoid gates,
-Sinkhorn, x_in = Σ pre_i X_i) per token, with its backward; `mix` is the write and mix
+V4's Sinkhorn, x_in = Σ pre_i X_i) per token, with its backward; `mix` is the write and mix
 X' = res·X + post ⊗ y. Both are autograd Functions over model/csrc/hyper_connection.cpp, which
 torch's C++ extension loader builds on first use (cached under ~/.cache/torch_extensions, one build
 per CPU instruction set). Where it cannot be built (no compiler), `available()` is False after one
@@ -122,15 +122,15 @@ def _refuse_create_graph() -> None:
 
 class _MHCIn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, alpha, b_pre, b_post, b_res, n, iters, eps_norm, eps_sinkhorn, link):
+    def forward(ctx, x, phi, alpha, b_pre, b_post, b_res, n, iters, eps_norm, eps_hc, link):
         mix = b_post is not None
         none = torch.empty(0, dtype=_acc_dtype(x))
         phi_, alpha_, b_pre_, b_post_, b_res_ = (_acc(t, x) if t is not None else none
                                                  for t in (phi, alpha, b_pre, b_post, b_res))
         x_in, pre, post, res, mp, rinv = _extension().mhc_in_forward(x, phi_, alpha_, b_pre_, b_post_, b_res_, n,
-                                                                     iters, eps_norm, eps_sinkhorn)
+                                                                     iters, eps_norm, eps_hc)
         ctx.save_for_backward(x, phi_, alpha_, b_res_, pre, post, res, mp, rinv)
-        ctx.meta = (n, iters, eps_sinkhorn, mix, phi.dtype, alpha.dtype, alpha.numel())
+        ctx.meta = (n, iters, eps_hc, mix, phi.dtype, alpha.dtype, alpha.numel())
         ctx.mailbox = link.mailbox if link is not None else None
         ctx.mark_non_differentiable(pre)
         ctx.set_materialize_grads(False)
@@ -140,7 +140,7 @@ class _MHCIn(torch.autograd.Function):
     def backward(ctx, g_in, _g_pre, g_post, g_res):
         _refuse_create_graph()
         x, phi, alpha, b_res, pre, post, res, mp, rinv = ctx.saved_tensors
-        n, iters, eps_sinkhorn, mix, phi_dtype, dtype, n_alpha = ctx.meta
+        n, iters, eps_hc, mix, phi_dtype, dtype, n_alpha = ctx.meta
         g_in = torch.zeros(x.size(0), x.size(1) // n, dtype=x.dtype) if g_in is None else g_in.contiguous()
         g_post = torch.zeros_like(post) if g_post is None else g_post.to(post.dtype).contiguous()
         g_res = torch.zeros(x.size(0), n * n if mix else 0, dtype=post.dtype) if g_res is None \
@@ -150,7 +150,7 @@ class _MHCIn(torch.autograd.Function):
         if box is not None:
             box.g = None
         dx, dphi, dalpha, db_pre, db_post, db_res = _extension().mhc_in_backward(
-            x, phi, alpha, b_res, pre, post, mp, rinv, g_in, g_post, g_res, g_mix, res, n, iters, eps_sinkhorn)
+            x, phi, alpha, b_res, pre, post, mp, rinv, g_in, g_post, g_res, g_mix, res, n, iters, eps_hc)
         dalpha, db_pre = dalpha[:n_alpha].to(dtype), db_pre.to(dtype)
         if mix:
             db_post, db_res = db_post.to(dtype), db_res.view(n, n).to(dtype)
@@ -181,14 +181,16 @@ class _Mix(torch.autograd.Function):
 
 def mhc_in(x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor,
            b_post: torch.Tensor | None, b_res: torch.Tensor | None, iters: int, eps: float,
-           eps_sinkhorn: float = 1e-6, link: Link | None = None):
+           eps_hc: float = 1e-6, link: Link | None = None):
     """x [..., n, C] → x_in [..., C], pre [..., n], post [..., n], res [..., n, n] (post and res only
-    when φ has the mix rows; without them this is the final weighted stream reduce). Pass the same
+    when φ has the mix rows; without them this is the final weighted stream reduce), as model/mhc.py's
+    eager path: `eps` is the RMS's, `eps_hc` V4's hc_eps (Sinkhorn's denominators, added to pre);
+    b_res and φ's res rows in V4's comb layout [input, output], res output × input. Pass the same
     `link` to the `mix` of this x. `pre` carries no gradient: the mix does not use it, and the probes
     only record it."""
     *lead, n, c = x.shape
     flat = x.reshape(-1, n * c).contiguous()
-    x_in, pre, post, res = _MHCIn.apply(flat, phi, alpha, b_pre, b_post, b_res, n, iters, eps, eps_sinkhorn, link)
+    x_in, pre, post, res = _MHCIn.apply(flat, phi, alpha, b_pre, b_post, b_res, n, iters, eps, eps_hc, link)
     if link is not None:
         link.node = x_in.grad_fn
     return (x_in.view(*lead, c), pre.view(*lead, n), post.view(*lead, post.size(-1)),

@@ -3,8 +3,10 @@
     I(t, s) = Σ_h w_{t,h} · ReLU(q_{t,h} · k_s)
 
 with several small index heads q_{t,h} (from the query's low-rank latent), one shared key k_s
-per compressed entry (its own compressor over the same blocks), and per-token head weights
-w_{t,h}. The top-k visible entries by I serve every attention head of the query.
+per compressed entry (its own overlapping compressor over the same blocks), and per-token head
+weights w_{t,h}, scaled as V4's code does by index_dim^-0.5 · index_heads^-0.5 (this sets the
+temperature of the KL's softmax; it cannot change the top-k). The top-k visible entries by I
+serve every attention head of the query.
 
 The indexer learns only from its KL objective: its inputs are detached, so the KL never moves the
 trunk, and the attention's own probabilities (summed over heads, detached) are its target — over
@@ -29,14 +31,22 @@ class Indexer(nn.Module):
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos, sin) -> torch.Tensor:
         """Index scores [B, T, N] (before masking). Queries and keys carry RoPE on their last
         rope_dim channels (the attention's tables, highest frequencies), as V3.2's indexer does."""
-        b, t, _ = x.shape
         x, q_latent = x.detach(), q_latent.detach()
-        cos, sin = cos[:, : self.rope_dim // 2], sin[:, : self.rope_dim // 2]
-        k = self.keys(x, cos, sin)  # [B, N, dim]
+        k = self.keys(x, *self.tables(cos, sin))  # [B, N, dim]
+        return self.scores(x, q_latent, k, cos, sin)
+
+    def tables(self, cos, sin):
+        return cos[:, : self.rope_dim // 2], sin[:, : self.rope_dim // 2]
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Scores [B, T, N] of the queries of x / q_latent (at the positions of cos/sin) against
+        compressed index keys [B, N, dim]."""
+        b, t, _ = x.shape
+        cos, sin = self.tables(cos, sin)
         q = self.q(q_latent).view(b, t, self.n_heads, self.dim).transpose(1, 2)
         q = rope_last(q, cos, sin, self.rope_dim).transpose(1, 2)
-        w = self.head_weights(x) * self.n_heads ** -0.5  # [B, T, H]
-        return torch.einsum("bth,bthn->btn", w, torch.relu(torch.einsum("bthd,bnd->bthn", q, k)))
+        w = self.head_weights(x) * (self.dim ** -0.5 * self.n_heads ** -0.5)  # [B, T, H]
+        return torch.einsum("bth,bthn->btn", w, torch.relu(torch.einsum("bthd,bnd->bthn", q, keys)))
 
 
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,18 +54,22 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[to
     visible entry [B, T, k'] (early queries see fewer than k), k' = min(k, N)."""
     k = min(k, scores.size(-1))
     masked = scores.masked_fill(~visible, float("-inf"))
-    values, index = masked.topk(k, dim=-1)
-    return index, torch.isfinite(values)
+    # Ties (entries whose every index head is ReLU-zero score exactly 0) go to the earlier entry,
+    # whatever the number of entries: a decoding cache, which holds only complete ones, then picks
+    # what the full sequence picks. topk leaves the order of ties unspecified.
+    values, index = masked.sort(dim=-1, descending=True, stable=True)
+    return index[..., :k], torch.isfinite(values[..., :k])
 
 
 def kl_to_attention(index_logits: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """mean over queries of KL(target ‖ softmax(index_logits)) over the `allowed` entries;
     target [B, T, N'] are attention probabilities (any scale: renormalised here)."""
     has_any = allowed.any(-1)
+    wide = torch.promote_types(index_logits.dtype, torch.float32)
     # queries with nothing allowed (the first few) softmax over everything and are weighted 0
-    log_p = torch.log_softmax(index_logits.float().masked_fill(~allowed & has_any[..., None], float("-inf")), -1)
+    log_p = torch.log_softmax(index_logits.to(wide).masked_fill(~allowed & has_any[..., None], float("-inf")), -1)
     log_p = log_p.masked_fill(~allowed, 0.0)  # no inf·0 anywhere, forward or backward
-    target = target.detach().float() * allowed
+    target = target.detach().to(wide) * allowed
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
     per_query = (target * (target.clamp_min(1e-20).log() - log_p)).sum(-1)
     return (per_query * has_any).sum() / has_any.sum().clamp_min(1)

@@ -8,9 +8,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape [seq_len, head_dim/2] for rotary position embeddings."""
+def yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, factor: float, original_seq_len: int,
+                  beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071) as DeepSeek's and transformers' code apply it: frequencies that turn
+    fewer than `beta_slow` times over the original context are divided by `factor`, those that turn
+    more than `beta_fast` times are kept, with a linear ramp between (no attention rescaling)."""
+    def pair_index(rotations: float) -> float:  # the frequency pair that turns `rotations` times
+        return dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_index(beta_fast)), 0)
+    high = min(math.ceil(pair_index(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, yarn: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [seq_len, head_dim/2] for rotary position embeddings; `yarn`: the
+    keyword arguments of `yarn_inv_freq` (factor, original_seq_len, beta_fast, beta_slow), or None.
+    Float64 frequencies and angles, rounded once."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if yarn is not None and yarn["factor"] != 1:
+        inv_freq = yarn_inv_freq(inv_freq, head_dim, theta, **yarn)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -50,16 +68,49 @@ class Attention(nn.Module):
         self.track_max_logits = False
         self.max_logits: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch: int, capacity: int, device, dtype) -> "KVCache":
+        return KVCache(batch, self.n_heads, capacity, self.head_dim, device, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None
+                ) -> torch.Tensor:
+        """x [B, T, C] at positions given by cos/sin [T, D/2]; with `cache`, x follows the cached
+        tokens: their keys and values join the attention, and x's are appended."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.track_max_logits:
             self.max_logits = max_causal_logits(q, k)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            if past:  # queries at past..past+t-1 see every cached key and the new ones up to themselves
+                causal = False
+                if t > 1:
+                    mask = torch.arange(k.size(-2), device=x.device) <= past + torch.arange(t, device=x.device)[:, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class KVCache:
+    """Rotated keys and values of the tokens decoded so far, for one dense attention layer:
+    [B, H, capacity, D] buffers filled from the front."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, device, dtype):
+        self.k = torch.empty(batch, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, D] after the cached tokens; return all keys and values so far."""
+        end = self.length + k.size(-2)
+        if end > self.k.size(-2):
+            raise ValueError(f"KV cache holds {self.k.size(-2)} tokens; {end} were asked for")
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float | None) -> torch.Tensor:

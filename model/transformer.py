@@ -25,6 +25,14 @@ def ffn_hidden_size(d_model: int, requested: int) -> int:
     return 32 * math.ceil(8 * d_model / 3 / 32)
 
 
+class DecodeCache:
+    """What decoding keeps between forward passes: how many tokens it holds, and one attention
+    cache per layer (whatever that layer's attention keeps)."""
+
+    def __init__(self, layers: list):
+        self.layers, self.length = layers, 0
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg, vocab_size: int):
         super().__init__()
@@ -51,14 +59,19 @@ class Transformer(nn.Module):
                   i, cfg.sinkhorn_iters, cfg.fused_hc)
             for i in range(cfg.n_layers)
         )
-        # V4's MTP block: a plain pre-norm block with the cheapest attention of the trunk
+        # V4's MTP block: a block like the trunk's (same residual streams) with its cheapest attention
         self.mtp = MTP(cfg.d_model, Block(cfg.d_model, attention("window" if cfg.attention == "v4" else "dense"),
-                                          ffn(cfg.n_layers), cfg.norm_eps, cfg.dropout), cfg.norm_eps) \
-            if cfg.mtp_depth else None
+                                          ffn(cfg.n_layers), cfg.norm_eps, cfg.dropout, residual, self.n_streams,
+                                          cfg.n_layers, cfg.sinkhorn_iters, cfg.fused_hc),
+                       self.stream_reduce(residual), cfg.norm_eps) if cfg.mtp_depth else None
         self.mtp_weight = cfg.mtp_weight
+        # During an `indexer_only` warm-up only the indexers learn (V3.2's recipe): the loss backward
+        # sees is their KL alone, the MoE biases hold still, and the optimizer holds every other
+        # parameter (`frozen_until`, optim/builder.py).
+        self.trunk_frozen = False
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.loss_count = 0
-        self.reduce = StreamReduce(residual, self.n_streams, cfg.d_model, fused=cfg.fused_hc) if self.n_streams > 1 else None
+        self.reduce = self.stream_reduce(residual)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -68,6 +81,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def stream_reduce(self, residual: str) -> StreamReduce | None:
+        return StreamReduce(residual, self.n_streams, self.cfg.d_model, eps=self.cfg.norm_eps, fused=self.cfg.fused_hc) \
+            if self.n_streams > 1 else None
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for linear and embedding weights; hyper-connection gates and biases
@@ -87,16 +104,37 @@ class Transformer(nn.Module):
         """Parameters of the output head, which optimizers treat apart from hidden matrices."""
         return [self.head.weight]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    @property
+    def supports_cache(self) -> bool:
+        """Whether every attention layer can decode with a cache (`new_cache`)."""
+        return all(hasattr(b.attn, "new_cache") for b in self.blocks)
+
+    def new_cache(self, batch: int, capacity: int) -> DecodeCache:
+        """An empty decoding cache for `batch` sequences of up to `capacity` tokens. Only attention
+        is cached: everything else in a block, hyper-connection streams included, is per token."""
+        p = self.embed.weight
+        return DecodeCache([b.attn.new_cache(batch, capacity, p.device, p.dtype) for b in self.blocks])
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: DecodeCache | None = None):
+        """Logits [B, T, V] of idx [B, T] (the loss instead, given targets). With `cache`, idx
+        continues the tokens the cache holds (positions cache.length...) and is added to it."""
         x = self.embed(idx)
+        cos, sin = self.rope_cos, self.rope_sin
+        if cache is not None:
+            start = cache.length
+            if start + idx.size(1) > cos.size(0):
+                raise ValueError(f"positions up to {start + idx.size(1)} exceed the model's context of {cos.size(0)}")
+            cos, sin = cos[start:start + idx.size(1)], sin[start:start + idx.size(1)]
+            cache.length += idx.size(1)
         if self.n_streams > 1:  # the embedding, copied into every stream (a real copy: matmuls
             # over a stride-0 expanded tensor fall back to a per-token loop, 8x slower)
             x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.size(-1)).contiguous()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, self.rope_cos, self.rope_sin, idx, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, idx, use_reentrant=False)
             else:
-                x = block(x, self.rope_cos, self.rope_sin, idx)
+                x = block(x, cos, sin, idx, None if cache is None else cache.layers[i])
+        streams = x
         if self.reduce is not None:
             x = self.reduce(x)
         logits = self.head(self.norm(x))
@@ -105,11 +143,12 @@ class Transformer(nn.Module):
         lm = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         if not self.training:  # evaluation: the next-token loss alone, comparable across models
             return lm
-        return self._training_loss(lm, x, targets)
+        return self._training_loss(lm, streams, targets)
 
     def _training_loss(self, lm: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss backward sees: next-token loss, weighted MTP loss, the indexers' KL and the
-        MoE balance loss; each is kept (detached) for the step's metrics."""
+        MoE balance loss; each is kept (detached) for the step's metrics. `hidden`: the trunk's
+        final state before the head reduction (the MTP block reads the streams)."""
         parts, total = {"lm": lm}, lm
         if self.mtp is not None:
             h = self.mtp(hidden[:, :-1], self.embed(targets[:, :-1]), targets[:, :-1], self.rope_cos, self.rope_sin)
@@ -122,18 +161,34 @@ class Transformer(nn.Module):
                 parts[key] = parts.get(key, 0.0) + aux
                 total = total + aux
                 module.aux_loss = None
+        if self.trunk_frozen:
+            total = parts.get("indexer_kl", lm * 0.0)
         for k, v in parts.items():
             self.loss_sums[k] = self.loss_sums.get(k, 0.0) + v.detach().float()
         self.loss_count += 1
         return total
 
     # -- what the trainer calls around each optimizer step ---------------------------------------
+    def indexers(self) -> list[V4Attention]:
+        return [m for m in self.modules() if isinstance(m, V4Attention) and m.indexer is not None]
+
+    def warmup_trainable(self) -> tuple[int, list[nn.Parameter]] | None:
+        """(steps, parameters): during the first `steps` optimizer steps only these may change
+        (`model.attn.indexer_warmup=indexer_only`: the indexers'); None when everything trains."""
+        a = self.cfg.attn
+        if self.cfg.attention != "v4" or a.indexer_warmup != "indexer_only" or not a.indexer_warmup_steps:
+            return None
+        params = [p for m in self.indexers() for p in m.indexer.parameters()]
+        return (a.indexer_warmup_steps, params) if params else None
+
     def on_step_start(self, step: int, lr_decaying: bool) -> None:
-        """Before optimizer step `step` (0-based): CSA goes sparse after the indexer's warm-up;
-        the MTP weight drops once the learning rate decays."""
-        for module in self.modules():
-            if isinstance(module, V4Attention) and module.kind == "csa":
-                module.sparse = step >= self.cfg.attn.indexer_warmup_steps
+        """Before optimizer step `step` (0-based): CSA goes sparse after the indexer's warm-up,
+        during which (`indexer_only`) the trunk is frozen; the MTP weight drops once the learning
+        rate decays."""
+        warming_up = step < self.cfg.attn.indexer_warmup_steps
+        for module in self.indexers():
+            module.sparse = not warming_up
+        self.trunk_frozen = warming_up and self.warmup_trainable() is not None
         self.mtp_weight = self.cfg.mtp_weight_decayed if lr_decaying else self.cfg.mtp_weight
 
     def on_step_end(self, applied: bool = True) -> dict[str, float]:
@@ -154,7 +209,8 @@ class Transformer(nn.Module):
         if self.mtp is not None and isinstance(self.mtp.block.ffn, MoE):
             moes.append(("mtp", self.mtp.block.ffn))
         for name, moe in moes:
-            metrics[f"moe/{name}/load_max_over_mean"] = moe.update_bias(applied)["load_max_over_mean"]
+            load = moe.update_bias(applied and not self.trunk_frozen)["load_max_over_mean"]
+            metrics[f"moe/{name}/load_max_over_mean"] = load
         if moes:
             metrics["moe/load_max_over_mean"] = max(v for k, v in metrics.items() if k.endswith("load_max_over_mean"))
             biases = torch.cat([m.bias for _, m in moes])

@@ -40,18 +40,37 @@ def muon_groups(model: nn.Module, cfg) -> list[dict]:
     return [muon] + [{**g, "use_muon": False} for g in adam]
 
 
+def split_warmup(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """A model whose first steps train only some parameters (`model.warmup_trainable()`, e.g. V4's
+    indexer-only warm-up) gets each group split in two: the rest, with `frozen_until` = those steps
+    (build_scheduler holds its lr at 0 until then, so neither the update nor the decoupled weight
+    decay moves it, whatever the gradients and ZeRO stage), and `<name>_warmup`, the ones that train."""
+    warmup = getattr(model, "warmup_trainable", lambda: None)()
+    if warmup is None:
+        return groups
+    steps, trainable = warmup
+    ids = {id(p) for p in trainable}
+    split = []
+    for g in groups:
+        rest = [p for p in g["params"] if id(p) not in ids]
+        alone = [p for p in g["params"] if id(p) in ids]
+        split += [{**g, "params": rest, "frozen_until": steps}] if rest else []
+        split += [{**g, "name": f"{g['name']}_warmup", "params": alone}] if alone else []
+    return split
+
+
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
-        groups = adamw_groups(model, cfg)
+        groups = split_warmup(model, adamw_groups(model, cfg))
         log.info("optimizer groups (AdamW):\n%s", describe_groups(groups))
         # foreach=True: one multi-tensor kernel per group rather than a Python loop per tensor.
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
     if cfg.name == "muon":
-        groups = muon_groups(model, cfg)
+        groups = split_warmup(model, muon_groups(model, cfg))
         log.info("optimizer groups (Muon + AdamW):\n%s", describe_groups(groups))
         return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
                     ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, ns_schedule=cfg.ns_schedule,
-                    ns_method=cfg.ns_method, ns_dtype=cfg.ns_dtype, momentum_type=cfg.momentum_type,
+                    ns_method=cfg.ns_method, ns_restarts=cfg.ns_restarts, ns_dtype=cfg.ns_dtype, momentum_type=cfg.momentum_type,
                     rms_target=cfg.rms_target, per_head=cfg.per_head, adamw_betas=tuple(cfg.betas),
                     adamw_eps=cfg.eps)
     raise ConfigError("optim.name", cfg.name, "adamw, muon")

@@ -4,7 +4,8 @@
 configuration — the same updates. Extensions (all off by default):
 
 - `ns_schedule`: `keller`, `v4_hybrid` (8 + 2 iterations), `polar_express`; `ns_method="gram"`
-  (Gram Newton–Schulz for wide matrices); `ns_dtype` `bf16` (torch's) or `fp32`;
+  (Gram Newton–Schulz for wide matrices, restarting at `ns_restarts`: `None` is the schedule's
+  default, see optim/newton_schulz.py); `ns_dtype` `bf16` (torch's) or `fp32`;
 - `momentum_type`: `ema` (torch: M ← μM + (1−μ)G) or `classical` (V4: M ← μM + G); Nesterov on/off;
 - `adjust_lr_fn="match_rms_adamw"` scales by `rms_target`·sqrt(max(rows, cols)) (0.2 as in torch;
   V4 uses 0.18); `original` by sqrt(max(1, rows/cols));
@@ -85,6 +86,7 @@ class Muon(torch.optim.Optimizer):
                  ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_schedule: str | None = None,
                  ns_method: str = "standard", ns_dtype: str = "bf16", momentum_type: str = "ema",
                  rms_target: float = 0.2, per_head: bool = False, use_muon: bool = True,
+                 ns_restarts: tuple[int, ...] | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8):
         if not 0.0 <= lr:
             raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
@@ -102,10 +104,12 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"ns_method {ns_method!r} is not one of ('standard', 'gram')")
         if ns_steps >= 100:
             raise ValueError("Number of steps must be less than 100 for computational efficiency")
-        make_schedule(ns_schedule, ns_steps, ns_coefficients)  # fail now on a bad schedule name
+        # fail now on a bad schedule name or restart list
+        make_schedule(ns_schedule, ns_steps, ns_coefficients, ns_restarts)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_schedule=ns_schedule, ns_method=ns_method,
+                        ns_restarts=None if ns_restarts is None else tuple(ns_restarts),
                         ns_dtype=ns_dtype, momentum_type=momentum_type, rms_target=rms_target,
                         per_head=per_head, use_muon=use_muon, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps)
         super().__init__(params, defaults)
@@ -117,7 +121,10 @@ class Muon(torch.optim.Optimizer):
 
     def bind_partition(self, group_index: int, partition: Partition) -> None:
         """Declare that group `group_index` now holds one flat ZeRO partition laid out as given."""
-        self._partitions[group_index] = partition
+        # Keyed by the flat tensor, not the index: DeepSpeed steps each group alone, as
+        # `param_groups = [group]`, and a checkpoint load rebuilds the group dicts around it.
+        (flat,) = self.param_groups[group_index]["params"]
+        self._partitions[id(flat)] = partition
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -154,7 +161,8 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalize_all(self, mats: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """Orthogonalise each [k, m, n] stack. Small stacks of one shape run as one batch, and the
         m×m steps of all small stacks with the same m as one batch too."""
-        schedule = make_schedule(group["ns_schedule"], group["ns_steps"], group["ns_coefficients"])
+        schedule = make_schedule(group["ns_schedule"], group["ns_steps"], group["ns_coefficients"],
+                                 group.get("ns_restarts"))  # absent from checkpoints before restarts
         kwargs = dict(eps=group["eps"], dtype=DTYPES[group["ns_dtype"]], method=group["ns_method"])
         # Tall matrices are orthogonalised transposed (as torch does), so an m×n and an n×m
         # matrix share one batch.
@@ -190,8 +198,9 @@ class Muon(torch.optim.Optimizer):
         return out
 
     def _muon_step(self, index: int, group: dict) -> None:
-        if index in self._partitions:
-            return self._muon_step_partitioned(group, self._partitions[index])
+        partition = self._partitions.get(id(group["params"][0])) if len(group["params"]) == 1 else None
+        if partition is not None:
+            return self._muon_step_partitioned(group, partition)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return

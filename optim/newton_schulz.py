@@ -1,8 +1,9 @@
 """Orthogonalisation by Newton–Schulz iteration: X ← aX + b(XXᵀ)X + c(XXᵀ)²X.
 
-Each schedule is a list of (a, b, c) triples, one per iteration, plus a normalisation margin
-(X₀ = G / (margin·‖G‖_F)). Works on a batch of same-shape matrices `[..., m, n]` at once; tall
-matrices are transposed first so the Gram matrices are the small side.
+Each schedule is a list of (a, b, c) triples, one per iteration, a normalisation margin
+(X₀ = G / (margin·‖G‖_F)) and the iterations at which Gram Newton–Schulz restarts. Works on a
+batch of same-shape matrices `[..., m, n]` at once; tall matrices are transposed first so the Gram
+matrices are the small side.
 """
 from __future__ import annotations
 
@@ -28,27 +29,46 @@ SCHEDULES = ("keller", "v4_hybrid", "polar_express")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# Gram Newton–Schulz restarts (0-based iterations before which X and its Gram matrix are formed
+# again). The reference implementation (Dao-AILab gram-newton-schulz) restarts at 2; the 10-step
+# V4 schedule needs 2, 5 and 8: a rank-10 64×128 update reached σ_max ≈ 1e13 without restarts,
+# 1.0 with them. Restarts beyond the last iteration are dropped (short schedules).
+DEFAULT_RESTARTS = (2,)
+V4_RESTARTS = (2, 5, 8)
+
+
 @dataclass(frozen=True)
 class NSSchedule:
     coefficients: tuple[tuple[float, float, float], ...]
     margin: float = 1.0
+    restarts: tuple[int, ...] = DEFAULT_RESTARTS  # used by the Gram method only
 
 
-def make_schedule(name: str | None, steps: int, coefficients=KELLER) -> NSSchedule:
+def make_schedule(name: str | None, steps: int, coefficients=KELLER, restarts=None) -> NSSchedule:
     """`None`: `steps` iterations of `coefficients` (torch.optim.Muon's convention).
     `keller`: the same with Keller Jordan's triple; `v4_hybrid`: 8 of Keller's then 2 of
-    (2, −1.5, 0.5) (`steps` ignored); `polar_express`: the first `steps` Polar Express polynomials."""
+    (2, −1.5, 0.5) (`steps` ignored); `polar_express`: the first `steps` Polar Express polynomials.
+    `restarts`: 0-based iterations at which the Gram method restarts, each from 1 to the number of
+    iterations − 1; `None` is the schedule's default (`V4_RESTARTS` for `v4_hybrid`, else
+    `DEFAULT_RESTARTS`), `()` never restarts."""
     if name is None:
-        return NSSchedule((tuple(coefficients),) * steps)
-    if name == "keller":
-        return NSSchedule((KELLER,) * steps)
-    if name == "v4_hybrid":
-        return NSSchedule((KELLER,) * 8 + (V4_TAIL,) * 2)
-    if name == "polar_express":
+        coeffs, margin = (tuple(coefficients),) * steps, 1.0
+    elif name == "keller":
+        coeffs, margin = (KELLER,) * steps, 1.0
+    elif name == "v4_hybrid":
+        coeffs, margin = (KELLER,) * 8 + (V4_TAIL,) * 2, 1.0
+    elif name == "polar_express":
         deflated = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS]
-        coeffs = (deflated + [POLAR_EXPRESS_LAST] * max(0, steps - len(deflated)))[:steps]
-        return NSSchedule(tuple(coeffs), margin=1.01)
-    raise ValueError(f"unknown Newton–Schulz schedule {name!r}; accepted: {', '.join(SCHEDULES)}")
+        coeffs, margin = tuple((deflated + [POLAR_EXPRESS_LAST] * max(0, steps - len(deflated)))[:steps]), 1.01
+    else:
+        raise ValueError(f"unknown Newton–Schulz schedule {name!r}; accepted: {', '.join(SCHEDULES)}")
+    if restarts is None:
+        restarts = tuple(i for i in (V4_RESTARTS if name == "v4_hybrid" else DEFAULT_RESTARTS) if i < len(coeffs))
+    restarts = tuple(sorted(set(restarts)))
+    if any(not isinstance(i, int) or not 1 <= i < len(coeffs) for i in restarts):
+        raise ValueError(f"Gram Newton–Schulz restarts {list(restarts)} must be iterations from 1 to "
+                         f"{len(coeffs) - 1} (the schedule has {len(coeffs)})")
+    return NSSchedule(coeffs, margin, restarts)
 
 
 def orthogonalize(g: torch.Tensor, schedule: NSSchedule, *, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
@@ -57,9 +77,14 @@ def orthogonalize(g: torch.Tensor, schedule: NSSchedule, *, eps: float = 1e-7, d
 
     `method="gram"` iterates on the m×m Gram matrix instead of the m×n iterate (X_k = Q_k X₀ with
     Q_k a polynomial in X₀X₀ᵀ), which costs O(m³) per iteration instead of O(m²n): cheaper for
-    wide matrices. Square matrices always use the standard iteration. The Gram iteration squares
-    the condition of what it multiplies and diverges in bf16 (σ' ≈ 15 seen after 5 steps), so it
-    always computes in fp32.
+    wide matrices. Square matrices always use the standard iteration. The Gram iteration carries
+    R = XXᵀ forward as p(R)·R·p(R), so rounding in R's null space (rank-deficient updates: an
+    expert that got few tokens, an early step) is multiplied by p(0) = a every iteration and never
+    corrected; fp32 does not prevent it (a rank-10 64×128 update under the 10-step V4 schedule:
+    σ_max ≈ 1e13 in fp32). What bounds it is restarting — forming X = QX₀ and R = XXᵀ again at
+    `schedule.restarts` — as the reference implementation does. Restarts are not enough in bf16
+    (a full-rank 64×128 under the V4 schedule still overflowed), so it computes in fp32: `dtype`
+    bf16 is raised to fp32.
     """
     if method == "gram" and dtype == torch.bfloat16:
         dtype = torch.float32
@@ -69,7 +94,7 @@ def orthogonalize(g: torch.Tensor, schedule: NSSchedule, *, eps: float = 1e-7, d
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * schedule.margin).clamp(min=eps)
     if method == "gram" and x.size(-2) < x.size(-1):
-        x = _gram_iterations(x, schedule.coefficients)
+        x = _gram_iterations(x, schedule.coefficients, schedule.restarts)
     else:
         x = _standard_iterations(x, schedule.coefficients)
     return x.mT if tall else x
@@ -104,14 +129,19 @@ def _standard_iterations(x: torch.Tensor, coefficients) -> torch.Tensor:
     return x.reshape(*batch_shape, *x.shape[-2:])
 
 
-def _gram_iterations(x: torch.Tensor, coefficients) -> torch.Tensor:
+def _gram_iterations(x: torch.Tensor, coefficients, restarts=()) -> torch.Tensor:
     r = x @ x.mT
     eye = torch.eye(r.size(-1), dtype=r.dtype, device=r.device).expand_as(r)
     q = None
-    for a, b, c in coefficients:
+    last = len(coefficients) - 1
+    for i, (a, b, c) in enumerate(coefficients):
+        if i in restarts:  # X ← QX and R ← XXᵀ from X itself: drops what R's recursion accumulated
+            x, q = q @ x, None
+            r = x @ x.mT
         # p(R) = aI + bR + cR²; X ← p(R)X means Q ← p(R)Q and R ← p(R) R p(R) (p(R) commutes with R).
         p = torch.baddbmm(a * eye, r, r, beta=1.0, alpha=c) if r.dim() == 3 else torch.addmm(a * eye, r, r, alpha=c)
         p = p + b * r
         q = p if q is None else p @ q
-        r = p @ r @ p
+        if i < last and i + 1 not in restarts:  # R is formed again at a restart, and unused after the last
+            r = p @ r @ p
     return q @ x

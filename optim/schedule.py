@@ -27,7 +27,19 @@ def lr_multiplier(step: int, *, max_steps: int, schedule: str, warmup_steps: int
     raise ValueError(f"optim.schedule={schedule!r} is not a schedule; accepted: cosine, wsd, constant")
 
 
+def frozen_then(step: int, *, frozen_until: int, max_steps: int, **schedule) -> float:
+    """0 for the first `frozen_until` steps; then the whole schedule (warm-up included) over the
+    steps that remain."""
+    if step < frozen_until:
+        return 0.0
+    return lr_multiplier(step - frozen_until, max_steps=max_steps - frozen_until, **schedule)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = partial(lr_multiplier, max_steps=max_steps, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                 min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    """One multiplier per group: the schedule, or for a group with `frozen_until` (optim/builder.py)
+    0 until then and the schedule after."""
+    schedule = dict(max_steps=max_steps, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                    min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+    fns = [partial(frozen_then, frozen_until=g["frozen_until"], **schedule) if g.get("frozen_until")
+           else partial(lr_multiplier, **schedule) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fns)

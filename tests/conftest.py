@@ -99,3 +99,32 @@ def drop_recorded_configs(out_dir) -> None:
         data = json.loads(manifest.read_text())
         data["files"].pop("config.yaml", None)
         manifest.write_text(json.dumps(data))
+
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "it"]
+
+
+def word_corpus(directory: Path, n_docs: int = 24, seed: int = 0) -> Path:
+    """Text files of random sentences over ten words: a corpus whose every byte is in a small set."""
+    import random
+
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + "." for _ in range(40)]
+        (directory / f"doc{i:02d}.txt").write_text("\n".join(sentences) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_cache) -> Path:
+    """A tiny byte-level model trained for 80 steps on `word_corpus` (one rank, ZeRO-0): a
+    finished run directory for the after-training commands. Tests that write copy it first."""
+    from train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("trained")
+    corpus = word_corpus(root / "corpus")
+    cfg = compose_config([*TINY, "data.source=files", f"data.path={corpus}", "trainer.max_steps=80",
+                          "trainer.eval_every=40", "optim.lr=1e-2"], out_dir=root / "run", cache_dir=data_cache)
+    Trainer(cfg).fit()
+    return root / "run"

@@ -26,6 +26,18 @@ def two_rank_runs(tmp_path_factory, data_cache):
     return out, torch.load(out / "params.pt")
 
 
+@pytest.mark.parametrize("optim,stage", [("adamw", 1), ("adamw", 2), ("muon", 1), ("muon", 2)])
+def test_a_partition_boundary_cuts_a_matrix(optim, stage, two_rank_runs):
+    """The parity runs below must include a hidden matrix split between the ranks (the case
+    where DeepSpeed's own Muon corrupted updates): rank 1's partition of group 0 (the hidden
+    matrices) starts strictly inside one."""
+    out, _ = two_rank_runs
+    group = torch.load(out / "layouts.pt")[f"{optim}{stage}"][0]
+    boundary = group["size"]
+    cut = [(o, s) for o, s in group["params"] if len(s) == 2 and o < boundary < o + s[0] * s[1]]
+    assert cut, f"no matrix straddles the ranks' boundary at {boundary}: {group['params']}"
+
+
 @pytest.mark.parametrize("optim,stage", COMBOS, ids=[f"{o}-zero{s}" for o, s in COMBOS])
 def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, tmp_path, data_cache):
     _, params = two_rank_runs

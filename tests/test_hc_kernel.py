@@ -10,6 +10,7 @@ import torch
 from model import build_model, hc_kernel
 from model.mhc import HyperConnection, StreamReduce
 from tests.conftest import compose_config
+from tests.reference import sinkhorn as reference
 
 # Where a compiler exists the kernels must build: a broken source fails here instead of every model
 # quietly running the eager path.
@@ -111,6 +112,18 @@ def test_mix_gradcheck():
     shapes = [(2, 17, 4, 3), (2, 17, 3), (2, 17, 4), (2, 17, 4, 4)]
     inputs = tuple(torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes)
     assert torch.autograd.gradcheck(hc_kernel.mix, inputs)
+
+
+@pytest.mark.parametrize("case", range(len(reference.HAND_CASES)))
+def test_fused_sinkhorn_hand_computed(case):
+    """The kernel's Sinkhorn alone (α = 0: the logits are b_res) on cases worked by hand; res is their transpose."""
+    z, iters, eps, expected = reference.hand_case(case)
+    n = z.shape[0]
+    x = torch.randn(3, n, 2, dtype=torch.float64)
+    zeros = torch.zeros(n, dtype=torch.float64)
+    _, _, _, res = hc_kernel.mhc_in(x, torch.zeros(n * n + 2 * n, 2 * n, dtype=torch.float64),
+                                   torch.zeros(3, dtype=torch.float64), zeros, zeros, z, iters, 1e-6, eps)
+    assert torch.allclose(res, expected.T.expand(3, n, n), rtol=0, atol=1e-15)
 
 
 def test_fused_mixing_matrices_are_doubly_stochastic():

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from model import build_model
-from model.mhc import HyperConnection
-from model.sinkhorn import sinkhorn, sinkhorn_reference
+from model.block import Block
+from model.mhc import HyperConnection, StreamReduce
+from model.sinkhorn import sinkhorn
+from tests.reference import hyper_connections as zhu
+from tests.reference import sinkhorn as reference
 from optim import build_optimizer
 from tests.conftest import compose_config
 from train.trainer import Trainer
@@ -27,13 +30,58 @@ def test_configs_compose_for_every_stream_count(residual, n, tmp_path):
     validate(compose_config([f"model.residual={residual}", f"model.n_streams={n}"], out_dir=tmp_path))
 
 
-@pytest.mark.parametrize("residual", ["hc", "mhc"])
-def test_one_stream_is_exactly_the_plain_residual_model(residual):
-    plain, one = model_for(), model_for(f"model.residual={residual}", "model.n_streams=1")
-    assert plain.state_dict().keys() == one.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), one.state_dict().values()))
-    idx = torch.randint(0, 256, (2, 16))
-    assert torch.equal(plain(idx), one(idx))
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_one_stream_block_computes_the_plain_residual_block(kind):
+    """One stream has nothing to mix, which is why transformer.py builds the plain model for n = 1.
+    Built explicitly, the one-stream block must compute the plain block: hc at its initialisation
+    exactly (its dynamic projection starts at zero), mhc with its gates at 0 up to V4's hc_eps
+    (pre = 1/2 + hc_eps, which the sublayer's RMSNorm scales away, post = 1, res = 1 − O(hc_eps))."""
+    plain = model_for()
+    x = torch.randn(2, 16, 32)  # unit scale: RMSNorm's eps then barely sees mhc's halved read
+    with torch.no_grad():
+        for i, block in enumerate(plain.blocks):
+            one = Block(32, block.attn, block.ffn, 1e-6, 0.0, kind, 1, i)
+            one.load_state_dict(block.state_dict(), strict=False)  # the norms; attn and ffn are shared
+            if kind == "mhc":
+                one.attn_hc.alpha.zero_(), one.ffn_hc.alpha.zero_()
+            want = block(x, plain.rope_cos, plain.rope_sin)
+            got = one(x.unsqueeze(-2), plain.rope_cos, plain.rope_sin).squeeze(-2)
+            if kind == "hc":
+                assert torch.equal(got, want)
+            else:
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and not torch.equal(got, want)
+            x = want
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hc_matches_zhu_et_al(fused):
+    """hc against the paper's dynamic hyper-connection equations (tests/reference): one gate s_α for
+    the read and the mix, s_β for the write, the mix applied as A_rᵀ."""
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection("hc", 3, 5, index=1, eps=1e-5, fused=fused)).double()
+    with torch.no_grad():
+        hc.alpha.copy_(torch.tensor([0.6, 1.3]))  # s_α, s_β: distinct, so a swapped gate shows
+    lin = torch.nn.Linear(5, 5).double()
+    x = torch.randn(1, 9, 3, 5, dtype=torch.float64)
+    w = hc.proj.weight
+    ref = zhu.dynamic_hyper_connection(x[0], w[0], w[1], w[2:].T, hc.alpha[0], hc.alpha[1], hc.b_pre, hc.b_post,
+                                       hc.b_res.T, lambda h: torch.tanh(lin(h)), 1e-5)
+    assert torch.allclose(hc(x, lambda h: torch.tanh(lin(h)))[0], ref["out"], rtol=0, atol=1e-12)
+    pre, post, res = hc.coefficients(x)
+    assert torch.allclose(pre[0], ref["A_m"], rtol=0, atol=1e-14) and torch.allclose(post[0], ref["B"], rtol=0, atol=1e-14)
+    assert torch.allclose(res[0], ref["A_r"].transpose(-1, -2), rtol=0, atol=1e-14)
+
+
+def test_hc_initialisation_is_zhu_et_al():
+    """Static parts one-hot(sublayer mod n) / 1 / I, gates 0.01, and the dynamic projection zero after
+    the model's own initialisation of its linear layers."""
+    model = model_for("model.residual=hc", "model.n_streams=4")
+    hcs = [m for m in model.modules() if isinstance(m, HyperConnection)]
+    assert len(hcs) == 4
+    for i, hc in enumerate(hcs):
+        assert torch.equal(hc.proj.weight, torch.zeros(6, 32)) and torch.equal(hc.alpha, torch.full((2,), 0.01))
+        assert torch.equal(hc.b_pre, torch.eye(4)[i % 4]) and torch.equal(hc.b_post, torch.ones(4))
+        assert torch.equal(hc.b_res, torch.eye(4))
 
 
 def copy_shared(src, dst):
@@ -76,15 +124,29 @@ def test_mixing_matrices_are_doubly_stochastic(scale):
             assert (res.sum(-1) - 1).abs().max() < 1e-5 and (res.sum(-2) - 1).abs().max() < 1e-5
 
 
-def test_sinkhorn_backward_matches_autograd_through_the_loop():
-    torch.manual_seed(0)
-    z = torch.randn(64, 4, 4, requires_grad=True)
-    g = torch.randn(64, 4, 4)
-    fast = torch.autograd.grad((sinkhorn(z) * g).sum(), z)[0]
-    slow = torch.autograd.grad((sinkhorn_reference(z) * g).sum(), z)[0]
-    assert torch.allclose(sinkhorn(z), sinkhorn_reference(z)) and torch.allclose(fast, slow, atol=1e-6)
-    z64 = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: sinkhorn(t, 20), (z64,))
+@pytest.mark.parametrize("case", range(len(reference.HAND_CASES)))
+def test_sinkhorn_hand_computed(case):
+    """V4's order (softmax + eps, a column normalisation, then rows and columns) on cases worked by hand."""
+    z, iters, eps, expected = reference.hand_case(case)
+    assert torch.allclose(sinkhorn(z, iters, eps), expected, rtol=0, atol=1e-15)
+    assert torch.allclose(reference.sinkhorn(z, iters, eps), expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("n,iters", [(2, 1), (3, 2), (4, 20), (4, 3)])
+def test_sinkhorn_matches_the_reference_elementwise(n, iters):
+    z = torch.randn(6, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n + iters)) * 2
+    expected = torch.stack([reference.sinkhorn(m, iters, 1e-6) for m in z])
+    assert torch.allclose(sinkhorn(z, iters), expected, rtol=0, atol=1e-14)
+    assert torch.allclose(sinkhorn(z.float(), iters), expected.float(), rtol=0, atol=1e-6)
+
+
+def test_sinkhorn_backward_matches_autograd_through_the_reference():
+    z = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    g = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fast = torch.autograd.grad((sinkhorn(z, 20) * g).sum(), z)[0]
+    slow = torch.autograd.grad(sum((reference.sinkhorn(m, 20, 1e-6) * gm).sum() for m, gm in zip(z, g)), z)[0]
+    assert torch.allclose(fast, slow, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda t: sinkhorn(t, 5), (z[:1].detach().requires_grad_(),))
 
 
 def test_sinkhorn_runs_in_fp32_under_bf16():
@@ -92,15 +154,92 @@ def test_sinkhorn_runs_in_fp32_under_bf16():
     assert out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind", ["hc", "mhc"])
-def test_block_gradcheck_float64(kind):
-    torch.manual_seed(0)
-    hc = HyperConnection(kind, n=3, d_model=4, index=1, sinkhorn_iters=5).double()
+def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Large gates and random biases, so the dynamic coefficients and Sinkhorn matter."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        hc.alpha.fill_(0.5)  # make the dynamic path matter
-    lin = torch.nn.Linear(4, 4).double()
-    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: hc(t, lambda h: torch.tanh(lin(h))), (x,))
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        module.alpha.copy_(torch.linspace(0.6, 1.2, module.alpha.numel()))
+    return module
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mhc_sublayer_matches_the_reference(fused):
+    """Coefficients, read, write and mix against the per-token float64 reference (fused: where the
+    kernels build; the eager path otherwise)."""
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection("mhc", 3, 5, index=0, sinkhorn_iters=7, eps=1e-5, hc_eps=1e-3)).double()
+    hc.fused = fused
+    lin = torch.nn.Linear(5, 5).double()
+    x = torch.randn(1, 11, 3, 5, dtype=torch.float64)
+    hc.record = True
+    out = hc(x, lambda h: torch.tanh(lin(h)))
+    ref = reference.mhc_sublayer(x[0], hc.phi.weight, hc.alpha, hc.b_pre, hc.b_post, hc.b_res,
+                                 lambda h: torch.tanh(lin(h)), 7, 1e-5, 1e-3)
+    assert torch.allclose(out[0], ref["out"], rtol=0, atol=1e-12)
+    pre, post, res = hc.coefficients(x)
+    assert torch.allclose(pre[0], ref["pre"], rtol=0, atol=1e-14) and torch.allclose(post[0], ref["post"], rtol=0, atol=1e-14)
+    assert torch.allclose(res[0], ref["comb"].transpose(-1, -2), rtol=0, atol=1e-14)  # res: output × input
+    assert torch.allclose(hc.recorded["res"], ref["comb"].transpose(-1, -2).mean(0), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_stream_reduce_matches_the_reference(fused):
+    torch.manual_seed(0)
+    reduce = perturbed(StreamReduce("mhc", 3, 5, eps=1e-5, hc_eps=1e-3, fused=fused)).double()
+    x = torch.randn(1, 11, 3, 5, dtype=torch.float64)
+    ref = reference.stream_reduce(x[0], reduce.phi.weight, reduce.alpha, reduce.bias, 1e-5, 1e-3)
+    assert torch.allclose(reduce(x)[0], ref, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mhc_matches_transformers_deepseek_v4(fused):
+    """The referee no one here wrote: transformers' DeepseekV4HyperConnection and DeepseekV4HyperHead
+    with our weights copied as they are (φ → fn, biases → base, α → scale), in float32 (it computes
+    the RMS in float32 whatever the input)."""
+    from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
+
+    n, c = 4, 16
+    cfg = DeepseekV4Config(hidden_size=c, hc_mult=n, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hc, reduce = perturbed(HyperConnection("mhc", n, c, index=0)), perturbed(StreamReduce("mhc", n, c), seed=1)
+    hc.fused = reduce.fused = fused
+    theirs, head = DeepseekV4HyperConnection(cfg), DeepseekV4HyperHead(cfg)
+    with torch.no_grad():
+        theirs.fn.copy_(hc.phi.weight), theirs.scale.copy_(hc.alpha)
+        theirs.base.copy_(torch.cat([hc.b_pre, hc.b_post, hc.b_res.flatten()]))
+        head.hc_fn.copy_(reduce.phi.weight), head.hc_scale.copy_(reduce.alpha), head.hc_base.copy_(reduce.bias)
+    x, y = torch.randn(2, 7, n, c), torch.randn(2, 7, c)
+    post, comb, collapsed = theirs(x)
+    read = []
+    out = hc(x, lambda h: read.append(h) or y)
+    mixed = post.unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), x)  # their decoder layer
+    assert torch.allclose(read[0], collapsed, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out, mixed, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(reduce(x), head(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc"])
+def test_eager_block_gradcheck_float64(kind):
+    """The path a GPU takes (model.fused_hc=false), checked without a compiler: x and every parameter."""
+    torch.manual_seed(0)
+    hc = perturbed(HyperConnection(kind, n=3, d_model=2, index=1, sinkhorn_iters=3, fused=False)).double()
+    lin = torch.nn.Linear(2, 2).double()
+    names = [name for name, _ in hc.named_parameters()]
+    x = torch.randn(1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    values = [p.detach().clone().requires_grad_() for p in hc.parameters()]
+
+    def f(x, *values):
+        return torch.func.functional_call(hc, dict(zip(names, values)), (x, lambda h: torch.tanh(lin(h))))
+
+    assert torch.autograd.gradcheck(f, (x, *values))
+    reduce = perturbed(StreamReduce("mhc", 3, 2, fused=False)).double()
+    names = [name for name, _ in reduce.named_parameters()]
+    values = [p.detach().clone().requires_grad_() for p in reduce.parameters()]
+    assert torch.autograd.gradcheck(lambda x, *v: torch.func.functional_call(reduce, dict(zip(names, v)), (x,)),
+                                    (x, *values))
 
 
 def test_probe_hook_is_off_by_default_and_token_averaged_when_on():

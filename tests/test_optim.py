@@ -65,3 +65,14 @@ def test_wsd_is_flat_then_linear_decay():
 
 def test_constant_schedule():
     assert sched(50, schedule="constant") == sched(99, schedule="constant") == 1.0
+
+
+def test_adamw_eps_is_v4s_in_the_muon_recipe_and_1e8_in_the_baseline():
+    """V4's recipe (optim=muon) runs its AdamW half with eps 1e-20; the AdamW baseline keeps the
+    common 1e-8. Checked where it takes effect: the optimizer's groups."""
+    cfg = compose_config(["model=tiny", "optim=muon"])
+    model = build_model(cfg.model, 256)
+    adam_groups = [g for g in build_optimizer(model, cfg.optim).param_groups if not g["use_muon"]]
+    assert adam_groups and all(g["adamw_eps"] == 1e-20 for g in adam_groups)
+    cfg = compose_config(["model=tiny", "optim=adamw"])
+    assert all(g["eps"] == 1e-8 for g in build_optimizer(model, cfg.optim).param_groups)

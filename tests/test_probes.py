@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import interrupted_run
+from tests.conftest import V4_RUN, interrupted_run
 from train.probes import SpikeDetector, amax_gains, spectral_norm
 from train.trainer import Trainer
 
@@ -15,15 +15,43 @@ def rows(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# Mixing matrices (X ← H·X, output × input) of the four sublayers of a 2-layer model, in depth
+# order: layer 0 attention, layer 0 FFN, layer 1 attention, layer 1 FFN. Worked by hand:
+# H2·H1 = [[1, 2], [3, 7]]; H3·H2·H1 = [[2, 4], [3, 7]]; H4·H3·H2·H1 = [[5, 11], [3, 7]], whose rows
+# sum to 16 and 10 (forward gain 16) and columns to 8 and 18 (backward gain 18). The other order,
+# H1·H2·H3·H4 = [[14, 16], [6, 7]], would give 30 and 23; the transposes, 18 and 16.
+DEPTH = [[[1.0, 2.0], [0.0, 1.0]], [[1.0, 0.0], [3.0, 1.0]], [[2.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 1.0]]]
+DEPTH_FWD, DEPTH_BWD = [3.0, 10.0, 10.0, 16.0], [3.0, 9.0, 11.0, 18.0]  # composites up to each depth
+
+
 def test_amax_of_known_matrices_matches_hand_computation():
-    h1 = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
-    h2 = torch.tensor([[0.5, 0.0], [1.0, -3.0]])
-    g = amax_gains([h1, h2])
-    # composite H2·H1 = [[0.5, 1], [1, -1]]: |rows| sum to 1.5 and 2, |columns| to 1.5 and 2.
-    assert g["per_fwd"] == [3.0, 4.0] and g["per_bwd"] == [3.0, 3.0]
-    assert g["depth_fwd"] == [3.0, 2.0] and g["depth_bwd"] == [3.0, 2.0]
-    assert g["fwd"] == 2.0 and g["bwd"] == 2.0
+    g = amax_gains([torch.tensor(h) for h in DEPTH])
+    assert g["per_fwd"] == [3.0, 4.0, 2.0, 2.0] and g["per_bwd"] == [3.0, 4.0, 2.0, 2.0]
+    assert g["depth_fwd"] == DEPTH_FWD and g["depth_bwd"] == DEPTH_BWD
+    assert g["fwd"] == 16.0 and g["bwd"] == 18.0
+    # absolute values: composite [[0.5, 1], [1, -1]] of a negative entry
+    g = amax_gains([torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.tensor([[0.5, 0.0], [1.0, -3.0]])])
+    assert g["per_fwd"] == [3.0, 4.0] and g["per_bwd"] == [3.0, 3.0] and g["fwd"] == 2.0 and g["bwd"] == 2.0
     assert amax_gains([]) == {"fwd": 1.0, "bwd": 1.0, "per_fwd": [], "per_bwd": [], "depth_fwd": [], "depth_bwd": []}
+
+
+def test_logged_amax_is_the_hand_computed_composite_in_depth_order(tiny_config):
+    """An hc model with its gates at 0 mixes by b_res alone: set b_res per sublayer to DEPTH and the
+    logged gains must be the hand-computed composite's (layer order and orientation pinned)."""
+    cfg = tiny_config("model.residual=hc", "model.n_streams=2", "optim=adamw", "optim.lr=0", "probes.every=1",
+                      "trainer.max_steps=1", "trainer.eval_every=0")
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        for block, (h_attn, h_ffn) in zip(trainer.engine.module.blocks, zip(DEPTH[0::2], DEPTH[1::2])):
+            for hc, h in ((block.attn_hc, h_attn), (block.ffn_hc, h_ffn)):
+                hc.alpha.zero_()
+                hc.b_res.copy_(torch.tensor(h))
+    summary = trainer.fit()
+    (r,) = rows(cfg.out_dir)
+    assert r["probe/amax_fwd"] == 16.0 and r["probe/amax_bwd"] == 18.0
+    assert [r[f"probe/amax_fwd_depth/sublayer{i}"] for i in range(4)] == DEPTH_FWD
+    assert [r[f"probe/amax_bwd_depth/sublayer{i}"] for i in range(4)] == DEPTH_BWD
+    assert summary["probe/amax_fwd"] == 16.0 and summary["probe/amax_bwd"] == 18.0
 
 
 def test_spectral_norm_estimate():
@@ -78,3 +106,16 @@ def test_probe_state_survives_resume(tiny_config, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
     assert strip(rows(cfg.out_dir)) == strip(rows(ref.out_dir))
     assert summary["probe/amax_fwd"] == ref_summary["probe/amax_fwd"]
+
+
+def test_v4_runs_log_the_max_attention_logit(tiny_config):
+    """V4 attention (window, entries and sink; tests/test_v4_reference.py checks the value) reports
+    its max logit like dense attention: one key per layer of the trunk (the MTP block, with its own
+    hyper-connections, runs in training only and is left out of the probes)."""
+    cfg = tiny_config(*V4_RUN, "probes.every=2", "trainer.max_steps=2")
+    Trainer(cfg).fit()
+    (r,) = [r for r in rows(cfg.out_dir) if "probe/amax_fwd" in r]
+    per_layer = [r[f"probe/max_logit/layer{i}"] for i in range(cfg.model.n_layers)]
+    assert f"probe/max_logit/layer{cfg.model.n_layers}" not in r
+    assert r["probe/max_logit"] == max(per_layer) > 0
+    assert r["probe/amax_fwd"] == pytest.approx(1.0, abs=1e-4)  # 2 sublayers per trunk layer

@@ -35,6 +35,28 @@ def test_report_renders_every_run_of_a_2x2_sweep(sweep):
         assert (sweep / png).stat().st_size > 1000 and f"]({png})" in text
 
 
+def cells(text: str, first: str) -> list[str]:
+    """The cells of the one table row of `text` whose first cell starts with `first`."""
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {first}")]
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_report_numbers_are_the_runs_own(sweep):
+    """Each run's row and its (one-run) group's row against the run's summary.json and metrics."""
+    text = write_report([sweep]).read_text()
+    runs = load_runs([sweep])
+    for r in runs:
+        s = json.loads((r.path / "summary.json").read_text())
+        row = cells(text, f"{r.label} (`{r.path}`)")
+        assert row[1:4] == ["**completed**", str(s["steps"]), f"{s['tokens']:,}"]
+        assert row[6] == f"{s['final_val_loss']:.4f}"
+        assert row[7:9] == [format(s["probe/amax_fwd"], ".3g"), format(s["probe/amax_bwd"], ".3g")]
+        group = cells(text, f"{r.group} |")
+        tps = [json.loads(line)["tokens_per_s"] for line in (r.path / "metrics.jsonl").read_text().splitlines()]
+        assert group[1] == "1" and group[2] == f"{s['final_val_loss']:.4f}"
+        assert group[4:6] == row[7:9] and group[7] == f"{sum(tps) / len(tps):,.0f}"
+
+
 def test_diverged_and_running_runs_are_labelled(sweep, tmp_path):
     import shutil
     diverged, running = tmp_path / "diverged", tmp_path / "running"

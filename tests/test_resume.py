@@ -1,7 +1,8 @@
 """Real processes, really killed: `python launch.py` SIGKILLed at an arbitrary step and resumed,
 SIGTERM (pre-emption), two launcher agents rendezvousing as two nodes, a node that dies, and
 SLURM's one-task-per-rank layout through submitit's local executor. Every resumed or relaunched
-run must log exactly what the uninterrupted run logged (fp32 on CPU: bitwise)."""
+run must log exactly what the uninterrupted run logged (fp32 on CPU: bitwise). Dropout is on, so
+each rank's own RNG state must come back from its checkpoint as well."""
 import json
 import os
 import random
@@ -20,8 +21,10 @@ pytestmark = pytest.mark.slow
 
 # The killed runs are started with max_steps=1000 and resumed with max_steps=20: a constant
 # schedule makes the trajectory independent of max_steps, so the kill can wait for any step.
-COMMON = ["model=tiny", "data.seq_len=32", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
-          "trainer.eval_batches=2", "trainer.progress=false", "optim.warmup_steps=2", "optim.schedule=constant",
+# Dropout: the ranks draw different masks (seed + rank), so a rank resumed with another rank's RNG
+# state, or with none, leaves the uninterrupted trajectory.
+COMMON = ["model=tiny", "model.dropout=0.1", "data.seq_len=32", "trainer.micro_batch_size=4",
+          "trainer.global_batch_size=8", "trainer.eval_batches=2", "trainer.progress=false", "optim.warmup_steps=2", "optim.schedule=constant",
           "logger.wandb.mode=disabled", "trainer.eval_every=5", "trainer.checkpoint_every=5"]
 ENV = launch_env(OMP_NUM_THREADS="1")  # two ranks share two cores, however they are launched
 OPTIMS = ("adamw", "muon")

@@ -19,9 +19,9 @@ from train.trainer import Trainer
 D, H = 16, 2
 
 
-def attention(kind, ratio=4, window=5, topk=3, sparse=False):
+def attention(kind, ratio=4, window=5, topk=3, sparse=False, index_heads=2):
     cfg = AttentionConfig(window=window, head_dim=8, rope_dim=4, q_lora=8, out_groups=2, out_lora=4,
-                          csa_ratio=ratio, csa_topk=topk, hca_ratio=ratio, index_heads=2, index_dim=4)
+                          csa_ratio=ratio, csa_topk=topk, hca_ratio=ratio, index_heads=index_heads, index_dim=4)
     torch.manual_seed(0)
     attn = V4Attention(D, H, cfg, kind, max_seq_len=64, eps=1e-6).double()
     for p in attn.parameters():  # away from the zero init of sinks and position biases
@@ -188,11 +188,12 @@ def test_mtp_predicts_the_token_after_next():
     model = build_model(cfg, 64).train()
     seen = {}
     model.mtp.register_forward_hook(lambda mod, args, out: seen.update(hidden=args[0], next_ids=args[2]))
-    model.reduce.register_forward_hook(lambda mod, args, out: seen.update(trunk=out))
+    model.reduce.register_forward_hook(lambda mod, args, out: seen.update(trunk=args[0]))
     idx = torch.randint(0, 64, (2, 16))
     targets = torch.cat((idx[:, 1:], torch.randint(0, 64, (2, 1))), dim=1)
     model(idx, targets)
-    assert torch.equal(seen["hidden"], seen["trunk"][:, :-1])  # the trunk's state at t ...
+    assert seen["trunk"].dim() == 4  # the n-stream state, before the head reduction (V4) ...
+    assert torch.equal(seen["hidden"], seen["trunk"][:, :-1])  # ... at t ...
     assert torch.equal(seen["next_ids"], targets[:, :-1])  # ... with token t+1 (= input t+1)
 
 
@@ -250,3 +251,32 @@ def test_v4_tiny_trains_under_bf16_autocast(tiny_config):
     summary = Trainer(cfg).fit()
     assert summary["precision"] == "bf16" and summary["status"] == "completed"
     assert all(r["loss"] is not None for r in read(cfg.out_dir))
+
+
+@pytest.mark.parametrize("mode,stage", [("indexer_only", 0), ("indexer_only", 2), ("all", 0)])
+def test_indexer_warmup_trains_only_the_indexers(tiny_config, mode, stage):
+    """indexer_only (V3.2/V4): through the warm-up every parameter and MoE bias outside the indexers
+    stays bit-identical (AdamW's decay and Muon's included, at ZeRO-0 and ZeRO-2) and its momenta
+    stay zero; the indexers learn; the trunk starts with the first sparse step. all: everything trains."""
+    cfg = tiny_config(*V4_RUN, "model.attn.indexer_warmup_steps=3", f"model.attn.indexer_warmup={mode}",
+                      f"deepspeed.zero_stage={stage}", "optim.adamw_weight_decay=0.1")
+    trainer = Trainer(cfg)
+    start = trainer.full_state_dict()
+    for _ in range(3):
+        trainer.train_step()
+    warm = trainer.full_state_dict()
+    moved = {k for k in start if not torch.equal(start[k], warm[k])}
+    indexer = {k for k in start if ".indexer." in k}
+    assert indexer <= moved
+    if mode == "all":
+        assert {"blocks.1.ffn.bias"} | {k for k in start if ".attn.q_up." in k} <= moved  # layer 0 routes by hash
+        return
+    assert moved == indexer
+    if stage == 0:  # only the KL reached backward: the trunk's moments (DeepSpeed hands zero gradients) are zero
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        for name, p in trainer.engine.module.named_parameters():
+            moments = [v for k, v in inner.state.get(p, {}).items() if k != "step"]
+            assert (name in indexer) == any(v.abs().sum() > 0 for v in moments), name
+    trainer.train_step()
+    after = trainer.full_state_dict()
+    assert all(not torch.equal(warm[k], after[k]) for k in start if k.endswith((".q_up.weight", ".router")))

@@ -26,6 +26,8 @@ BAD = [
     (["model.residual=mhc", "model.n_streams=0"], "model.n_streams", "positive"),
     (["optim=muon", "optim.ns_schedule=newton"], "optim.ns_schedule", "v4_hybrid"),
     (["optim=muon", "optim.momentum_type=heavy"], "optim.momentum_type", "classical"),
+    (["optim=muon", "optim.ns_restarts=[2,10]"], "optim.ns_restarts", "from 1 to 9"),
+    (["optim=muon", "optim.ns_schedule=keller", "optim.ns_restarts=[0]"], "optim.ns_restarts", "from 1 to 4"),
     (["optim=muon", "optim.adamw_lr=0"], "optim.adamw_lr", "positive"),
     (["optim=muon", "deepspeed.zero_stage=3"], "deepspeed.zero_stage", "0, 1 or 2"),
     (["model.n_heads=3"], "model.n_heads", "divisor"),

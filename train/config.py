@@ -19,6 +19,13 @@ class AttentionConfig:
     window: int = 64  # raw tokens each query sees (itself included)
     head_dim: int = 32
     rope_dim: int = 16  # RoPE on the last rope_dim channels of queries and the shared key/value
+    q_head_norm: bool = True  # V4: each head's query RMS-normalised (no weight) before RoPE; false: ablation
+    # RoPE base of layers with a compressor (CSA, HCA), with YaRN; window-only layers: model.rope_theta
+    compress_rope_theta: float = 160000.0
+    yarn_factor: float = 16.0  # 1: no YaRN
+    yarn_original_seq_len: int = 0  # 0: model.max_seq_len / yarn_factor (V4-Flash: 1M / 16 = 65536)
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
     q_lora: int = 64  # rank of the query projection
     out_groups: int = 2  # grouped low-rank output projection: head groups ...
     out_lora: int = 64  # ... each projected to this rank
@@ -28,6 +35,7 @@ class AttentionConfig:
     index_heads: int = 4
     index_dim: int = 16
     indexer_warmup_steps: int = 100  # CSA attends densely (indexer learns by KL) before sparse top-k
+    indexer_warmup: str = "indexer_only"  # what trains during those steps: indexer_only (V3.2/V4) | all
     indexer_kl_weight: float = 1.0
 
 
@@ -92,6 +100,9 @@ class OptimConfig:
     ns_schedule: str = "v4_hybrid"  # v4_hybrid | keller | polar_express
     ns_steps: int = 5  # iterations for keller / polar_express (v4_hybrid is 8 + 2)
     ns_method: str = "standard"  # standard | gram
+    # gram: 0-based iterations at which X and its Gram matrix are formed again; null = the
+    # schedule's default (v4_hybrid: 2, 5, 8; keller, polar_express: 2)
+    ns_restarts: Optional[List[int]] = None
     ns_dtype: str = "bf16"  # bf16 | fp32
     adjust_lr_fn: str = "match_rms_adamw"  # match_rms_adamw (rms_target·sqrt(max(m, n))) | original
     rms_target: float = 0.18
@@ -152,6 +163,20 @@ class ProbesConfig:
 
 
 @dataclass
+class StudyConfig:
+    """Learning-rate studies (train/study.py). Stage 1 trains one point of a log grid of learning
+    rates; `python -m train.report --lr` finds each curve's best lr and writes it to lr_sweep.json;
+    stage 2 trains each curve at that lr. `configs/study/`: default (no study), sweep, tuned."""
+    stage: int = 0  # 0: no study | 1: a point of the lr grid | 2: the best lr that best_lr_from holds
+    lr_step: int = 0  # stage 1: every key of lr_keys is multiplied by 10^(lr_step · lr_spacing)
+    lr_grid: str = "range(-3,4)"  # stage 1: the lr_step values `-m` sweeps (a Hydra sweep: range(a,b) or a,b,c)
+    lr_spacing: float = 0.5  # stage 1: decades between grid points (0.5: half a decade)
+    lr_keys: List[str] = field(default_factory=lambda: ["optim.lr"])  # scaled together: their ratio is held
+    best_lr_from: Optional[str] = None  # stage 2: the lr_sweep.json written by `python -m train.report --lr`
+    allow_edge_lr: bool = False  # stage 2: accept a best lr at the edge of stage 1's grid (not a tuned lr)
+
+
+@dataclass
 class LauncherConfig:
     nproc_per_node: int = 1  # ranks per node
     nnodes: int = 1  # > 1: run launch.py on every node with its launcher.node_rank (torchrun rendezvous)
@@ -192,9 +217,39 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = 0
     out_dir: str = "outputs/run"
 
 
+@dataclass
+class SampleConfig:
+    """`python -m train.sample RUN [key=value ...]`."""
+    prompt: str = ""  # text to continue ("" = the start of a new document)
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # sample among the k most likely tokens (0 = all)
+    top_p: float = 1.0  # sample among the fewest tokens holding this much probability (1 = all)
+    seed: int = 0
+    n: int = 1  # samples, one after another
+    stop_at_eos: bool = True  # a sample ends at the end-of-document token
+    cache: bool = True  # decoding cache (false: recompute the whole context every token)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class EvaluateConfig:
+    """`python -m train.evaluate RUN [data=PRESET] [data.KEY=VALUE ...] [key=value ...]`. The
+    tokenizer is always the run's; data.seq_len and data.cache_dir default to the run's."""
+    data: DataConfig = field(default_factory=DataConfig)
+    split: str = "val"  # val | train | all (both)
+    max_batches: int = 0  # evaluate at most this many batches (0 = every window of the split)
+    micro_batch_size: int = 0  # windows per forward pass (0 = the run's trainer.micro_batch_size)
+    name: Optional[str] = None  # eval/<name>.json (default: from the data, e.g. shakespeare_val)
+    device: str = "auto"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)

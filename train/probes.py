@@ -9,7 +9,8 @@ gradients or numerics (eval mode, `torch.autograd.grad` instead of `.backward()`
 - per-layer gradient norms and their first/last ratio; activation RMS per layer (and per stream);
 - per parameter role: update RMS, weight RMS, update/weight ratio, and the update's spectral norm
   for matrices (the quantities where Muon and AdamW differ by design);
-- the max pre-softmax attention logit per layer (QK-Clip's trigger).
+- the max pre-softmax attention logit per layer (QK-Clip's trigger; for V4 attention, over the
+  window, the compressed entries and the sink).
 
 Every step: a loss-spike score (deviation of loss and grad norm from their running mean, in running
 standard deviations) and the count of spikes.
@@ -20,6 +21,7 @@ import math
 
 import torch
 
+from model.attention import V4Attention
 from model.layers import Attention
 from model.mhc import HyperConnection
 from optim.params import classify_parameters
@@ -83,8 +85,10 @@ class StabilityProbes:
         self.model, self.every = model, every
         self.x, self.y = probe_batch
         self.roles = {role: [p for _, p in ps] for role, ps in classify_parameters(model).items() if ps}
-        self.hyper = [m for m in model.modules() if isinstance(m, HyperConnection)]
-        self.attention = [m for m in model.modules() if isinstance(m, Attention)]
+        # The trunk's layers: the MTP block runs in training only, never in the probe's eval pass.
+        trunk = [m for block in model.blocks for m in block.modules()]
+        self.hyper = [m for m in trunk if isinstance(m, HyperConnection)]
+        self.attention = [m for m in trunk if isinstance(m, (Attention, V4Attention))]
         self.loss_spikes, self.grad_spikes = SpikeDetector(), SpikeDetector()
         self.spikes = 0
         self.max_amax_fwd, self.max_amax_bwd = None, None

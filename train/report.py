@@ -1,6 +1,7 @@
 """Turn finished (or running) runs into a markdown report with PNG plots.
 
     python -m train.report DIR [DIR ...] [--out REPORT_DIR] [--target-loss X] [--x step|tokens|time]
+                           [--lr] [--baseline KEY=VALUE]
     python -m train.report --diff RUN_A RUN_B
 
 Every directory below the given ones that holds a `metrics.jsonl` is a run; runs are grouped by
@@ -27,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from train.run_config import flatten  # noqa: E402
+from train.study import study_sections  # noqa: E402
 from train.variants import is_inert  # noqa: E402
 
 IGNORED = ("seed", "out_dir", "logger.", "data.cache_dir", "trainer.progress", "trainer.resume")
@@ -205,9 +207,22 @@ def _count(items) -> dict:
     return out
 
 
+def evaluations(run: Run) -> str:
+    """`python -m train.evaluate` results of the run (eval/*.json): name, loss and bits per byte."""
+    found = []
+    for f in sorted((run.path / "eval").glob("*.json")):
+        try:
+            e = json.loads(f.read_text())
+        except ValueError:
+            continue
+        bpb = e.get("bits_per_byte")
+        found.append(f"{e.get('name', f.stem)}: {e['loss']:.4f}" + (f" ({bpb:.3f} bpb)" if bpb is not None else ""))
+    return "<br>".join(found) or "–"
+
+
 def run_table(runs: list[Run]) -> str:
-    lines = ["| run | status | steps | tokens | ranks | parameters (active) | FLOPs/token | val loss | "
-             "max Amax fwd | max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | status | steps | tokens | ranks | parameters (active) | FLOPs/token | val loss | evaluations (loss) | "
+             "max Amax fwd | max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         last, s = (r.rows[-1] if r.rows else {}), (r.summary or {})
         params = f"{_fmt(s.get('n_params'), ',')} ({_fmt(s.get('n_active_params'), ',')})"
@@ -217,7 +232,7 @@ def run_table(runs: list[Run]) -> str:
             f"{r.last_val_loss:.4f} (last, {r.progress})"
         lines.append(f"| {r.label} (`{r.path}`) | {status} | {last.get('step', 0)} | {last.get('tokens', 0):,} | "
                      f"{r.ranks} | {params} | {_fmt(s.get('flops_per_token'), '.3g')} | "
-                     f"{val} | {_fmt(r.max_of('probe/amax_fwd'))} | "
+                     f"{val} | {evaluations(r)} | {_fmt(r.max_of('probe/amax_fwd'))} | "
                      f"{_fmt(r.max_of('probe/amax_bwd'))} | {_fmt(r.max_of('probe/spikes'), 'g')} |")
     return "\n".join(lines)
 
@@ -288,7 +303,8 @@ def plot_depth(runs: list[Run], out: Path) -> str | None:
     return "amax_vs_depth.png"
 
 
-def write_report(dirs: list[Path], out: Path | None = None, target: float | None = None, x_axis: str = "step") -> Path:
+def write_report(dirs: list[Path], out: Path | None = None, target: float | None = None, x_axis: str = "step",
+                 lr: bool = False, baseline: str | None = None) -> Path:
     runs = load_runs(dirs)
     if not runs:
         raise SystemExit(f"error: no run (a directory with metrics.jsonl) under {', '.join(map(str, dirs))}")
@@ -312,6 +328,7 @@ def write_report(dirs: list[Path], out: Path | None = None, target: float | None
     md = [f"# Run report\n\n{len(runs)} run(s) from {', '.join(f'`{d}`' for d in dirs)}.\n",
           "## Groups\n", group_table(runs, target), "\n## Runs\n", run_table(runs), "\n## Plots\n"]
     md += [f"![{f}]({f})\n" for f in figures if f]
+    md += study_sections(runs, out, dirs, lr=lr, baseline=baseline)  # lr sweeps and tuned comparisons
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
@@ -343,13 +360,16 @@ def main() -> None:
     ap.add_argument("--x", choices=tuple(XLABELS), default="step", help="the plots' horizontal axis")
     ap.add_argument("--diff", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"),
                     help="print the config keys that differ between two runs, and nothing else")
+    ap.add_argument("--lr", action="store_true", help="learning-rate view: loss vs lr per curve, best lr, lr_sweep.json")
+    ap.add_argument("--baseline", default=None, metavar="KEY=VALUE",
+                    help="stage-2 arm the others are measured against (default optim=adamw, else residual=residual)")
     args = ap.parse_args()
     if args.diff:
         print(config_diff(*args.diff))
         return
     if not args.dirs:
         ap.error("give the run or sweep directories to report on, or --diff RUN_A RUN_B")
-    print(write_report(args.dirs, args.out, args.target_loss, args.x))
+    print(write_report(args.dirs, args.out, args.target_loss, args.x, lr=args.lr, baseline=args.baseline))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, DataError
 from train.config import Config
+from train.study import apply_study
 from train.validate import validate
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def run(dict_cfg: DictConfig) -> int:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         cfg = typed_config(dict_cfg)
+        apply_study(cfg)  # the learning rate of a study's stage, before anything reads it
         validate(cfg)
         launcher.check_multi_node_out_dir(cfg, overrides)
         launcher.adopt_submitit_task(cfg)

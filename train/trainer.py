@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -215,9 +216,10 @@ class Trainer:
         (so that an evaluation right away sees the model as trained)."""
         module = self.engine.module
         if hasattr(module, "on_step_start"):
-            lr = self.scheduler.optimizer.param_groups[0]["lr"]
-            module.on_step_start(self.step, lr_decaying=self.step >= self.cfg.optim.warmup_steps
-                                 and lr < self.scheduler.base_lrs[0] * (1 - 1e-6))
+            group = self.scheduler.optimizer.param_groups[0]
+            peak_from = group.get("frozen_until", 0) + self.cfg.optim.warmup_steps  # a frozen group's schedule starts late
+            module.on_step_start(self.step, lr_decaying=self.step >= peak_from
+                                 and group["lr"] < self.scheduler.base_lrs[0] * (1 - 1e-6))
 
     def _skip_update_if(self, non_finite: bool) -> None:
         """ZeRO-0: drop the gradients so the optimizer leaves every parameter and state alone, and
@@ -383,6 +385,8 @@ class Trainer:
             start = record_start(self.out_dir, self.step, self.world_size, changed=self.resumed_changes, inert=inert)
             record_start_config(self.out_dir, self.cfg, start, inert)
             self._warn_inert(inert)
+            if (self.prepared / "tokenizer.json").is_file():  # the run decodes with it after training
+                shutil.copyfile(self.prepared / "tokenizer.json", self.out_dir / "tokenizer.json")
         for cb in self.callbacks.values():
             cb.on_train_start(self)
         try:

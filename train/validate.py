@@ -13,6 +13,7 @@ from common.errors import ConfigError  # noqa: F401  (re-exported for callers of
 from train.config import Config
 from train.batch import micro_batch_size
 from train.launcher import read_hostfile, world_size
+from train.study import check_study
 
 OPTIMIZERS = ("adamw", "muon")
 RESIDUALS = ("residual", "hc", "mhc")
@@ -76,6 +77,13 @@ def _v4_parts(cfg: Config) -> None:
                     "index_heads", "index_dim"):
             _positive(f"model.attn.{key}", getattr(a, key))
         _positive("model.attn.indexer_warmup_steps", a.indexer_warmup_steps, allow_zero=True)
+        _choice("model.attn.indexer_warmup", a.indexer_warmup, ("indexer_only", "all"))
+        _positive("model.attn.compress_rope_theta", a.compress_rope_theta, integer=False)
+        if not (a.yarn_factor >= 1 and math.isfinite(a.yarn_factor)):
+            raise ConfigError("model.attn.yarn_factor", a.yarn_factor, "a number >= 1 (1: no YaRN)")
+        _positive("model.attn.yarn_original_seq_len", a.yarn_original_seq_len, allow_zero=True)
+        _positive("model.attn.yarn_beta_fast", a.yarn_beta_fast, integer=False)
+        _positive("model.attn.yarn_beta_slow", a.yarn_beta_slow, integer=False)
         _positive("model.attn.indexer_kl_weight", a.indexer_kl_weight, integer=False, allow_zero=True)
         if a.rope_dim % 2 or not 0 <= a.rope_dim <= a.head_dim:
             raise ConfigError("model.attn.rope_dim", a.rope_dim, f"an even number from 0 to model.attn.head_dim={a.head_dim}")
@@ -128,6 +136,10 @@ def validate(cfg: Config) -> None:
         if not 1 <= o.ns_steps < 100:
             raise ConfigError("optim.ns_steps", o.ns_steps, "an integer from 1 to 99")
         _choice("optim.ns_method", o.ns_method, ("standard", "gram"))
+        n_iter = 10 if o.ns_schedule == "v4_hybrid" else o.ns_steps
+        if o.ns_restarts is not None and not all(1 <= i < n_iter for i in o.ns_restarts):
+            raise ConfigError("optim.ns_restarts", list(o.ns_restarts),
+                              f"null (the schedule's default) or iterations from 1 to {n_iter - 1}")
         _choice("optim.ns_dtype", o.ns_dtype, ("bf16", "fp32"))
         _choice("optim.adjust_lr_fn", o.adjust_lr_fn, ("match_rms_adamw", "original"))
         _positive("optim.rms_target", o.rms_target, integer=False)
@@ -206,6 +218,8 @@ def validate(cfg: Config) -> None:
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _positive("seed", cfg.seed, allow_zero=True)
+
+    check_study(cfg)
 
     out = Path(cfg.out_dir)
     if t.resume == "never" and ((out / "metrics.jsonl").exists() or (out / "checkpoints").exists()):

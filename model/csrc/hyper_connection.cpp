@@ -6,8 +6,9 @@
 // it is in L1; the backward recomputes Sinkhorn per token instead of storing its iterations.
 //
 // Two kernels, each with its backward:
-//   mhc_in:  X [T, n*C] -> m = phi X / rms(X); pre = sigmoid(a0 m + b_pre);
-//            (with mix) post = 2 sigmoid(a1 m + b_post), res = Sinkhorn(a2 m + b_res);
+//   mhc_in:  X [T, n*C] -> m = phi X / rms(X); pre = sigmoid(a0 m + b_pre) + eps_hc;
+//            (with mix) post = 2 sigmoid(a1 m + b_post), res = Sinkhorn(a2 m + b_res)^T (V4's
+//            iteration on its comb layout [input, output]; res is output x input);
 //            x_in = sum_i pre_i X_i.                        (without mix: the final stream reduce)
 //   mix:     X' [j] = sum_i res[j, i] X_i + post_j y.
 // The phi products are BLAS calls. The other parameter gradients go to a fixed number of token chunks
@@ -27,101 +28,100 @@ constexpr int64_t V = 16;        // lanes: tokens per block (per-token math runs
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Sinkhorn on V tokens at once; every array is [entries][V]. Keeps each iteration for the backward.
+// DeepSeek-V4's Sinkhorn on V tokens at once; every array is [entries][V]. The logits z [n*n]
+// (row i, column j) get a softmax along each row plus eps, then 2*iters - 1 line normalisations
+// alternating column, row, column, ... (V4: one column normalisation, then iters - 1 x (row,
+// column)); every denominator is line sum + eps. Keeps each normalisation for the backward.
 template <typename acc_t>
 struct SinkhornBlock {
-  int64_t n, iters;
+  int64_t n, steps;
   acc_t eps;
-  std::vector<acc_t> buf;  // p0 [n*n]; per iteration c [n], q [n*n], r [n], p [n*n]; c, r hold 1 / (line sum + eps)
+  std::vector<acc_t> buf;  // s [n*n] (the softmax, before eps); per step: inv [n] = 1 / (line sum + eps), p [n*n]
 
   SinkhornBlock(int64_t n_, int64_t iters_, acc_t eps_)
-      : n(n_), iters(iters_), eps(eps_), buf((n_ * n_ + iters_ * (2 * n_ + 2 * n_ * n_)) * V) {}
+      : n(n_), steps(iters_ > 0 ? 2 * iters_ - 1 : 0), eps(eps_), buf((n_ * n_ + steps * (n_ + n_ * n_)) * V) {}
 
-  acc_t* p0() { return buf.data(); }
-  acc_t* c(int64_t t) { return buf.data() + (n * n + t * (2 * n + 2 * n * n)) * V; }
-  acc_t* q(int64_t t) { return c(t) + n * V; }
-  acc_t* r(int64_t t) { return q(t) + n * n * V; }
-  acc_t* p(int64_t t) { return r(t) + n * V; }
+  acc_t* s0() { return buf.data(); }
+  acc_t* inv(int64_t t) { return buf.data() + (n * n + t * (n + n * n)) * V; }
+  acc_t* p(int64_t t) { return inv(t) + n * V; }
+  // Step t's lines: line l's entries are l*across + k*along (columns: 1, n; rows: n, 1).
+  int64_t across(int64_t t) const { return t % 2 == 0 ? 1 : n; }
+  int64_t along(int64_t t) const { return t % 2 == 0 ? n : 1; }
 
-  // Row softmax of the logits z [n*n] (row i, column j), then `iters` column and row normalisations.
   // Restrict-qualified: the arrays share one buffer, and without the promise the compiler keeps
   // the lane loops scalar.
   const acc_t* forward(const acc_t* __restrict__ z) {
-    acc_t* __restrict__ P0 = p0();
+    acc_t* __restrict__ S0 = s0();
     for (int64_t i = 0; i < n; ++i) {
       acc_t mx[V], s[V];
       for (int64_t v = 0; v < V; ++v) mx[v] = z[(i * n) * V + v], s[v] = 0;
       for (int64_t j = 1; j < n; ++j)
         for (int64_t v = 0; v < V; ++v) mx[v] = std::max(mx[v], z[(i * n + j) * V + v]);
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) s[v] += (P0[(i * n + j) * V + v] = std::exp(z[(i * n + j) * V + v] - mx[v]));
+        for (int64_t v = 0; v < V; ++v) s[v] += (S0[(i * n + j) * V + v] = std::exp(z[(i * n + j) * V + v] - mx[v]));
       for (int64_t v = 0; v < V; ++v) s[v] = acc_t(1) / s[v];
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) P0[(i * n + j) * V + v] *= s[v];
+        for (int64_t v = 0; v < V; ++v) S0[(i * n + j) * V + v] *= s[v];
     }
-    const acc_t* P = P0;
-    for (int64_t t = 0; t < iters; ++t) {
-      step(P, c(t), q(t), r(t), p(t));
+    const acc_t* P = S0;
+    for (int64_t t = 0; t < steps; ++t) {
+      normalize(P, t == 0 ? eps : acc_t(0), inv(t), p(t), across(t), along(t));
       P = p(t);
     }
     return P;
   }
 
-  void step(const acc_t* __restrict__ P, acc_t* __restrict__ Cs, acc_t* __restrict__ Q, acc_t* __restrict__ R,
-            acc_t* __restrict__ Pn) {
-    for (int64_t j = 0; j < n; ++j) {
+  // Y = (X + shift) / (line sum of (X + shift) + eps); inv keeps the reciprocal: one division per
+  // line, not per entry.
+  void normalize(const acc_t* __restrict__ X, acc_t shift, acc_t* __restrict__ inv_, acc_t* __restrict__ Y,
+                 int64_t across_, int64_t along_) {
+    for (int64_t l = 0; l < n; ++l) {
       acc_t s[V];
       for (int64_t v = 0; v < V; ++v) s[v] = eps;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t v = 0; v < V; ++v) s[v] += P[(i * n + j) * V + v];
-      for (int64_t v = 0; v < V; ++v) Cs[j * V + v] = acc_t(1) / s[v];  // one division per line, not per entry
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      acc_t s[V];
-      for (int64_t v = 0; v < V; ++v) s[v] = eps;
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) s[v] += (Q[(i * n + j) * V + v] = P[(i * n + j) * V + v] * Cs[j * V + v]);
-      for (int64_t v = 0; v < V; ++v) R[i * V + v] = acc_t(1) / s[v];
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) Pn[(i * n + j) * V + v] = Q[(i * n + j) * V + v] * R[i * V + v];
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t v = 0; v < V; ++v) s[v] += X[(l * across_ + k * along_) * V + v] + shift;
+      for (int64_t v = 0; v < V; ++v) inv_[l * V + v] = acc_t(1) / s[v];
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t v = 0; v < V; ++v)
+          Y[(l * across_ + k * along_) * V + v] = (X[(l * across_ + k * along_) * V + v] + shift) * inv_[l * V + v];
     }
   }
 
   // Gradient of the logits from the gradient g [n*n] of the result (overwritten); after forward().
   void backward(acc_t* __restrict__ g) {
-    for (int64_t t = iters - 1; t >= 0; --t) step_backward(g, c(t), q(t), r(t), p(t));
-    const acc_t* __restrict__ P = p0();
+    for (int64_t t = steps - 1; t >= 0; --t) lines_backward(g, p(t), inv(t), across(t), along(t));
+    const acc_t* __restrict__ S = s0();  // the softmax's; the eps added to it is a constant
     for (int64_t i = 0; i < n; ++i) {
       acc_t s[V] = {};
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * P[(i * n + j) * V + v];
+        for (int64_t v = 0; v < V; ++v) s[v] += g[(i * n + j) * V + v] * S[(i * n + j) * V + v];
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = P[(i * n + j) * V + v] * (g[(i * n + j) * V + v] - s[v]);
+        for (int64_t v = 0; v < V; ++v) g[(i * n + j) * V + v] = S[(i * n + j) * V + v] * (g[(i * n + j) * V + v] - s[v]);
     }
-  }
-
-  // One iteration: its row normalisation (Pn from Q, by R), then its column one (Q from P, by Cs).
-  void step_backward(acc_t* __restrict__ g, const acc_t* __restrict__ Cs, const acc_t* __restrict__ Q,
-                     const acc_t* __restrict__ R, const acc_t* __restrict__ Pn) {
-    lines_backward(g, Pn, R, n, 1);
-    lines_backward(g, Q, Cs, 1, n);
   }
 
   // y = x / (sum x + eps) along each line  =>  dL/dx = (dL/dy - sum(dL/dy * y)) / (sum x + eps), the
-  // division being a product with the reciprocal the forward stored in inv. Line l's entries are
-  // l*across + k*along (rows: n, 1; columns: 1, n).
-  void lines_backward(acc_t* __restrict__ g, const acc_t* __restrict__ y, const acc_t* __restrict__ inv,
-                      int64_t across, int64_t along) {
+  // division being a product with the reciprocal the forward stored in inv.
+  void lines_backward(acc_t* __restrict__ g, const acc_t* __restrict__ y, const acc_t* __restrict__ inv_,
+                      int64_t across_, int64_t along_) {
     for (int64_t l = 0; l < n; ++l) {
       acc_t s[V] = {};
       for (int64_t k = 0; k < n; ++k)
-        for (int64_t v = 0; v < V; ++v) s[v] += g[(l * across + k * along) * V + v] * y[(l * across + k * along) * V + v];
+        for (int64_t v = 0; v < V; ++v) s[v] += g[(l * across_ + k * along_) * V + v] * y[(l * across_ + k * along_) * V + v];
       for (int64_t k = 0; k < n; ++k)
         for (int64_t v = 0; v < V; ++v)
-          g[(l * across + k * along) * V + v] = (g[(l * across + k * along) * V + v] - s[v]) * inv[l * V + v];
+          g[(l * across_ + k * along_) * V + v] = (g[(l * across_ + k * along_) * V + v] - s[v]) * inv_[l * V + v];
     }
   }
 };
+
+// dst = the transpose of the n x n lane matrix src ([n*n][V]): V4's comb [input, output] <-> res [output, input]
+template <typename acc_t>
+inline void transpose_square(const acc_t* __restrict__ src, int64_t n, acc_t* __restrict__ dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t v = 0; v < V; ++v) dst[(j * n + i) * V + v] = src[(i * n + j) * V + v];
+}
 
 template <typename scalar_t, typename acc_t>
 inline const acc_t* load(const scalar_t* src, int64_t len, std::vector<acc_t>& buf) {
@@ -236,7 +236,7 @@ void check_coefficients(const torch::Tensor& x, const torch::Tensor& phi, const 
 
 std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, torch::Tensor alpha, torch::Tensor b_pre,
                                           torch::Tensor b_post, torch::Tensor b_res, int64_t n, int64_t iters,
-                                          double eps_norm, double eps_sinkhorn) {
+                                          double eps_norm, double eps_hc) {
   check_coefficients(x, phi, alpha, b_pre, b_post, b_res, n);
   const int64_t T = x.size(0), S = x.size(1), C = S / n, K = phi.size(0);
   const bool mix = K > n;
@@ -262,7 +262,7 @@ std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, to
     at::parallel_for(0, blocks, 1, [&](int64_t bb, int64_t be) {
       std::vector<acc_t> m(K * V), pre_(n * V), post_(n * V), z(n * n * V), o(C);
       std::vector<const acc_t*> src(n);
-      SinkhornBlock<acc_t> sk(n, iters, eps_sinkhorn);
+      SinkhornBlock<acc_t> sk(n, iters, eps_hc);
       for (int64_t b = bb; b < be; ++b) {
         const int64_t t0 = b * V, cnt = std::min(V, T - t0);
         acc_t r[V];
@@ -272,14 +272,15 @@ std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, to
         }
         load_transposed(MP + t0 * K, cnt, K, m.data());
         for (int64_t i = 0; i < n; ++i)
-          for (int64_t v = 0; v < V; ++v) pre_[i * V + v] = sigmoid(a[0] * m[i * V + v] * r[v] + bp[i]);
+          for (int64_t v = 0; v < V; ++v) pre_[i * V + v] = sigmoid(a[0] * m[i * V + v] * r[v] + bp[i]) + acc_t(eps_hc);
         if (mix) {
           for (int64_t i = 0; i < n; ++i)
             for (int64_t v = 0; v < V; ++v) post_[i * V + v] = 2 * sigmoid(a[1] * m[(n + i) * V + v] * r[v] + bq[i]);
           for (int64_t k = 0; k < n * n; ++k)
             for (int64_t v = 0; v < V; ++v) z[k * V + v] = a[2] * m[(2 * n + k) * V + v] * r[v] + br[k];
           store_transposed(post_.data(), cnt, n, POST + t0 * n);
-          store_transposed(sk.forward(z.data()), cnt, n * n, RES + t0 * n * n);
+          transpose_square(sk.forward(z.data()), n, z.data());  // z is read: its buffer takes res
+          store_transposed(z.data(), cnt, n * n, RES + t0 * n * n);
         }
         store_transposed(pre_.data(), cnt, n, PRE + t0 * n);
         for (int64_t v = 0; v < cnt; ++v) {
@@ -300,7 +301,7 @@ std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, to
 std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, torch::Tensor alpha, torch::Tensor b_res,
                                            torch::Tensor pre, torch::Tensor post, torch::Tensor mp, torch::Tensor rinv,
                                            torch::Tensor g_in, torch::Tensor g_post, torch::Tensor g_res,
-                                           torch::Tensor g_mix, torch::Tensor res, int64_t n, int64_t iters, double eps_sinkhorn) {
+                                           torch::Tensor g_mix, torch::Tensor res, int64_t n, int64_t iters, double eps_hc) {
   check_state(x, n);
   TORCH_CHECK(phi.dim() == 2 && phi.is_contiguous() && phi.size(1) == x.size(1) &&
                   (phi.size(0) == n || phi.size(0) == n * n + 2 * n) && alpha.numel() >= (phi.size(0) > n ? 3 : 1),
@@ -342,12 +343,12 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
     acc_t *DX = dx.data_ptr<acc_t>(), *DMP = dmp.data_ptr<acc_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> gb(C), mb(S), m(K * V), dm(K * V), pre_(n * V), post_(n * V), z(n * n * V), gz(n * n * V),
-          w(2 + n);
+          gres(n * n * V), w(2 + n);
       std::vector<const acc_t*> src(2 + n);
       // Per-lane partial sums of the small parameters' gradients: a sum straight into one scalar
       // would be a chain of dependent adds through memory.
       std::vector<acc_t> lanes(P * V);
-      SinkhornBlock<acc_t> sk(n, iters, eps_sinkhorn);
+      SinkhornBlock<acc_t> sk(n, iters, eps_hc);
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         std::fill(lanes.begin(), lanes.end(), acc_t(0));
         acc_t *da = lanes.data(), *dbp = da + 3 * V, *dbq = dbp + n * V, *dbr = dbq + n * V;
@@ -359,7 +360,7 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
             r[v] = RI[t0 + v];
             const acc_t* gs = load(G + (t0 + v) * C, C, gb);
             for (int64_t i = 0; i < n; ++i) {
-              const acc_t p = PRE[(t0 + v) * n + i];
+              const acc_t p = PRE[(t0 + v) * n + i] - acc_t(eps_hc);  // the sigmoid
               pre_[i * V + v] = dot(X + (t0 + v) * S + i * C, gs, C) * p * (1 - p);  // d(pre logit)
             }
           }
@@ -383,7 +384,8 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
               }
             for (int64_t k = 0; k < n * n; ++k)
               for (int64_t v = 0; v < V; ++v) z[k * V + v] = a[2] * m[(2 * n + k) * V + v] * r[v] + br[k];
-            load_transposed(GR + t0 * n * n, cnt, n * n, gz.data());
+            load_transposed(GR + t0 * n * n, cnt, n * n, gres.data());
+            transpose_square(gres.data(), n, gz.data());  // res's gradient -> comb's
             sk.forward(z.data());
             sk.backward(gz.data());
             for (int64_t k = 0; k < n * n; ++k)

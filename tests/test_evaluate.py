@@ -1,0 +1,100 @@
+"""train.evaluate: the validation loss of the run reproduced bit for bit, bits per byte by hand,
+other corpora with the run's tokenizer, the report's columns."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
+from model import build_model
+from tests.conftest import compose_config, word_corpus
+from train import evaluate
+from train.evaluate import score
+from train.report import write_report
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    return shutil.copytree(trained_run, tmp_path / "run")
+
+
+def test_validation_split_reproduces_final_val_loss_exactly(run_copy, capsys):
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert evaluate.main([str(run_copy), "max_batches=2"]) == 0  # the run's trainer.eval_batches
+    record = json.loads((run_copy / "eval" / "corpus_val.json").read_text())  # data.path=.../corpus
+    assert record["loss"] == summary["final_val_loss"]
+    assert record["perplexity"] == pytest.approx(math.exp(record["loss"]), rel=1e-12)
+    assert "corpus_val: loss" in capsys.readouterr().out
+
+
+class Stream:
+    """Windows of seq_len + 1 tokens at stride seq_len over one token array (data.loader.Windows)."""
+
+    def __init__(self, tokens, seq_len):
+        self.tokens, self.seq_len = np.asarray(tokens), seq_len
+
+    def __len__(self):
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def batch(self, idx):
+        rows = torch.tensor(np.stack([self.tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1] for i in idx]))
+        return rows[:, :-1].long(), rows[:, 1:].long()
+
+
+def test_bits_per_byte_by_hand():
+    """Two documents 'héllo wörld' and 'ça va' (byte tokens, end-of-document 0), windows of 6:
+    the scored targets are bytes 1..18 of the stream, which stand for 17 bytes of text (the
+    end-of-document token among them stands for none); bits per byte = their nats / (17 ln 2)."""
+    text = "héllo wörld".encode() + b"\0" + "ça va".encode() + b"\0"
+    tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+    assert len(tokens) == 21  # 13 + 1 + 6 + 1
+    torch.manual_seed(0)
+    model = build_model(compose_config(["model=tiny"]).model, 256).eval()
+    result = score(model, [Stream(tokens, 6)], micro_batch=2, max_batches=0,
+                   byte_lengths=ByteTokenizer().byte_lengths(), progress=False)
+    targets = tokens[1:19]  # three windows of six targets
+    assert result["tokens"] == 18 and result["bytes"] == 17 == int((targets != 0).sum())
+    with torch.no_grad():  # each window is its own context of six tokens
+        windows = torch.tensor(tokens[:18]).view(3, 6)
+        logp = torch.log_softmax(model(windows), -1).flatten(0, 1)
+    nats = -float(logp[torch.arange(18), torch.tensor(targets)].sum())
+    assert result["nats"] == pytest.approx(nats, rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nats / (17 * math.log(2)), rel=1e-5)
+    # two batches, the second half full: the loss weighs it by its share
+    per_window = -logp[torch.arange(18), torch.tensor(targets)].view(3, 6).mean(1)
+    expected = (per_window[:2].mean() + per_window[2] * 0.5) / 1.5
+    assert result["loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_bpe_bytes_per_id_add_up_to_the_text():
+    texts = ["the cat sat on the mat. ", "naïve café — déjà vu ✓ ", "x = [i ** 2 for i in range(10)]\n"] * 20
+    tok = train_bpe(iter([texts]), 300)
+    lengths = tok.byte_lengths()
+    for t in texts[:3] + ["unseen wörds 🎉"]:
+        ids = tok.encode_batch([t])[0]
+        assert int(lengths[ids].sum()) == len(t.encode())
+    assert lengths[tok.eos_id] == 0
+    assert isinstance(tok, HFTokenizer)
+
+
+def test_another_corpus_with_the_runs_tokenizer_and_report(run_copy, tmp_path, capsys):
+    other = word_corpus(tmp_path / "other", n_docs=6, seed=1)
+    code = evaluate.main([str(run_copy), "data.source=files", f"data.path={other}", "split=all", "name=other"])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((run_copy / "eval" / "other.json").read_text())
+    assert record["data"]["tokenizer"] == "byte" and record["seq_len"] == 32 and record["split"] == "all"
+    assert record["bits_per_byte"] == pytest.approx(record["nats"] / (math.log(2) * record["bytes"]))
+    report = write_report([run_copy]).read_text()
+    assert f"other: {record['loss']:.4f} ({record['bits_per_byte']:.3f} bpb)" in report
+
+
+@pytest.mark.parametrize("args,what,code", [(["data.pth=x"], "data.pth", 2), (["data=nope"], "data/nope", 2),
+                                            (["split=test"], "split", 2), (["data.tokenizer=bpe"], "tokenizer", 2)])
+def test_bad_arguments_are_refused(run_copy, capsys, args, what, code):
+    assert evaluate.main([str(run_copy), *args]) == code
+    err = capsys.readouterr().err
+    assert what in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not (run_copy / "eval").exists()

@@ -1,0 +1,138 @@
+"""Sampling: cached decoding against recomputing the whole context, the sampling filters against
+brute force, and the command line (seed, corpus, bad prompts, sliding context)."""
+import pytest
+import torch
+
+from model import build_model
+from model.generate import Sampling, filter_logits, generate
+from tests.conftest import WORDS, compose_config
+from train import sample
+
+
+def decode(model, prompt, steps, use_cache, context, seed=1, sampling=Sampling(1.0)):
+    g = torch.Generator().manual_seed(seed)
+    out = list(generate(model, prompt, steps, sampling, context, use_cache=use_cache, generator=g))
+    return torch.stack([s.token for s in out], 1), torch.stack([s.logits for s in out], 1), [s.slid for s in out]
+
+
+@pytest.mark.parametrize("residual", ["residual", "hc", "mhc"])
+def test_cached_decoding_equals_recomputing_the_context(residual):
+    """Same tokens and logits (1e-5) at every step, through a prompt prefill, one-token steps and
+    two slides of the context (the cache rebuilt from the kept half)."""
+    cfg = compose_config(["model=tiny", f"model.residual={residual}", "model.max_seq_len=24"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 256).eval()
+    prompt = torch.randint(1, 256, (2, 7))
+    cached, cached_logits, slid = decode(model, prompt, 40, True, context=24)
+    plain, plain_logits, _ = decode(model, prompt, 40, False, context=24)
+    assert sum(slid) == 2
+    assert torch.equal(cached, plain)
+    torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=0)
+
+
+def test_cache_continues_positions():
+    """A prompt fed in pieces through the cache gives the logits of one full forward."""
+    cfg = compose_config(["model=tiny"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 256).eval()
+    ids = torch.randint(1, 256, (2, 20))
+    cache = model.new_cache(2, 20)
+    with torch.no_grad():
+        pieces = [model(ids[:, a:b], cache=cache) for a, b in ((0, 9), (9, 10), (10, 16), (16, 20))]
+        torch.testing.assert_close(torch.cat(pieces, 1), model(ids), atol=1e-5, rtol=0)
+
+
+def test_top_k_and_top_p_keep_what_brute_force_keeps():
+    """top-k keeps the k largest logits; top-p then keeps the most likely of those until their
+    probability (renormalised over the survivors) reaches p."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    for k, p in ((5, 1.0), (0, 0.7), (10, 0.5), (0, 1e-6)):
+        kept = torch.isfinite(filter_logits(logits, Sampling(1.0, k, p)))
+        for row, keep in zip(logits, kept):
+            survivors = row.argsort(descending=True).tolist()[: k or None]
+            probs = torch.softmax(row[survivors], 0).tolist()
+            expected, mass = set(), 0.0
+            for i, q in zip(survivors, probs):
+                if mass >= p:
+                    break
+                expected.add(i)
+                mass += q
+            assert set(keep.nonzero().flatten().tolist()) == expected, (k, p)
+
+
+def run_sample(capsys, *args):
+    code = sample.main([*map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_same_seed_same_text_and_text_from_the_corpus(trained_run, capsys):
+    a = run_sample(capsys, trained_run, "seed=5", "max_new_tokens=120", "temperature=0.7")
+    b = run_sample(capsys, trained_run, "seed=5", "max_new_tokens=120", "temperature=0.7")
+    c = run_sample(capsys, trained_run, "seed=6", "max_new_tokens=120", "temperature=0.7")
+    assert a[0] == 0 and a[1] == b[1] and a[1] != c[1]
+    assert "tokens/s" in a[2]
+    allowed = set("".join(WORDS) + " .\n")
+    text = a[1] + c[1]
+    assert sum(ch in allowed for ch in text) / len(text) > 0.97, text
+    words = [w.strip(".") for w in text.split() if w.strip(".")]
+    assert sum(w in WORDS for w in words) / len(words) > 0.8, text
+
+
+def test_uncached_command_gives_the_same_text(trained_run, capsys):
+    a = run_sample(capsys, trained_run, "seed=2", "max_new_tokens=50", "prompt=the cat")
+    b = run_sample(capsys, trained_run, "seed=2", "max_new_tokens=50", "prompt=the cat", "cache=false")
+    assert a[0] == b[0] == 0 and a[1] == b[1] and a[1].startswith("the cat")
+
+
+def test_sliding_context_is_said_once(trained_run, capsys):
+    code, out, err = run_sample(capsys, trained_run, "max_new_tokens=100", "stop_at_eos=false")  # context 32
+    assert code == 0 and err.count("outgrew the model's context of 32 tokens") == 1
+
+
+@pytest.mark.parametrize("prompt,what", [("a\0b", "NUL byte"), ("caf\udce9", "not valid UTF-8")])
+def test_prompt_outside_the_tokenizer_is_refused(trained_run, capsys, prompt, what):
+    code, out, err = run_sample(capsys, trained_run, f"prompt={prompt}")
+    assert code == 2 and what in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("arg,what", [("tempreature=1", "tempreature"), ("top_p=0", "top_p"), ("top_k=x", "top_k")])
+def test_bad_arguments_are_refused(trained_run, capsys, arg, what):
+    code, out, err = run_sample(capsys, trained_run, arg)
+    assert code == 2 and what in err and err.count("\n") == 1
+
+
+V4 = ["model=v4_tiny", "model.attn.window=8", "model.attn.csa_topk=3", "model.attn.hca_ratio=8"]
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-warmup", "sparse"])
+def test_v4_cached_decoding_equals_recomputing_the_context(sparse):
+    """V4 attention's cache (raw window, entries, the block being compressed; CSA's indexer keys)
+    through a prefill, one-token steps that complete CSA and HCA blocks, and slides; MTP ignored."""
+    cfg = compose_config([*V4, "model.max_seq_len=48"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 256).eval()
+    model.on_step_start(10**6 if sparse else 0, lr_decaying=False)
+    assert model.supports_cache and sum(b.attn.sparse for b in model.blocks) == (2 if sparse else 0)
+    prompt = torch.randint(1, 256, (2, 11))
+    cached, cached_logits, slid = decode(model, prompt, 50, True, context=48)
+    plain, plain_logits, _ = decode(model, prompt, 50, False, context=48)
+    assert sum(slid) == 1
+    assert torch.equal(cached, plain)
+    torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=0)
+
+
+def test_v4_cache_continues_positions():
+    """A sequence fed through the cache in pieces of 1–13 tokens, across block boundaries, gives
+    the logits of one full forward (sparse CSA)."""
+    cfg = compose_config([*V4, "model.max_seq_len=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 256).eval()
+    model.on_step_start(10**6, lr_decaying=False)
+    ids = torch.randint(1, 256, (2, 64))
+    cache = model.new_cache(2, 64)
+    cuts = [0, 13, 14, 15, 16, 23, 31, 32, 33, 45, 46, 58, 64]
+    with torch.no_grad():
+        pieces = [model(ids[:, a:b], cache=cache) for a, b in zip(cuts, cuts[1:])]
+        torch.testing.assert_close(torch.cat(pieces, 1), model(ids), atol=1e-5, rtol=0)

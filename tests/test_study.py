@@ -1,0 +1,282 @@
+"""Learning-rate studies: the best-lr fit, the stage-1 → stage-2 hand-over, steps to target with
+intervals over seeds, and a 2×2×2 study end to end through launch.py."""
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.errors import ConfigError
+from tests.conftest import compose_config, launch
+from train.report import load_runs, write_report
+from train.stats import mean_interval, t_quantile
+from train.study import apply_study, fit_best_lr, lr_section
+from train.study_compare import study_arms, study_section, time_to_reach
+from train.validate import validate
+
+GRID = [1e-2 * 10 ** (0.5 * k) for k in range(-3, 4)]
+
+
+def quadratic(lrs, best, curvature=0.3, floor=2.0):
+    return [floor + curvature * (math.log10(lr) - math.log10(best)) ** 2 for lr in lrs]
+
+
+# -- the fit ---------------------------------------------------------------------------------------
+def test_parabola_finds_the_minimum_of_a_known_quadratic():
+    fit = fit_best_lr(GRID, quadratic(GRID, best=2.2e-3))
+    assert fit.method == "parabola" and fit.edge is None and fit.index == 2  # 3.16e-3 is the nearest grid point
+    assert fit.best_lr == pytest.approx(2.2e-3, rel=1e-5) and fit.best_loss == pytest.approx(2.0, abs=1e-9)
+
+
+def test_parabola_uses_only_the_minimum_and_its_neighbours():
+    losses = quadratic(GRID, best=2.2e-3)
+    losses[0], losses[-1], losses[-2] = 9.0, 7.0, 5.0  # far points off the parabola must not move the vertex
+    fit = fit_best_lr(GRID, losses)
+    assert fit.best_lr == pytest.approx(2.2e-3, rel=1e-5)
+
+
+@pytest.mark.parametrize("edge, losses", [("high", [3.0, 2.8, 2.6, 2.5, 2.4, 2.3, 2.2]),
+                                          ("low", [2.0, 2.1, 2.3, 2.6, 3.0, 3.5, 4.0])])
+def test_minimum_at_the_edge_is_flagged(edge, losses):
+    fit = fit_best_lr(GRID, losses)
+    assert fit.edge == edge and fit.method == "grid"
+    assert fit.best_lr == (GRID[-1] if edge == "high" else GRID[0])
+
+
+def test_diverged_point_bounds_the_minimum():
+    # the largest lr diverged: the minimum next to it lies inside the grid, but has no parabola
+    fit = fit_best_lr(GRID[:4], [2.5, 2.2, 2.1, None])
+    assert fit.edge is None and fit.index == 2 and fit.best_lr == GRID[2] and fit.method == "grid"
+
+
+def test_t_quantile_matches_tables():
+    for df, q in ((1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (10, 2.2281389), (30, 2.0422725)):
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-6)
+    scipy = pytest.importorskip("scipy.stats")
+    for df in (1.5, 2.7, 7.3):
+        assert t_quantile(0.975, df) == pytest.approx(scipy.t.ppf(0.975, df), rel=1e-9)
+
+
+# -- stage 1 → stage 2 -------------------------------------------------------------------------------
+def fake_run(path: Path, config: dict, final: float | None, rows=None, status="completed"):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = rows or [{"step": 1, "loss": 3.0, "tokens": 100, "tokens_per_s": 1000.0, "grad_norm": 1.0},
+                    {"step": 2, "loss": 2.9, "tokens": 200, "tokens_per_s": 1000.0, "grad_norm": 1.0, "val_loss": final}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "summary.json").write_text(json.dumps({"status": status, "final_val_loss": final}))
+
+
+BEST = {("adamw", 128): 2.2e-3, ("adamw", 256): 1.3e-3, ("muon", 128): 1.4e-2, ("muon", 256): 9e-3}
+
+
+def fake_sweep(root: Path, lr_keys=("optim.lr",)) -> Path:
+    """Stage 1 as `experiment=optimizer_study` lays it out, with final losses on known parabolas."""
+    job = 0
+    for (opt, width), best in BEST.items():
+        centre = 3e-3 if opt == "adamw" else 1e-2
+        for step in range(-3, 4):
+            factor = 10 ** (0.5 * step)
+            lr = centre * factor
+            adamw_lr = 3e-3 * factor if "optim.adamw_lr" in lr_keys else 3e-3
+            final = quadratic([lr], best)[0]
+            cfg = {"optim": {"name": opt, "lr": lr, "adamw_lr": adamw_lr}, "model": {"d_model": width, "n_layers": 4},
+                   "seed": 0, "study": {"stage": 1, "lr_step": step, "lr_keys": list(lr_keys)}}
+            fake_run(root / str(job), cfg, final)
+            job += 1
+    # one curve whose minimum is at the edge of its grid
+    for step in range(-3, 4):
+        cfg = {"optim": {"name": "muon", "lr": 1e-2 * 10 ** (0.5 * step), "adamw_lr": 3e-3},
+               "model": {"d_model": 512, "n_layers": 4}, "seed": 0, "study": {"stage": 1, "lr_step": step}}
+        fake_run(root / f"edge{step}", cfg, 3.0 - 0.1 * step)
+    lr_section(load_runs([root]), root, [root])
+    return root / "lr_sweep.json"
+
+
+def stage2_config(sweep: Path, *overrides):
+    cfg = compose_config(["experiment=optimizer_study", "study=tuned", f"study.best_lr_from={sweep}", *overrides])
+    apply_study(cfg)
+    return cfg
+
+
+def test_stage2_trains_each_curve_at_its_best_lr_from_the_sweep(tmp_path):
+    sweep = fake_sweep(tmp_path)
+    data = json.loads(sweep.read_text())
+    assert len(data["curves"]) == 5 and {c["edge"] for c in data["curves"]} == {None, "high"}
+    for (opt, width), best in BEST.items():
+        cfg = stage2_config(sweep, f"optim={opt}", f"model.d_model={width}")
+        assert cfg.optim.lr == pytest.approx(best, rel=1e-5), (opt, width)
+        assert cfg.optim.adamw_lr == 3e-3  # held: the grid moved optim.lr only
+    with pytest.raises(ConfigError, match="edge"):
+        stage2_config(sweep, "optim=muon", "model.d_model=512")
+    assert stage2_config(sweep, "optim=muon", "model.d_model=512", "study.allow_edge_lr=true").optim.lr == \
+        pytest.approx(1e-2 * 10 ** 1.5)
+    with pytest.raises(ConfigError, match="0 curve"):
+        stage2_config(sweep, "optim=muon", "model.d_model=64")
+
+
+def test_jointly_swept_keys_keep_their_ratio_at_the_best_lr(tmp_path):
+    sweep = fake_sweep(tmp_path, lr_keys=("optim.lr", "optim.adamw_lr"))
+    cfg = stage2_config(sweep, "optim=muon", "model.d_model=128")
+    assert cfg.optim.lr == pytest.approx(1.4e-2, rel=1e-5)
+    assert cfg.optim.adamw_lr == pytest.approx(1.4e-2 * 3e-3 / 1e-2, rel=1e-5)
+
+
+def test_stage1_scales_the_composed_lr():
+    cfg = compose_config(["experiment=lr_sweep", "optim=muon", "study.lr_step=-2"])
+    apply_study(cfg)
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.adamw_lr == 3e-3
+    cfg = compose_config(["experiment=lr_sweep", "study.lr_step=1", "study.lr_keys=[optim.lr,optim.adamw_lr]"])
+    apply_study(cfg)
+    assert cfg.optim.lr == pytest.approx(3e-3 * 10 ** 0.5) and cfg.optim.adamw_lr == pytest.approx(3e-3 * 10 ** 0.5)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["study.lr_step=2"], "study.lr_step"),  # a grid point outside stage 1
+    (["study.best_lr_from=x.json"], "study.best_lr_from"),
+    (["study=sweep", "study.lr_keys=[optim.betas]"], "study.lr_keys"),
+    (["study=sweep", "study.lr_spacing=0"], "study.lr_spacing"),
+    (["study=tuned", "study.best_lr_from=/no/such/lr_sweep.json"], "study.best_lr_from"),
+])
+def test_bad_study_settings_are_refused_by_validation(overrides, key):
+    with pytest.raises(ConfigError, match=f"invalid configuration {key}="):
+        validate(compose_config(overrides))
+
+
+def test_stage2_without_a_sweep_is_refused_when_it_starts():
+    cfg = compose_config(["study=tuned"])
+    validate(cfg)  # the preset composes on its own
+    with pytest.raises(ConfigError, match="invalid configuration study.best_lr_from=None"):
+        apply_study(cfg)
+
+
+def test_validation_refuses_a_stage2_run_whose_curve_is_at_the_edge(tmp_path):
+    sweep = fake_sweep(tmp_path)
+    cfg = compose_config(["experiment=optimizer_study", "study=tuned", f"study.best_lr_from={sweep}", "optim=muon",
+                          "model.d_model=512"])
+    with pytest.raises(ConfigError, match=r"high edge of its grid, lr 0.316: extend its grid: .*study.lr_step=4,5"):
+        validate(cfg)
+
+
+# -- stage 2: steps to target ----------------------------------------------------------------------
+def curve_rows(vals, every=10, tokens_per_step=64, tokens_per_s=640.0):
+    """Metrics rows with a validation loss vals[i] at step (i+1)·every; 0.1 s per step."""
+    rows = []
+    for step in range(1, every * len(vals) + 1):
+        row = {"step": step, "loss": 3.0, "grad_norm": 1.0, "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s}
+        if step % every == 0:
+            row["val_loss"] = vals[step // every - 1]
+        rows.append(row)
+    return rows
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    rows = curve_rows([3.0, 2.5, 2.0, 1.8])
+    r = time_to_reach(rows, 2.25)  # halfway between step 20 (2.5) and step 30 (2.0)
+    assert (r.step, r.tokens, r.seconds) == pytest.approx((25.0, 25 * 64, 2.5))
+    assert time_to_reach(rows, 1.8).step == 40 and time_to_reach(rows, 1.79) is None
+
+
+def fake_stage2(root: Path) -> Path:
+    """AdamW (target = its mean final loss 2.0) and two Muon arms: one reaching the target at
+    steps 15, 20, 25; one that never does."""
+    arms = {("adamw", 128): [[3.0, 2.5, 2.1, 1.95], [3.0, 2.5, 2.1, 2.0], [3.0, 2.5, 2.1, 2.05]],
+            ("muon", 128): [[2.5, 1.5, 1.6, 1.7], [2.8, 2.0, 1.8, 1.7], [3.0, 2.2, 1.8, 1.7]],
+            ("muon", 256): [[3.0, 2.6, 2.3, 2.1], [3.0, 2.6, 2.3, 2.2], [3.0, 2.6, 2.3, 2.3]]}
+    for (opt, width), curves in arms.items():
+        for seed, vals in enumerate(curves):
+            cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"d_model": width}, "seed": seed,
+                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            rows = curve_rows(vals)
+            for r in rows[9::10]:
+                r.update({"probe/amax_fwd": 1.0 + seed, "probe/spikes": seed})
+            fake_run(root / f"{opt}{width}-{seed}", cfg, vals[-1], rows)
+    # the (adamw, 256) baseline is missing: the (muon, 256) arm has no target
+    return root
+
+
+def test_steps_to_target_with_intervals_and_an_arm_that_never_reaches(tmp_path):
+    fake_stage2(tmp_path)
+    # make (muon, 256) comparable: give it an AdamW partner it never catches up with
+    for seed, final in enumerate((1.5, 1.5, 1.5)):
+        cfg = {"optim": {"name": "adamw", "lr": 1e-3}, "model": {"d_model": 256}, "seed": seed,
+               "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+        fake_run(tmp_path / f"adamw256-{seed}", cfg, final, curve_rows([2.0, 1.8, 1.6, final]))
+    arms, base = study_arms(load_runs([tmp_path]))
+    assert base == ("optim.name", "adamw")
+    arm = {(a.key["optim.name"], a.key["model.d_model"]): a for a in arms}
+    muon = arm[("muon", 128)]
+    assert muon.target == pytest.approx(2.0)
+    assert [r.step for r in muon.reaches] == pytest.approx([15.0, 20.0, 20.0 + 10 * 0.2 / 0.4])
+    steps = [15.0, 20.0, 25.0]
+    text = study_section(load_runs([tmp_path]), tmp_path)
+    data = json.loads((tmp_path / "study.json").read_text())
+    by_key = {(a["key"]["optim.name"], a["key"]["model.d_model"]): a for a in data["arms"]}
+    reach = by_key[("muon", 128)]["reach"]
+    half = t_quantile(0.975, 2) * statistics.stdev(steps) / math.sqrt(3)
+    assert reach["reached"] == 3 and reach["steps"]["mean"] == pytest.approx(20.0)
+    assert reach["steps"]["ci95"] == pytest.approx([20.0 - half, 20.0 + half])
+    assert reach["tokens"]["mean"] == pytest.approx(20.0 * 64) and reach["seconds"]["mean"] == pytest.approx(2.0)
+    assert reach["speedup_vs_baseline_length"]["mean"] == pytest.approx(40 / 20.0)
+    never = by_key[("muon", 256)]["reach"]
+    assert never["reached"] == 0 and never["steps"] is None  # not the max steps
+    assert "**never reached** (0/3)" in text
+    assert "(the baseline)" in text  # its speed-up over its own length means nothing
+    assert by_key[("muon", 128)]["stability"]["max_amax_fwd"] == 3.0
+    assert by_key[("muon", 128)]["stability"]["spikes_per_run"] == pytest.approx(1.0)
+    delta = by_key[("muon", 256)]["delta_vs_baseline"]
+    assert delta["mean"] == pytest.approx(2.2 - 1.5)
+    # Welch: se = sqrt(0.01/3 + 0), df = 2 (all the variance on one side), t(0.975, 2) = 4.302653
+    half = 4.302653 * math.sqrt(0.01 / 3)
+    assert delta["ci95"] == pytest.approx([0.7 - half, 0.7 + half], abs=1e-6)
+    assert mean_interval([1.7] * 3).lo == pytest.approx(1.7)
+
+
+def test_arm_without_baseline_partner_has_no_target(tmp_path):
+    fake_stage2(tmp_path)
+    arms, _ = study_arms(load_runs([tmp_path]))
+    lonely = next(a for a in arms if a.key["model.d_model"] == 256)
+    assert lonely.target is None and lonely.reaches is None
+
+
+def test_depth_arm_baseline_is_the_plain_residual(tmp_path):
+    for res, finals in (("residual", [2.0, 2.1, 2.2]), ("mhc", [1.9, 2.0, 2.0])):
+        for layers in (4, 8):
+            for seed, final in enumerate(finals):
+                cfg = {"optim": {"name": "muon", "lr": 1e-2}, "model": {"residual": res, "n_layers": layers},
+                       "seed": seed, "trainer": {"max_steps": 40}, "study": {"stage": 2}}
+                fake_run(tmp_path / f"{res}{layers}-{seed}", cfg, final, curve_rows([3.0, 2.5, 2.2, final]))
+    text = study_section(load_runs([tmp_path]), tmp_path)
+    arms, base = study_arms(load_runs([tmp_path]))
+    assert base == ("model.residual", "residual")
+    assert (tmp_path / "study_vs_depth.png").stat().st_size > 1000 and "study_vs_depth.png" in text
+
+
+# -- end to end -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_stage_study_end_to_end(tmp_path):
+    """2 optimizers × 2 widths × 2 lrs, then the 4 arms × 2 seeds at the lr stage 1 picked."""
+    tiny = ["model=tiny", "model.d_model=16,32", "data.seq_len=32", "trainer.micro_batch_size=8",
+            "trainer.global_batch_size=8", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval_batches=1",
+            "trainer.checkpoint_every=0", "optim.warmup_steps=1", "logger.wandb.mode=disabled",
+            "trainer.progress=false", f"data.cache_dir={tmp_path / 'cache'}"]
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    proc = launch("-m", "experiment=optimizer_study", "study.lr_step=0,1", *tiny, f"out_dir={stage1}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    write_report([stage1], lr=True)
+    sweep = json.loads((stage1 / "lr_sweep.json").read_text())
+    assert len(sweep["curves"]) == 4 and all(len(c["points"]) == 2 for c in sweep["curves"])
+    proc = launch("-m", "experiment=optimizer_study", "study=tuned", f"study.best_lr_from={stage1 / 'lr_sweep.json'}",
+                  "study.allow_edge_lr=true", "seed=0,1", "probes.every=2", *tiny, f"out_dir={stage2}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = load_runs([stage2])
+    assert len(runs) == 8 and all(r.status == "completed" for r in runs)
+    best = {(c["key"]["optim.name"], c["key"]["model.d_model"]): c["best_lr"] for c in sweep["curves"]}
+    for r in runs:
+        assert r.config["optim"]["lr"] == best[(r.config["optim"]["name"], r.config["model"]["d_model"])]
+    text = write_report([stage2]).read_text()
+    data = json.loads((stage2 / "study.json").read_text())
+    assert len(data["arms"]) == 4 and all(a["runs"] == 2 and a["final_val_loss"]["ci95"] for a in data["arms"])
+    assert "Tuned comparison" in text and (stage2 / "steps_to_target.png").exists()

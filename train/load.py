@@ -1,0 +1,203 @@
+"""Read a run back after training: its newest valid checkpoint, the model its `config.yaml`
+describes with the checkpoint's weights, and its tokenizer. Shared by `train.sample`,
+`train.evaluate` and `train.export`.
+
+Weights come from any ZeRO stage and any world size the run was written with: ZeRO-0 checkpoints
+hold the whole model in DeepSpeed's model-state file; ZeRO 1–3 checkpoints are consolidated from
+the optimizer's fp32 partitions by DeepSpeed's own `zero_to_fp32` utilities. Nothing is written:
+the run directory is only read.
+
+Every failure is a `LoadError` with a one-line message and the exit status the commands use.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.checkpoint import PREFIX, Checkpointer, problems
+from train.config import Config
+from train.run import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
+
+__all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "LoadError", "Loaded", "load_run", "locate",
+           "run_config", "consolidated_state_dict", "build_from_state", "tokenizer_spec", "run_tokenizer",
+           "pick_device", "from_exported"]
+
+
+class LoadError(RuntimeError):
+    """Why a run cannot be read back, in one line, and the exit status that says so."""
+
+    def __init__(self, message: str, code: int = EXIT_CHECKPOINT):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module  # in eval mode, fp32, on the requested device
+    config: Config  # the run's resolved config
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    tokenizer: object  # data.tokenizer.ByteTokenizer or HFTokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def locate(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint) for a run directory (its newest valid checkpoint), its
+    `checkpoints/` directory (the same), or one checkpoint directory (that one, if intact)."""
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise LoadError(f"{path}: no such directory; give a run directory (with checkpoints/) or a checkpoint "
+                        f"directory (checkpoints/{PREFIX}NNNNNNNN)")
+    if (p / "manifest.json").exists() or p.name.startswith(PREFIX):
+        why = problems(p)
+        if why is not None:
+            raise LoadError(f"checkpoint {p} is unusable: {why}")
+        return p.parent.parent, p
+    ckpts = p if p.name == "checkpoints" else p / "checkpoints"
+    if not ckpts.is_dir():
+        raise LoadError(f"{p} holds no checkpoints/ directory: not a run directory (a finished run writes "
+                        f"checkpoints/{PREFIX}NNNNNNNN there)")
+    newest = Checkpointer(ckpts, keep_last=0, rank=0, world_size=1).newest_valid()
+    if newest is None:
+        raise LoadError(f"{ckpts} holds no valid checkpoint (none whose files match its manifest.json)")
+    return ckpts.parent, newest
+
+
+def run_config(run_dir: Path) -> Config:
+    """The run's `config.yaml`, typed by this version's schema (unknown keys or wrong types:
+    a config this version cannot build)."""
+    path = run_dir / "config.yaml"
+    try:
+        raw = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise LoadError(f"{path} is missing: the run directory has no config to rebuild its model from") from None
+    except Exception as e:  # a YAML parser error
+        raise LoadError(f"{path} is not readable YAML: {_first_line(e)}") from None
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+    except OmegaConfBaseException as e:
+        raise LoadError(f"{path} cannot be built by this version of v4lab: {_first_line(e)}") from None
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model's full fp32 state dict from a checkpoint of any ZeRO stage and world size."""
+    from deepspeed.utils import zero_to_fp32
+
+    try:
+        if list(ckpt.glob("*_optim_states.pt")):  # ZeRO >= 1: weights live in the optimizer's partitions
+            # DeepSpeed prints its progress; keep stdout for what the commands themselves print
+            with contextlib.redirect_stdout(sys.stderr):
+                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        else:  # ZeRO-0: rank 0's model-state file holds the whole module
+            (model_file,) = zero_to_fp32.get_model_state_files(str(ckpt))
+            state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    except Exception as e:  # unpickling, missing or inconsistent DeepSpeed files
+        raise LoadError(f"checkpoint {ckpt} cannot be read: {_first_line(e)}") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def build_from_state(cfg: Config, state: dict[str, torch.Tensor], origin: Path) -> torch.nn.Module:
+    """The model `cfg.model` describes, holding exactly `state` (vocabulary size from the embedding)."""
+    from model import build_model
+
+    if "embed.weight" not in state:
+        raise LoadError(f"{origin} holds no embed.weight: not a v4lab model checkpoint")
+    try:
+        model = build_model(cfg.model, state["embed.weight"].shape[0])
+    except Exception as e:
+        raise LoadError(f"the model in {origin} cannot be built by this version of v4lab: {_first_line(e)}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise LoadError(f"{origin} does not fit the model its config.yaml describes: "
+                        f"{' '.join(str(e).split())[:400]}") from None
+    return model.eval()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LoadError(f"invalid device={name!r}. Accepted: auto, cpu, cuda, cuda:N.", EXIT_CONFIG) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError(f"device={name!r}, but no CUDA device is available. Accepted here: auto, cpu.", EXIT_CONFIG)
+    return device
+
+
+def tokenizer_spec(cfg: Config, run_dir: Path) -> str:
+    """The run's tokenizer as a `data.tokenizer` value that names it exactly: `byte`, the path of
+    its `tokenizer.json` (the run's copy, or the one beside its prepared data, found through the
+    data cache and prepared again if it was deleted), or `pretrained:NAME`."""
+    spec = cfg.data.tokenizer
+    if spec == "byte" or spec.startswith("pretrained:"):
+        return spec
+    if (run_dir / "tokenizer.json").is_file():
+        return str(run_dir / "tokenizer.json")
+    if spec == "bpe":
+        from data.shards import prepare
+        from data.sources import DataError
+
+        try:
+            return str(prepare(cfg.data) / "tokenizer.json")
+        except DataError as e:
+            raise LoadError(f"the run's tokenizer (data.tokenizer=bpe) cannot be found: {e}", EXIT_DATA) from None
+    return spec
+
+
+def run_tokenizer(cfg: Config, run_dir: Path):
+    """The tokenizer the run trained with (data.tokenizer.ByteTokenizer or HFTokenizer)."""
+    from data.sources import DataError
+    from data.tokenizer import load_tokenizer
+
+    spec = tokenizer_spec(cfg, run_dir)
+    try:
+        return load_tokenizer(spec)
+    except DataError as e:
+        raise LoadError(f"the run's tokenizer {spec!r} cannot be loaded: {e}", EXIT_DATA) from None
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True) -> Loaded:
+    """Everything the after-training commands need from a run or checkpoint directory."""
+    run_dir, ckpt = locate(path)
+    cfg = run_config(run_dir)
+    model = build_from_state(cfg, consolidated_state_dict(ckpt), ckpt)
+    step = json.loads((ckpt / "manifest.json").read_text()).get("step", 0)
+    if hasattr(model, "on_step_start"):  # V4: CSA is sparse once past the indexer's warm-up, as trained
+        model.on_step_start(step, lr_decaying=False)
+    device = pick_device(device) if isinstance(device, str) else device
+    return Loaded(model.to(device), cfg, run_dir, ckpt, step, run_tokenizer(cfg, run_dir) if tokenizer else None)
+
+
+def from_exported(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model `python -m train.export RUN --format safetensors` wrote to `directory`, rebuilt
+    from its config.yaml with exactly the exported tensors (in the exported dtype), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    directory = Path(directory).expanduser()
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise LoadError(f"{directory} holds no model.safetensors: not a `train.export --format safetensors` output")
+    cfg = run_config(directory)
+    from model import build_model
+
+    with safe_open(str(weights), framework="pt") as f:
+        embed = f.get_slice("embed.weight")
+        vocab, dtype = embed.get_shape()[0], {"F32": torch.float32, "BF16": torch.bfloat16}[embed.get_dtype()]
+    model = build_model(cfg.model, vocab).to(dtype)
+    load_model(model, str(weights), strict=True, device="cpu")
+    return model.eval().to(device)
