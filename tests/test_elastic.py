@@ -1,10 +1,12 @@
 """Elastic resume: a checkpoint written at 2 ranks continues at 1, and one from 1 rank at 2, as the
 same run — the same windows in every step (`data/digest`), losses and final weights and optimizer
-state within the 1-vs-2-rank parity tolerance of the uninterrupted run. AdamW and Muon at ZeRO 1
-and 2 both ways; AdamW at ZeRO 3 and 0 from 2 ranks to 1; right after a 2 -> 1 reshard, the state
-is the checkpoint's exactly (Muon, and V4-tiny with MoE). Damaged conversions are redone; what
-cannot be resharded is refused before anything is written."""
+state within the 1-vs-2-rank parity tolerance of the uninterrupted run. 2 -> 1: AdamW and Muon at
+ZeRO 1 and 2, AdamW at ZeRO 3; 1 -> 2: AdamW at ZeRO 1, Muon at ZeRO 2. Right after a 2 -> 1
+reshard, the state is the checkpoint's exactly (Muon, and V4-tiny with MoE). Damaged conversions
+are redone and the checkpoint stays as it was; what cannot be resharded is refused before anything
+is written."""
 import contextlib
+import io
 import json
 import logging
 import os
@@ -12,6 +14,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,9 +58,33 @@ def one_rank(run: Path, name: str, cache: Path, *extra) -> Trainer:
     return Trainer(compose_config([*overrides(name[:-1], int(name[-1]), 1), *extra], out_dir=run, cache_dir=cache))
 
 
+# universal conversions damaged before the 2 -> 1 resume, which must notice and convert again:
+# case -> (damage, the reason the resume logs)
+DAMAGED = {"adamw2": ("half-converted", "no readable manifest.json"),
+           "muon2": ("corrupt", "momentum_buffer.pt has 50 bytes")}
+
+
+def damage(checkpoint: Path, how: str) -> None:
+    universal = reshard.ensure_universal(checkpoint)
+    if how == "half-converted":  # its manifest not yet written, and a killed conversion's temporary directory
+        (universal / "manifest.json").unlink()
+        (checkpoint / ".universal.tmp" / "universal" / "zero").mkdir(parents=True)
+    else:  # a file cut short after the conversion was sealed
+        momentum = next(universal.glob("zero/*/momentum_buffer.pt"))
+        momentum.write_bytes(momentum.read_bytes()[:50])
+
+
+def contents(checkpoint: Path) -> dict[str, bytes]:
+    """The checkpoint's own files (its universal conversion aside)."""
+    return {str(f.relative_to(checkpoint)): f.read_bytes() for f in checkpoint.rglob("*")
+            if f.is_file() and f.relative_to(checkpoint).parts[0] not in (reshard.UNIVERSAL, ".universal.tmp")}
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_cache):
-    """1-rank runs; one torchrun with the 2-rank runs and the 1 -> 2 resumes; the 2 -> 1 resumes."""
+def elastic(tmp_path_factory, data_cache):
+    """1-rank runs; one torchrun with the 2-rank runs and the 1 -> 2 resumes; the 2 -> 1 resumes
+    (of which DAMAGED find a damaged conversion). `dir`: the runs; `log`: what train.reshard
+    logged during the 2 -> 1 resumes; `before`: {case: its checkpoint's files before the damage}."""
     out = tmp_path_factory.mktemp("elastic")
     with environ(**DIGEST):
         for optim, stage, both_ways in CASES:
@@ -69,10 +96,25 @@ def runs(tmp_path_factory, data_cache):
              str(ROOT / "tests" / "elastic_runs.py"), str(out), str(data_cache)],
             capture_output=True, text=True, timeout=1500, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="1", **DIGEST))
         assert proc.returncode == 0, proc.stderr[-4000:]
-        for optim, stage, _ in CASES:
-            one_rank(stopped_copy(out / f"{optim}{stage}_2", out / f"{optim}{stage}_2to1"), f"{optim}{stage}",
-                     data_cache).fit()
-        yield out
+        before, said = {}, io.StringIO()
+        handler = logging.StreamHandler(said)
+        logging.getLogger(reshard.__name__).addHandler(handler)
+        try:
+            for optim, stage, _ in CASES:
+                name = f"{optim}{stage}"
+                run = stopped_copy(out / f"{name}_2", out / f"{name}_2to1")
+                if name in DAMAGED:
+                    before[name] = contents(ckpt(run, CUT))
+                    damage(ckpt(run, CUT), DAMAGED[name][0])
+                one_rank(run, name, data_cache).fit()
+        finally:
+            logging.getLogger(reshard.__name__).removeHandler(handler)
+        yield SimpleNamespace(dir=out, log=said.getvalue(), before=before)
+
+
+@pytest.fixture
+def runs(elastic) -> Path:
+    return elastic.dir
 
 
 def states_per_parameter(shards: list[tuple[list[dict], dict]]) -> dict[tuple[str, str], torch.Tensor]:
@@ -131,7 +173,7 @@ def test_resume_at_another_world_size_continues_the_run(name, direction, runs):
 
 def test_report_shows_each_segments_world_size(runs, tmp_path):
     text = write_report([runs / "muon2_2to1", runs / "muon2_1to2"], out=tmp_path).read_text()
-    assert "| 2, 1 from step 3 |" in text and "| 1, 2 from step 3 |" in text
+    assert f"| 2, 1 from step {CUT} |" in text and f"| 1, 2 from step {CUT} |" in text
 
 
 def test_the_sample_order_does_not_depend_on_the_layout(runs):
@@ -158,39 +200,35 @@ def test_resharded_state_is_the_checkpoints_exactly(name, runs, tmp_path, data_c
     assert trainer.step == CUT and trainer.loader.position == CUT * 8
     saved = torch.load(ckpt(run, CUT) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     buffers = dict(trainer.engine.module.named_buffers())
-    biases = [b for b in saved if b in buffers and b.endswith("ffn.bias")]  # moved by 3 steps' expert loads
+    biases = [b for b in saved if b in buffers and b.endswith("ffn.bias")]  # moved by step 2's expert loads
     assert bool(biases) == (name == V4_CASE) and any(saved[b].abs().sum() > 0 for b in biases) == bool(biases)
     for b in buffers.keys() & saved.keys():
         assert torch.equal(buffers[b], saved[b]), b
 
 
-def test_damaged_conversion_is_redone_and_the_original_untouched(runs, tmp_path, caplog, data_cache):
-    run = stopped_copy(runs / "muon2_2", tmp_path / "run")
-    original = ckpt(run, CUT)
-    before = {f: f.read_bytes() for f in original.iterdir() if f.is_file()}
-    universal = reshard.ensure_universal(original)
-
-    (universal / "manifest.json").unlink()  # a conversion that did not finish
-    assert reshard.ensure_universal(original) == universal and problems(universal) is None
-
-    momentum = next(universal.glob("zero/*/momentum_buffer.pt"))
-    momentum.write_bytes(momentum.read_bytes()[:50])  # damaged later
-    (original / ".universal.tmp").mkdir()  # and a conversion killed midway
-    with environ(**DIGEST), caplog.at_level(logging.WARNING):
-        one_rank(run, "muon2", data_cache).fit()
-    assert "universal is unusable" in caplog.text and "momentum_buffer.pt has 50 bytes" in caplog.text
-    assert rows(run) == rows(runs / "muon2_2to1")
-    assert not (original / ".universal.tmp").exists() and problems(universal) is None
-    assert {f: f.read_bytes() for f in original.iterdir() if f.is_file()} == before and problems(original) is None
+def test_damaged_conversion_is_redone_and_the_original_untouched(elastic):
+    """A half-converted or corrupt `universal/` is reported and converted again (the resumes that
+    found them continue the run: test_resume_at_another_world_size_continues_the_run), and the
+    checkpoint's own files are as they were."""
+    for name, (_, reason) in DAMAGED.items():
+        original = ckpt(elastic.dir / f"{name}_2to1", CUT)
+        line = next(x for x in elastic.log.splitlines() if x.startswith(f"{original / reshard.UNIVERSAL} is unusable ("))
+        assert reason in line, line
+        assert problems(original / reshard.UNIVERSAL) is None and not (original / ".universal.tmp").exists()
+        assert contents(original) == elastic.before[name] and problems(original) is None
 
 
 def test_converted_checkpoint_still_loads_at_its_own_world_size(runs, tmp_path, data_cache):
-    """The 1-rank checkpoint the 1 -> 2 resume converted resumes at 1 rank as before: exactly."""
-    assert (ckpt(runs / "muon2_1to2", CUT) / "universal" / "manifest.json").is_file()
-    run = stopped_copy(runs / "muon2_1to2", tmp_path / "run")
-    with environ(**DIGEST):
-        one_rank(run, "muon2", data_cache).fit()
-    assert rows(run) == rows(runs / "muon2_1")
+    """The 1-rank checkpoint that the 1 -> 2 resume converted resumes at 1 rank as before: the
+    weights and optimizer state are the checkpoint's, bit for bit."""
+    run = runs / "muon2_1to2"
+    assert problems(ckpt(run, CUT) / reshard.UNIVERSAL) is None
+    trainer = one_rank(stopped_copy(run, tmp_path / "run"), "muon2", data_cache)
+    trainer.maybe_resume()
+    want, have = saved_states(ckpt(run, CUT)), live_states(trainer)
+    assert want.keys() == have.keys() and trainer.step == CUT
+    for key, value in want.items():
+        assert torch.equal(have[key], value), key
 
 
 @pytest.mark.parametrize("change,reason", [
