@@ -18,7 +18,9 @@ from train.trainer import Trainer  # noqa: E402
 
 # (optimizer, ZeRO stage, resumed the other way too: 1 rank -> 2 ranks). Every case 2 -> 1; 1 -> 2
 # for one case of each optimizer and stage (AdamW at ZeRO-1, Muon at ZeRO-2), to keep the file cheap.
-CASES = [("adamw", 1, True), ("adamw", 2, False), ("muon", 1, False), ("muon", 2, True), ("adamw", 3, False)]
+# ZeRO-0 checkpoints hold whole states (no conversion): one case.
+CASES = [("adamw", 1, True), ("adamw", 2, False), ("muon", 1, False), ("muon", 2, True), ("adamw", 3, False),
+         ("adamw", 0, False)]
 # V4-tiny with Muon at ZeRO-2, 2 ranks, up to the first checkpoint only: 3-D expert matrices, and MoE
 # selection biases (buffers, which a universal load does not restore by itself). A 1-step indexer
 # warm-up: the trunk (and with it the biases) trains in step 2, and the optimizer groups are

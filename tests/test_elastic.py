@@ -1,7 +1,7 @@
 """Elastic resume: a checkpoint written at 2 ranks continues at 1, and one from 1 rank at 2, as the
 same run — the same windows in every step (`data/digest`), losses and final weights and optimizer
 state within the 1-vs-2-rank parity tolerance of the uninterrupted run. 2 -> 1: AdamW and Muon at
-ZeRO 1 and 2, AdamW at ZeRO 3; 1 -> 2: AdamW at ZeRO 1, Muon at ZeRO 2. Right after a 2 -> 1
+ZeRO 1 and 2, AdamW at ZeRO 3 and 0; 1 -> 2: AdamW at ZeRO 1, Muon at ZeRO 2. Right after a 2 -> 1
 reshard, the state is the checkpoint's exactly (Muon, and V4-tiny with MoE). Damaged conversions
 are redone and the checkpoint stays as it was; what cannot be resharded is refused before anything
 is written."""
@@ -23,6 +23,7 @@ from tests.conftest import ROOT, compose_config, drop_recorded_configs, launch_e
 from tests.elastic_runs import CASES, CUT, STEPS, V4_CASE, overrides, stopped_copy
 from train import reshard
 from train.checkpoint import CheckpointError
+from train.load import consolidated_state_dict
 from train.manifest import problems
 from train.report import write_report
 from train.trainer import Trainer
@@ -169,6 +170,11 @@ def test_resume_at_another_world_size_continues_the_run(name, direction, runs):
         assert want.keys() == have.keys() and ("muon" not in name or any(k == "momentum_buffer" for _, k in want))
         for key, value in want.items():
             assert torch.allclose(have[key], value, rtol=PARITY["rel"], atol=PARITY["abs"]), key
+    else:  # ZeRO-0 and 3: the final weights, consolidated by DeepSpeed
+        want, have = consolidated_state_dict(ckpt(reference, STEPS)), consolidated_state_dict(ckpt(resumed, STEPS))
+        assert want.keys() == have.keys()
+        for key, value in want.items():
+            assert torch.allclose(have[key], value, rtol=PARITY["rel"], atol=PARITY["abs"]), key
 
 
 def test_report_shows_each_segments_world_size(runs, tmp_path):
@@ -208,14 +214,17 @@ def test_resharded_state_is_the_checkpoints_exactly(name, runs, tmp_path, data_c
 
 def test_damaged_conversion_is_redone_and_the_original_untouched(elastic):
     """A half-converted or corrupt `universal/` is reported and converted again (the resumes that
-    found them continue the run: test_resume_at_another_world_size_continues_the_run), and the
-    checkpoint's own files are as they were."""
+    found them continue the run: test_resume_at_another_world_size_continues_the_run), the
+    checkpoint's own files are as they were, and a whole conversion is reused, not redone."""
     for name, (_, reason) in DAMAGED.items():
         original = ckpt(elastic.dir / f"{name}_2to1", CUT)
         line = next(x for x in elastic.log.splitlines() if x.startswith(f"{original / reshard.UNIVERSAL} is unusable ("))
         assert reason in line, line
         assert problems(original / reshard.UNIVERSAL) is None and not (original / ".universal.tmp").exists()
         assert contents(original) == elastic.before[name] and problems(original) is None
+        sealed = (original / reshard.UNIVERSAL / "manifest.json").stat().st_mtime_ns
+        reshard.ensure_universal(original)  # a later resume from the same checkpoint reuses the conversion
+        assert (original / reshard.UNIVERSAL / "manifest.json").stat().st_mtime_ns == sealed
 
 
 def test_converted_checkpoint_still_loads_at_its_own_world_size(runs, tmp_path, data_cache):
