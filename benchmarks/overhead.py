@@ -27,7 +27,7 @@ def plain_loop(cfg, prepared, vocab_size):
     opt = torch.optim.AdamW(adamw_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
     sched = build_scheduler(opt, o, cfg.trainer.max_steps)
     micro = micro_batch_size(cfg.trainer, 1)
-    loader = TokenLoader(prepared, cfg.data.seq_len, micro, cfg.seed)
+    loader = TokenLoader(prepared, cfg.data.seq_len, micro, cfg.seed, global_batch=cfg.trainer.global_batch_size)
     accum = cfg.trainer.global_batch_size // micro
 
     def step():

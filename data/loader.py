@@ -1,13 +1,23 @@
 """Packed fixed-length training windows from memory-mapped token shards.
 
 Each shard is cut into windows of `seq_len + 1` tokens at stride `seq_len` (inputs and targets
-shifted by one; windows never straddle shards). Each epoch visits every window once in a
-permutation fixed by (seed, epoch); every micro-step takes `micro_batch * world_size` consecutive
-windows of that order and rank r reads its own slice of them, so ranks never share a window and
-together cover the epoch. The position is two integers, which makes resuming exact.
+shifted by one; windows never straddle shards). Each epoch visits the windows in a permutation
+fixed by (seed, epoch). Every micro-step takes the next `micro_batch * world_size` windows of that
+order and rank r reads its own slice of them, so ranks never share a window; an optimizer step
+therefore consumes the next `global_batch` windows whatever the layout. The position is global —
+(epoch, windows consumed in it) — and a step that would not fit in what is left of the epoch starts
+the next one (the epoch's last `n_windows mod global_batch` windows are left out), so a resume at
+another world size or micro-batch continues the same global sample order: nothing repeated,
+nothing skipped. A resume with another global batch continues from the same position.
+
+`V4LAB_BATCH_DIGEST=1` makes the loader sum a 40-bit hash of every window it hands out
+(`take_digest`); summed over ranks, a step's digest names its set of windows independently of the
+layout. Tests compare runs with it; off, it costs nothing.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,24 +62,43 @@ class Windows:
 
 
 class TokenLoader:
-    def __init__(self, prepared: Path, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+    """Training batches of one rank. `global_batch`: windows per optimizer step, a multiple of
+    `micro_batch * world_size` (default: one micro-step); a step that would not fit in the rest of
+    the epoch starts the next one."""
+
+    STATE_VERSION = 2  # 1: (epoch, step_in_epoch) in micro-steps of a fixed micro_batch × world_size
+
+    def __init__(self, prepared: Path, seq_len: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 global_batch: int | None = None):
         self.windows = Windows(prepared, "train", seq_len)
         self.manifest = self.windows.manifest
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
         self.rank, self.world_size = rank, world_size
+        self.global_batch = global_batch or micro_batch * world_size
+        if self.global_batch % (micro_batch * world_size):
+            raise ValueError(f"global_batch={self.global_batch} is not a multiple of micro_batch × world_size = "
+                             f"{micro_batch} × {world_size}")
         self.n_windows = len(self.windows)
-        self.steps_per_epoch = self.n_windows // (micro_batch * world_size)
-        if self.steps_per_epoch == 0:
+        self.windows_per_epoch = self.n_windows // self.global_batch * self.global_batch
+        if self.windows_per_epoch == 0:
             raise DataError(
                 f"the training split of {prepared} holds {self.n_windows} windows of {seq_len + 1} tokens, "
-                f"fewer than one step's {micro_batch * world_size}"
+                f"fewer than one step's {self.global_batch}"
             )
-        self.epoch, self.step_in_epoch = 0, 0
+        self.epoch, self.position = 0, 0  # windows of this epoch's order consumed by all ranks together
+        self._micro_steps = self.global_batch // (micro_batch * world_size)
+        self._micro = 0  # micro-steps of the current optimizer step taken
         self._order: torch.Tensor | None = None
+        self._digest = 0 if os.environ.get("V4LAB_BATCH_DIGEST") == "1" else None
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Micro-steps per epoch at this layout."""
+        return self.windows_per_epoch // (self.micro_batch * self.world_size)
 
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None:
@@ -81,28 +110,47 @@ class TokenLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.step_in_epoch == self.steps_per_epoch:
-            self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
-        begin = self.step_in_epoch * self.micro_batch * self.world_size + self.rank * self.micro_batch
+        if self._micro == 0 and self.position + self.global_batch > self.n_windows:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        begin = self.position + self.rank * self.micro_batch
         idx = self._epoch_order()[begin : begin + self.micro_batch].numpy()
-        self.step_in_epoch += 1
-        return self.windows.batch(idx)
+        self.position += self.micro_batch * self.world_size
+        self._micro = (self._micro + 1) % self._micro_steps
+        x, y = self.windows.batch(idx)
+        if self._digest is not None:
+            self._digest += sum(_window_hash(row) for row in torch.cat([x, y[:, -1:]], dim=1).numpy())
+        return x, y
+
+    def take_digest(self) -> int | None:
+        """The sum of the hashes of the windows handed out since the last call (None when off)."""
+        digest = self._digest
+        if digest is not None:
+            self._digest = 0
+        return digest
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-            "fingerprint": self.fingerprint, "seq_len": self.seq_len,
-            "micro_batch": self.micro_batch, "world_size": self.world_size,
-        }
+        return {"version": self.STATE_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "fingerprint": self.fingerprint, "seq_len": self.seq_len, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("fingerprint", "seq_len", "micro_batch", "world_size", "seed"):
+        version = state.get("version", 1)
+        if version not in (1, self.STATE_VERSION):
+            raise DataError(f"data loader state version {version} is not one this code reads (1, {self.STATE_VERSION})")
+        for key in ("fingerprint", "seq_len", "seed"):
             if state[key] != getattr(self, key):
                 raise DataError(
                     f"data loader state does not match this run: saved {key}={state[key]!r}, "
-                    f"current {key}={getattr(self, key)!r}; resume with the same data, batch layout and seed"
+                    f"current {key}={getattr(self, key)!r}; resume with the same data, sequence length and seed"
                 )
-        self.epoch, self.step_in_epoch, self._order = state["epoch"], state["step_in_epoch"], None
+        if version == 1:  # saved between optimizer steps, so a whole number of global batches
+            position = state["step_in_epoch"] * state["micro_batch"] * state["world_size"]
+        else:
+            position = state["position"]
+        self.epoch, self.position, self._micro, self._order = state["epoch"], position, 0, None
+
+
+def _window_hash(tokens: np.ndarray) -> int:
+    return int.from_bytes(hashlib.blake2b(tokens.tobytes(), digest_size=5).digest(), "little")
 
 
 def validation_batches(prepared: Path, seq_len: int, micro_batch: int, n_batches: int, rank: int = 0, world_size: int = 1):

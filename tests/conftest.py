@@ -96,6 +96,19 @@ def interrupted_run(cfg, after_step: int) -> None:
     raise AssertionError(f"the run ended before step {after_step}")
 
 
+def drop_recorded_configs(out_dir) -> None:
+    """Make a run's checkpoints look like those written before checkpoints held their config: the
+    run's and each checkpoint's config.yaml removed (and from the manifests, which stay valid)."""
+    import json
+
+    for config in Path(out_dir).rglob("config.yaml"):
+        config.unlink()
+    for manifest in Path(out_dir).glob("checkpoints/step_*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        data["files"].pop("config.yaml", None)
+        manifest.write_text(json.dumps(data))
+
+
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to", "it"]
 
 

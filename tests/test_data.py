@@ -108,8 +108,82 @@ def test_loader_state_mismatch_is_an_error(prepared):
     state = TokenLoader(prepared, 16, 4, seed=0).state_dict()
     with pytest.raises(DataError, match="seq_len"):
         TokenLoader(prepared, 32, 4, seed=0).load_state_dict(state)
-    with pytest.raises(DataError, match="world_size"):
-        TokenLoader(prepared, 16, 4, seed=0, world_size=2).load_state_dict(state)
+    with pytest.raises(DataError, match="seed"):
+        TokenLoader(prepared, 16, 4, seed=1).load_state_dict(state)
+
+
+def test_another_global_batch_continues_from_the_same_position(prepared):
+    """A resume with a larger global batch reads on from where the run was: within the epoch no
+    window twice and none skipped, up to a last step that would not fit."""
+    first = TokenLoader(prepared, 16, 4, seed=2, global_batch=8)
+    seen = [row.numpy().tobytes() for _ in range(10) for row in next(first)[0]]
+    second = TokenLoader(prepared, 16, 4, seed=2, global_batch=12)
+    second.load_state_dict(first.state_dict())
+    n, steps = second.n_windows, (second.n_windows - 40) // 12
+    seen += [row.numpy().tobytes() for _ in range(3 * steps) for row in next(second)[0]]
+    assert len(seen) == len(set(seen)) == 40 + 12 * steps > n - 12
+    next(second)
+    assert second.epoch == 1 and second.position == 4
+
+
+def step_windows(loaders, accum: int) -> list[bytes]:
+    """The windows one optimizer step reads over all ranks, as a sorted list (a step's gradient is a sum)."""
+    return sorted(row.numpy().tobytes() for _ in range(accum) for ld in loaders for row in next(ld)[0])
+
+
+LAYOUTS = [(8, 1), (4, 1), (2, 2), (4, 2), (1, 8)]  # (micro_batch, world_size) for a global batch of 8
+
+
+@pytest.mark.parametrize("first,second", [(LAYOUTS[0], LAYOUTS[2]), (LAYOUTS[3], LAYOUTS[1]), (LAYOUTS[4], LAYOUTS[0])])
+def test_position_is_global_so_any_layout_resumes_the_same_order(prepared, first, second):
+    """Every layout reads the same windows in each optimizer step; a state saved at one layout
+    continues at another, across epoch boundaries that fall on whole steps: within an epoch no
+    window repeats and every one is read."""
+    def loaders(layout):
+        mb, ws = layout
+        return [TokenLoader(prepared, 16, mb, seed=5, rank=r, world_size=ws, global_batch=8) for r in range(ws)]
+
+    reference = loaders(LAYOUTS[0])
+    per_epoch = reference[0].windows_per_epoch // 8
+    assert reference[0].n_windows % 8  # a tail the epoch boundary must drop
+    expected = [step_windows(reference, 1) for _ in range(2 * per_epoch + 3)]
+    a = loaders(first)
+    got = [step_windows(a, 8 // (first[0] * first[1])) for _ in range(per_epoch - 2)]
+    b = loaders(second)
+    for ld in b:
+        ld.load_state_dict(a[0].state_dict())
+    got += [step_windows(b, 8 // (second[0] * second[1])) for _ in range(per_epoch + 5)]
+    assert got == expected
+    for epoch in range(2):
+        seen = [w for step in got[epoch * per_epoch:(epoch + 1) * per_epoch] for w in step]
+        assert len(seen) == len(set(seen)) == per_epoch * 8
+
+
+def test_loader_reads_states_saved_before_positions_were_global(prepared):
+    """Version 1 counted micro-steps of a fixed micro_batch × world_size; it resumes the same order."""
+    ref = TokenLoader(prepared, 16, 4, seed=3, global_batch=8)
+    for _ in range(6):
+        next(ref)
+    old = {"epoch": 0, "step_in_epoch": 3, "seed": 3, "fingerprint": ref.fingerprint, "seq_len": 16,
+           "micro_batch": 4, "world_size": 2}
+    resumed = TokenLoader(prepared, 16, 4, seed=3, global_batch=8)
+    resumed.load_state_dict(old)
+    assert all(torch.equal(next(resumed)[0], next(ref)[0]) for _ in range(4))
+
+
+def test_batch_digest_names_the_windows_whatever_the_layout(prepared, monkeypatch):
+    monkeypatch.setenv("V4LAB_BATCH_DIGEST", "1")
+    one = TokenLoader(prepared, 16, 4, seed=0, global_batch=8)
+    two = [TokenLoader(prepared, 16, 4, seed=0, rank=r, world_size=2, global_batch=8) for r in range(2)]
+    digests = []
+    for _ in range(3):
+        next(one), next(one), [next(ld) for ld in two]
+        digests.append((one.take_digest(), sum(ld.take_digest() for ld in two)))
+    assert all(a == b for a, b in digests) and len({a for a, _ in digests}) == 3
+    monkeypatch.delenv("V4LAB_BATCH_DIGEST")
+    off = TokenLoader(prepared, 16, 4, seed=0)
+    next(off)
+    assert off.take_digest() is None
 
 
 def test_validation_batches_are_fixed(prepared):

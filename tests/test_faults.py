@@ -1,12 +1,12 @@
 """Faults inside one process: non-finite steps (stop and skip), a corrupt or half-written newest
-checkpoint, and a checkpoint from another world size."""
+checkpoint, and a checkpoint from a model of other shapes."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import Crash, interrupted_run, without_measured
+from tests.conftest import Crash, drop_recorded_configs, interrupted_run, without_measured
 from train.checkpoint import CheckpointError
 from train.trainer import Diverged, Trainer
 
@@ -131,14 +131,16 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_config, refere
     assert not list(ckpts.glob(".tmp-*"))
 
 
-def test_resume_with_another_world_size_is_refused(tiny_config):
-    cfg = tiny_config(*COMMON)
-    interrupted_run(cfg, after_step=5)
-    manifest = Path(cfg.out_dir) / "checkpoints" / "step_00000004" / "manifest.json"
-    data = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps(data | {"world_size": 2}))
-    with pytest.raises(CheckpointError, match=r"written by 2 rank\(s\); this run has 1"):
+def test_resume_into_a_model_of_other_shapes_is_refused(tiny_config):
+    """Refused with the reason, before the run writes anything (launch.py exits 5 on it), also
+    where no config says so: a checkpoint written before checkpoints held their config."""
+    interrupted_run(tiny_config(*COMMON), after_step=5)
+    cfg = tiny_config(*COMMON, "model.n_layers=3")
+    drop_recorded_configs(cfg.out_dir)
+    written = {f: f.stat().st_mtime_ns for f in Path(cfg.out_dir).rglob("*")}
+    with pytest.raises(CheckpointError, match=r"other parameter shapes \(not in the checkpoint: blocks\.2\."):
         Trainer(cfg).fit()
+    assert {f: f.stat().st_mtime_ns for f in Path(cfg.out_dir).rglob("*")} == written
 
 
 def test_preemption_signal_checkpoints_then_hands_over(tiny_config):

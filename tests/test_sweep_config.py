@@ -76,6 +76,22 @@ def test_resume_with_changed_model_shape_is_refused(tiny_config):
         Trainer(cfg).fit()
 
 
+def test_resume_at_another_world_size_and_micro_batch_is_not_refused(tiny_config, caplog):
+    """The world size and the micro-batch are not frozen under a checkpoint (it is resharded:
+    tests/test_elastic.py): both differences are logged, and neither counts as a trajectory change."""
+    from train.run_config import check_resume
+
+    cfg = tiny_config("trainer.micro_batch_size=auto", "trainer.max_steps=6", "trainer.checkpoint_every=2",
+                      "trainer.eval_every=0")
+    interrupted_run(cfg, after_step=3)
+    cfg.launcher.nproc_per_node = 2
+    with caplog.at_level("WARNING"):
+        assert check_resume(cfg, Path(cfg.out_dir) / "checkpoints" / "step_00000002", 2, log_changes=True) == {}
+    assert "world size (launcher.nnodes × launcher.nproc_per_node): 1 -> 2" in caplog.text
+    assert "micro-batch per rank (trainer.micro_batch_size, resolved): 8 -> 4" in caplog.text
+    assert "launcher.nproc_per_node: 1 -> 2" in caplog.text
+
+
 @pytest.mark.slow
 def test_two_ranks_on_the_default_batch_match_one_rank(tmp_path, data_cache):
     """The README's `launcher.nproc_per_node=2` on the default config (global batch 16): auto

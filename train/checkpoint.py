@@ -3,12 +3,13 @@
 Layout under `out_dir/checkpoints/`: one directory per step (`step_00000100/`) holding DeepSpeed's
 files (model, sharded optimizer state, LR scheduler), one `trainer_state_rank{r}.pt` per rank
 (data position, RNG states, step, tokens, callback state), and `manifest.json`, which lists every
-file with its size. A checkpoint is written under a temporary name, fsynced, renamed into place,
-and only then named in `latest`; one whose files do not match its manifest is skipped on resume.
+file with its size, the world size and every parameter's shape. A checkpoint is written under a
+temporary name, fsynced, renamed into place, and only then named in `latest`; one whose files do
+not match its manifest is skipped on resume. A checkpoint from another world size is resharded
+(train/reshard.py); one written by a model of other parameter shapes is refused.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from train import reshard
 from train.distributed import barrier
+from train.manifest import atomic_write, fsync_path, problems, read, seal
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
@@ -27,36 +30,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from as asked."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def param_shapes(module) -> dict[str, list[int]]:
+    """Every parameter's full shape (ZeRO-3 partitions report theirs as `ds_shape`)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def saved_param_shapes(ckpt: Path, manifest: dict) -> dict[str, list[int]]:
+    """The shapes the checkpoint's model had: from the manifest, or for checkpoints written before
+    it recorded them, from DeepSpeed's model-state file."""
+    if "param_shapes" in manifest:
+        return manifest["param_shapes"]
+    name = min(f for f in manifest["files"] if f.endswith("model_states.pt"))
+    state = torch.load(ckpt / name, map_location="cpu", weights_only=False)
+    if state.get("param_shapes"):  # ZeRO ≥ 1: one {name: shape} per optimizer group
+        return {k: list(v) for group in state["param_shapes"] for k, v in group.items()}
+    buffers = set(state.get("buffer_names") or ())
+    return {k: list(v.shape) for k, v in state["module"].items() if k not in buffers}
 
 
-def problems(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be resumed from, or None if every file matches its manifest."""
-    try:
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return "no readable manifest.json (the write did not finish)"
-    for rel, size in manifest["files"].items():
-        f = ckpt / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes, the manifest says {size}"
-    return None
+def shape_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -> str | None:
+    """Why a model with parameter shapes `current` cannot take the checkpoint's, or None."""
+    differ = [f"{k}: checkpoint {tuple(saved[k])}, this model {tuple(v)}" for k, v in current.items()
+              if k in saved and list(saved[k]) != list(v)]
+    missing = [k for k in current if k not in saved]
+    if missing:
+        differ.append(f"not in the checkpoint: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    if not differ:
+        return None
+    return "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
 
 
 class Checkpointer:
@@ -82,16 +83,13 @@ class Checkpointer:
                 (tmp / name).write_text(text)
         barrier()
         if self.rank == 0:
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            for f in files:
-                _fsync(tmp / f)
-            manifest = {"step": step, "world_size": self.world_size, "files": files}
-            _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1))
+            seal(tmp, step=step, world_size=self.world_size, zero_stage=engine.zero_optimization_stage(),
+                 param_shapes=param_shapes(engine.module))
             if final.exists():  # a re-run of the same step after a resume: replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync(self.dir)
-            _atomic_write(self.dir / "latest", final.name + "\n")
+            fsync_path(self.dir)
+            atomic_write(self.dir / "latest", final.name + "\n")
             self._prune()
         barrier()
         return final
@@ -112,16 +110,32 @@ class Checkpointer:
         return None
 
     def load(self, engine, ckpt: Path) -> dict:
+        """Restore `engine` from `ckpt` and return this rank's trainer state. At another world size
+        the optimizer state is resharded and every rank gets rank 0's trainer state (the data
+        position and counters are global) with its own RNG state where the checkpoint has one for
+        its rank, else `rng` None."""
         why = problems(ckpt)
         if why is not None:
             raise CheckpointError(f"checkpoint {ckpt} is unusable: {why}")
-        saved_world = json.loads((ckpt / "manifest.json").read_text())["world_size"]
-        if saved_world != self.world_size:
+        manifest = read(ckpt)
+        mismatch = shape_mismatch(saved_param_shapes(ckpt, manifest), param_shapes(engine.module))
+        if mismatch:
             raise CheckpointError(
-                f"checkpoint {ckpt} was written by {saved_world} rank(s); this run has {self.world_size}. "
-                f"Resume with launcher.nnodes × launcher.nproc_per_node = {saved_world} ranks (resharding "
-                f"a checkpoint to another world size is not supported), or start afresh in a new out_dir"
-            )
-        engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
-        return torch.load(ckpt / f"trainer_state_rank{self.rank}.pt", weights_only=False)
+                f"checkpoint {ckpt} was written by a model with other parameter shapes ({mismatch}), so it cannot "
+                f"be resumed or resharded into this one. Resume with the model config it was written with, or "
+                f"start afresh in a new out_dir")
+        saved_world = manifest["world_size"]
+        if saved_world == self.world_size:
+            engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+            return torch.load(ckpt / f"trainer_state_rank{self.rank}.pt", weights_only=False)
+        log.info("resharding checkpoint %s from %d to %d rank(s)", ckpt, saved_world, self.world_size)
+        try:
+            reshard.load(engine, ckpt, manifest, self.rank)
+        except reshard.ReshardError as e:
+            raise CheckpointError(str(e)) from None
+        state = torch.load(ckpt / "trainer_state_rank0.pt", weights_only=False)
+        if self.rank:
+            own = ckpt / f"trainer_state_rank{self.rank}.pt"
+            state["rng"] = torch.load(own, weights_only=False)["rng"] if own.is_file() else None
+        return state

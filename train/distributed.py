@@ -79,6 +79,14 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def sum_over_ranks(n: int) -> int:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = torch.tensor(n, dtype=torch.int64)
+        dist.all_reduce(x)
+        return int(x)
+    return n
+
+
 def shutdown_distributed() -> None:
     """Tear the process group down before the interpreter exits: gloo's threads still running at
     exit abort the process ("terminate called without an active exception", seen on rank 1)."""

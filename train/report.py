@@ -44,6 +44,18 @@ class Run:
     group: str = ""
     label: str = ""
     changed: tuple = ()  # keys changed on resume that change the trajectory (environment.json)
+    starts: list[dict] | None = None  # environment.json: one entry per start of the run
+
+    @property
+    def ranks(self) -> str:
+        """World size per segment of the run, e.g. `2, 1 from step 300` after an elastic resume."""
+        if not self.starts:
+            return "–" if not self.summary else str(self.summary.get("world_size", "–"))
+        segments = []
+        for s in self.starts:  # a restart at the same size is not a new segment
+            if not segments or segments[-1][1] != s["world_size"]:
+                segments.append((s["from_step"], s["world_size"]))
+        return ", ".join(f"{n}" if step == 0 else f"{n} from step {step}" for step, n in segments)
 
     @property
     def status(self) -> str:
@@ -127,8 +139,8 @@ def load_runs(dirs: list[Path]) -> list[Run]:
             runs.append(Run(path, config, rows, summary))
     for run in runs:
         env = run.path / "environment.json"
-        starts = json.loads(env.read_text()) if env.exists() else []
-        run.changed = tuple(sorted({k for s in starts for k in s.get("changed", {})}))
+        run.starts = json.loads(env.read_text()) if env.exists() else None
+        run.changed = tuple(sorted({k for s in run.starts or () for k in s.get("changed", {})}))
     flat = [_effective(r.config) for r in runs]
     common = set.intersection(*(set(f) for f in flat)) if flat else set()  # keys of older schemas aside
     # a key splits groups when the runs in which it has an effect disagree on it
@@ -199,8 +211,8 @@ def evaluations(run: Run) -> str:
 
 
 def run_table(runs: list[Run]) -> str:
-    lines = ["| run | status | steps | tokens | parameters (active) | FLOPs/token | val loss | evaluations (loss) | "
-             "max Amax fwd | max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | status | steps | tokens | ranks | parameters (active) | FLOPs/token | val loss | evaluations (loss) | "
+             "max Amax fwd | max Amax bwd | spikes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         last, s = (r.rows[-1] if r.rows else {}), (r.summary or {})
         params = f"{_fmt(s.get('n_params'), ',')} ({_fmt(s.get('n_active_params'), ',')})"
@@ -209,7 +221,7 @@ def run_table(runs: list[Run]) -> str:
         val = _fmt(r.final_val_loss, ".4f") if r.status == "completed" or r.last_val_loss is None else \
             f"{r.last_val_loss:.4f} (last, {r.progress})"
         lines.append(f"| {r.label} (`{r.path}`) | {status} | {last.get('step', 0)} | {last.get('tokens', 0):,} | "
-                     f"{params} | {_fmt(s.get('flops_per_token'), '.3g')} | "
+                     f"{r.ranks} | {params} | {_fmt(s.get('flops_per_token'), '.3g')} | "
                      f"{val} | {evaluations(r)} | {_fmt(r.max_of('probe/amax_fwd'))} | "
                      f"{_fmt(r.max_of('probe/amax_bwd'))} | {_fmt(r.max_of('probe/spikes'), 'g')} |")
     return "\n".join(lines)

@@ -7,8 +7,9 @@ run (train/variants.py) carry the comment `# inert`. On resume the checkpoint's 
 launch's are compared key by key:
 
 - FROZEN keys cannot change under a checkpoint (model shape, vocabulary and data identity, seed,
-  optimizer kind, ZeRO stage, the per-rank micro-batch the data position is counted in, world
-  size): the resume is refused with the list of them;
+  optimizer kind, ZeRO stage): the resume is refused with the list of them. The world size and the
+  micro-batch may change: the checkpoint is resharded (train/reshard.py) and the data position is
+  global (data/loader.py);
 - NEUTRAL keys change nothing the model sees (where files go, logging, intervals);
 - every other difference changes the trajectory: allowed, printed as `key: old -> new` and
   recorded, and the report marks the run "resumed with changes".
@@ -113,9 +114,9 @@ def resume_changes(saved: dict, cfg, saved_world: int, world: int, saved_micro: 
             continue
         (frozen if key in FROZEN else neutral if _matches(key, NEUTRAL) else trajectory)[key] = (a, b)
     if saved_world != world:
-        frozen["world size (launcher.nnodes × launcher.nproc_per_node)"] = (saved_world, world)
-    if saved_micro is not None and saved_micro != micro and saved_world == world:
-        frozen["micro-batch per rank (trainer.micro_batch_size, resolved)"] = (saved_micro, micro)
+        neutral["world size (launcher.nnodes × launcher.nproc_per_node)"] = (saved_world, world)
+    if saved_micro is not None and saved_micro != micro:
+        neutral["micro-batch per rank (trainer.micro_batch_size, resolved)"] = (saved_micro, micro)
     return frozen, trajectory, neutral
 
 
@@ -151,10 +152,8 @@ def check_resume(cfg, ckpt: Path, world_size: int, log_changes: bool = False) ->
     if frozen:
         raise CheckpointError(
             f"cannot resume {ckpt} with changed {describe(frozen)}: these cannot change under a checkpoint "
-            f"(model shape, vocabulary, data, seed, optimizer kind, ZeRO stage, batch layout per rank, world size). "
-            f"Restore them, or start a new run with another out_dir"
-            + (f" (the checkpoint was written by {saved_world} rank(s); this run has {world_size}: resharding a "
-               f"checkpoint to another world size is not supported)" if saved_world != world_size else ""))
+            f"(model shape, vocabulary, data, seed, optimizer kind, ZeRO stage). Restore them, or start a new run "
+            f"with another out_dir")
     if log_changes and (trajectory or neutral):
         log.warning("resuming %s with changed settings:\n%s", ckpt,
                     "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in {**trajectory, **neutral}.items()))

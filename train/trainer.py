@@ -29,7 +29,7 @@ from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
 from train.compile import compile_blocks, compile_seconds, eager
 from train.config import Config
-from train.distributed import barrier, init_distributed, mean_over_ranks
+from train.distributed import barrier, init_distributed, mean_over_ranks, sum_over_ranks
 from train.host import reuse_freed_memory
 from train.log_setup import build_output_to_log
 from train.mfu import Utilisation
@@ -112,7 +112,8 @@ class Trainer:
         barrier()
         if self.rank != 0:
             self.prepared = prepare(d)
-        self.loader = TokenLoader(self.prepared, d.seq_len, self.micro_batch, cfg.seed, self.rank, self.world_size)
+        self.loader = TokenLoader(self.prepared, d.seq_len, self.micro_batch, cfg.seed, self.rank, self.world_size,
+                                  global_batch=t.global_batch_size)
         self.val_batches = validation_batches(self.prepared, d.seq_len, self.micro_batch, t.eval_batches,
                                               self.rank, self.world_size)
 
@@ -221,6 +222,9 @@ class Trainer:
             metrics["qk_clip/heads_clipped"] = clipped
         if self.spikes is not None:
             metrics["spike_skipped"] = spike
+        digest = self.loader.take_digest()
+        if digest is not None:  # V4LAB_BATCH_DIGEST=1: which windows the step trained on, whatever the layout
+            metrics["data/digest"] = sum_over_ranks(digest)
         return metrics
 
     def _set_model_phase(self) -> None:
@@ -307,7 +311,13 @@ class Trainer:
         self.step, self.tokens, self.train_time = state["step"], state["tokens"], state["train_time"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            set_rng_state(state["rng"])
+        else:  # resharded onto a rank the checkpoint did not have: a stream of its own, not the start's replayed
+            seed = (self.cfg.seed * 1_000_003 + self.rank) * 1_000_003 + self.step
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
         if self.probes and state.get("probes"):
             self.probes.load_state_dict(state["probes"])
         if self.spikes and state.get("spikes"):
