@@ -41,20 +41,31 @@ def cells(text: str, first: str) -> list[str]:
     return [c.strip() for c in row.strip("|").split("|")]
 
 
+def named_cells(text: str, first: str) -> dict[str, str]:
+    """That row's cells by the column names of its table's header (the line above `|---|`)."""
+    lines = text.splitlines()
+    (i,) = [n for n, line in enumerate(lines) if line.startswith(f"| {first}")]
+    while not lines[i - 1].startswith("|---"):
+        i -= 1
+    return dict(zip([c.strip() for c in lines[i - 2].strip("|").split("|")], cells(text, first)))
+
+
 def test_report_numbers_are_the_runs_own(sweep):
     """Each run's row and its (one-run) group's row against the run's summary.json and metrics."""
     text = write_report([sweep]).read_text()
     runs = load_runs([sweep])
     for r in runs:
         s = json.loads((r.path / "summary.json").read_text())
-        row = cells(text, f"{r.label} (`{r.path}`)")
-        assert row[1:4] == ["**completed**", str(s["steps"]), f"{s['tokens']:,}"]
-        assert row[6] == f"{s['final_val_loss']:.4f}"
-        assert row[7:9] == [format(s["probe/amax_fwd"], ".3g"), format(s["probe/amax_bwd"], ".3g")]
+        row = named_cells(text, f"{r.label} (`{r.path}`)")
+        amax = [format(s["probe/amax_fwd"], ".3g"), format(s["probe/amax_bwd"], ".3g")]
+        assert [row[k] for k in ("status", "steps", "tokens", "ranks")] == \
+               ["**completed**", str(s["steps"]), f"{s['tokens']:,}", str(s["world_size"])]
+        assert row["val loss"] == f"{s['final_val_loss']:.4f}"
+        assert [row["max Amax fwd"], row["max Amax bwd"]] == amax
         group = cells(text, f"{r.group} |")
         tps = [json.loads(line)["tokens_per_s"] for line in (r.path / "metrics.jsonl").read_text().splitlines()]
         assert group[1] == "1" and group[2] == f"{s['final_val_loss']:.4f}"
-        assert group[4:6] == row[7:9] and group[7] == f"{sum(tps) / len(tps):,.0f}"
+        assert group[4:6] == amax and group[7] == f"{sum(tps) / len(tps):,.0f}"
 
 
 def test_diverged_and_running_runs_are_labelled(sweep, tmp_path):
