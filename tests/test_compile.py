@@ -80,6 +80,7 @@ def test_compiled_hyper_connection_is_one_graph_with_the_eager_gradients():
         out = fn(xs)
         return [out, *torch.autograd.grad(out.square().sum(), [xs, hc.phi.weight, hc.alpha, hc.b_res, lin.weight])]
 
+    assert hc_kernel.available()  # known before tracing, as compile_blocks sees to
     breaks = graph_breaks()
     compiled = run(torch.compile(lambda xs: hc(xs, lin), fullgraph=True))
     eager = run(lambda xs: hc(xs, lin))
