@@ -103,10 +103,11 @@ def main() -> None:
     trainer = benchmark_trainer(["logger.wandb.mode=disabled", *args.overrides])
     cfg, m, t = trainer.cfg, trainer.cfg.model, trainer.cfg.trainer
     vocab = trainer.loader.manifest["vocab_size"]
-    accum = t.global_batch_size // t.micro_batch_size
+    micro = trainer.micro_batch  # trainer.micro_batch_size as resolved (it may be `auto`)
+    accum = t.global_batch_size // micro
 
     def loader():
-        return TokenLoader(trainer.prepared, cfg.data.seq_len, t.micro_batch_size, cfg.seed)
+        return TokenLoader(trainer.prepared, cfg.data.seq_len, micro, cfg.seed)
 
     torch.manual_seed(cfg.seed)
     minimal = MinimalGPT(vocab, m.d_model, m.n_layers, m.n_heads, m.max_seq_len).to(trainer.device)
