@@ -100,9 +100,11 @@ def logits_with_their_picks(model, hf, ids, monkeypatch):
         h.remove()
     pending, decided, select = iter(picks), [], attention.select_topk
 
-    def their_picks(scores, visible, k):
+    def their_picks(index, n_visible, k):
         picked = next(pending)
-        decided.append(tie_decided(scores, visible, *select(scores, visible, k), picked))
+        scores = index if isinstance(index, torch.Tensor) else index.scores()  # [B, T, N]
+        visible = torch.arange(scores.size(-1)) < n_visible[:, None]  # [T, N]
+        decided.append(tie_decided(scores, visible, *select(index, n_visible, k), picked))
         return picked.clamp(min=0), picked >= 0
 
     with monkeypatch.context() as m, torch.no_grad():
@@ -142,7 +144,7 @@ def test_sparse_attention_selects_the_same_entries(shape, tmp_path, monkeypatch)
     import model.attention as attention
 
     select = attention.select_topk
-    monkeypatch.setattr(attention, "select_topk", lambda s, v, k: fewer.append((v.sum(-1) > k).sum()) or select(s, v, k))
+    monkeypatch.setattr(attention, "select_topk", lambda s, n, k: fewer.append((n > k).sum()) or select(s, n, k))
     logits_with_their_picks(model, hf, torch.randint(0, VOCAB, (2, t), generator=torch.Generator().manual_seed(1)),
                             monkeypatch)
     assert sum(fewer) > 0  # top-k left visible entries out: the selection mattered
