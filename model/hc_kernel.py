@@ -223,8 +223,8 @@ def _mhc_in_setup(ctx, inputs, output):
 
 
 def _mhc_in_backward(ctx, g_in, _g_pre, g_post, g_res, _g_mp, _g_rinv):
-    x = ctx.saved_tensors[0]
-    return (*_mhc_in_grads(ctx.saved_tensors, ctx.meta, g_in, g_post, g_res, x.new_empty(0)),
+    saved = ctx.saved_tensors  # once: activation checkpointing unpacks each saved tensor only once
+    return (*_mhc_in_grads(saved, ctx.meta, g_in, g_post, g_res, saved[0].new_empty(0)),
             None, None, None, None)
 
 
@@ -263,11 +263,10 @@ class _MHCIn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_in, _g_pre, g_post, g_res):
-        box = ctx.mailbox
-        x = ctx.saved_tensors[0]
-        g_mix = box.g if box.g is not None else x.new_empty(0)
+        box, saved = ctx.mailbox, ctx.saved_tensors  # once: activation checkpointing unpacks only once
+        g_mix = box.g if box.g is not None else saved[0].new_empty(0)
         box.g = None
-        return (*_mhc_in_grads(ctx.saved_tensors, ctx.meta, g_in, g_post, g_res, g_mix),
+        return (*_mhc_in_grads(saved, ctx.meta, g_in, g_post, g_res, g_mix),
                 None, None, None, None, None)
 
 
