@@ -15,6 +15,16 @@ def decode(model, prompt, steps, use_cache, context, seed=1, sampling=Sampling(1
     return torch.stack([s.token for s in out], 1), torch.stack([s.logits for s in out], 1), [s.slid for s in out]
 
 
+def assert_cached_equals_recomputed(model, prompt, steps, context, slides):
+    """Decoding through the cache gives the tokens and logits (1e-5) of recomputing the context,
+    across `slides` slides of the context window."""
+    cached, cached_logits, slid = decode(model, prompt, steps, True, context=context)
+    plain, plain_logits, _ = decode(model, prompt, steps, False, context=context)
+    assert sum(slid) == slides
+    assert torch.equal(cached, plain)
+    torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("residual", ["residual", "hc", "mhc"])
 def test_cached_decoding_equals_recomputing_the_context(residual):
     """Same tokens and logits (1e-5) at every step, through a prompt prefill, one-token steps and
@@ -23,11 +33,7 @@ def test_cached_decoding_equals_recomputing_the_context(residual):
     torch.manual_seed(0)
     model = build_model(cfg.model, 256).eval()
     prompt = torch.randint(1, 256, (2, 7))
-    cached, cached_logits, slid = decode(model, prompt, 40, True, context=24)
-    plain, plain_logits, _ = decode(model, prompt, 40, False, context=24)
-    assert sum(slid) == 2
-    assert torch.equal(cached, plain)
-    torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=0)
+    assert_cached_equals_recomputed(model, prompt, 40, context=24, slides=2)
 
 
 def test_cache_continues_positions():
@@ -116,11 +122,7 @@ def test_v4_cached_decoding_equals_recomputing_the_context(sparse):
     model.on_step_start(10**6 if sparse else 0, lr_decaying=False)
     assert model.supports_cache and sum(b.attn.sparse for b in model.blocks) == (2 if sparse else 0)
     prompt = torch.randint(1, 256, (2, 11))
-    cached, cached_logits, slid = decode(model, prompt, 50, True, context=48)
-    plain, plain_logits, _ = decode(model, prompt, 50, False, context=48)
-    assert sum(slid) == 1
-    assert torch.equal(cached, plain)
-    torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=0)
+    assert_cached_equals_recomputed(model, prompt, 50, context=48, slides=1)
 
 
 def test_v4_cache_continues_positions():
