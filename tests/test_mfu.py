@@ -1,4 +1,6 @@
 """The MFU denominator: datasheet peaks by device name, the CPU's measured matmul peak."""
+import time
+
 import pytest
 import torch
 
@@ -16,9 +18,16 @@ def test_known_accelerators_by_name(name, tflops):
 
 
 def test_measured_cpu_peak_is_plausible_and_cached():
-    first = measured_matmul_tflops(torch.float32, torch.get_num_threads(), budget_s=0.05, n=256)
-    assert 1e-4 < first < 10  # TFLOP/s of a CPU
-    assert measured_matmul_tflops(torch.float32, torch.get_num_threads(), budget_s=0.05, n=256) == first
+    first, n = measured_matmul_tflops(torch.float32, torch.get_num_threads(), budget_s=0.05, max_n=512)
+    assert 1e-4 < first < 10 and n in (256, 512)  # TFLOP/s of a CPU
+    assert measured_matmul_tflops(torch.float32, torch.get_num_threads(), budget_s=0.05, max_n=512) == (first, n)
+
+
+def test_measured_cpu_peak_shrinks_the_matmul_where_the_dtype_is_slow():
+    """bf16 on a CPU without bf16 units takes minutes for one 2048² matmul: the size adapts to the budget."""
+    start = time.perf_counter()
+    tflops, n = measured_matmul_tflops(torch.bfloat16, torch.get_num_threads(), budget_s=0.2)
+    assert time.perf_counter() - start < 30 and tflops > 0 and 256 <= n <= 2048
 
 
 def test_mfu_is_null_without_a_peak_or_a_speed():

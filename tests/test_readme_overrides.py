@@ -62,7 +62,29 @@ def test_the_readme_names_the_contract_overrides():
     assert len(OVERRIDES) > 40
 
 
-@pytest.mark.slow  # ~450 compositions
+def batches(combos) -> list[list[tuple[str, ...]]]:
+    """Combos packed greedily into batches composed together (Hydra's compose is the test's cost):
+    no two in a batch set the same key, and none chooses a group's preset while another sets one
+    of that group's fields (the values the preset brings are what its check reads)."""
+    def clash(a: set[str], b: set[str]) -> bool:
+        return bool(a & b) or any(k.startswith(g + ".") for g in a & set(groups()) for k in b) or \
+            any(k.startswith(g + ".") for g in b & set(groups()) for k in a)
+
+    packed, keys = [], []
+    for combo in combos:
+        names = {o.split("=", 1)[0] for o in combo}
+        i = next((i for i, k in enumerate(keys) if not clash(k, names)), None)
+        if i is None:
+            packed.append([]), keys.append(set())
+            i = len(packed) - 1
+        packed[i].append(combo), keys[i].update(names)
+    return packed
+
+
+ALONE: dict[str, dict] = {}  # a group preset chosen alone: the values it brings
+
+
+@pytest.mark.slow  # ~70 overrides × 9 presets, composed in 8 batches per preset
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p or "default")
 def test_every_readme_override_reaches_the_resolved_config_under_every_preset(preset):
     import dataclasses
@@ -75,20 +97,24 @@ def test_every_readme_override_reaches_the_resolved_config_under_every_preset(pr
 
     base = [f"experiment={preset}"] if preset else []
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        alone = {}
-        for combo in OVERRIDES:
-            cfg = resolved([*base, *combo])
-            for o in combo:
-                key, value = o.split("=", 1)
-                if key in ("out_dir", "experiment"):
-                    continue
-                if key in groups():  # a preset of a group: some of its own values arrive
-                    if o not in alone:
-                        alone[o] = {k: v for k, v in resolved([o]).items() if k.startswith(key + ".")}
-                    assert any(cfg[k] == v for k, v in alone[o].items()), (preset, o)
-                    continue
-                expected = compose_value(key, value)
-                assert cfg[key] == expected, (preset, combo, key, cfg[key])
+        for batch in batches(OVERRIDES):
+            try:
+                together = resolved([*base, *(o for combo in batch for o in combo)])
+                checks = [(combo, together) for combo in batch]
+            except Exception:  # overrides valid alone but not together (a schema check): one by one
+                checks = [(combo, resolved([*base, *combo])) for combo in batch]
+            for combo, cfg in checks:
+                for o in combo:
+                    key, value = o.split("=", 1)
+                    if key in ("out_dir", "experiment"):
+                        continue
+                    if key in groups():  # a preset of a group: some of its own values arrive
+                        if o not in ALONE:  # the same under every preset: composed once per session
+                            ALONE[o] = {k: v for k, v in resolved([o]).items() if k.startswith(key + ".")}
+                        assert any(cfg[k] == v for k, v in ALONE[o].items()), (preset, o)
+                        continue
+                    expected = compose_value(key, value)
+                    assert cfg[key] == expected, (preset, combo, key, cfg[key])
 
 
 def compose_value(key: str, value: str):

@@ -134,7 +134,8 @@ def test_cpu_peak_is_measured_once_at_the_runs_precision(tiny_config):
     t.fit()
     peak = json.loads((Path(cfg.out_dir) / "environment.json").read_text())[-1]["peak"]
     assert peak["peak_source"].startswith("measured: float32")
-    assert peak["peak_tflops_per_device"] == measured_matmul_tflops(torch.float32, torch.get_num_threads())
+    tflops, n = measured_matmul_tflops(torch.float32, torch.get_num_threads())
+    assert peak["peak_tflops_per_device"] == tflops and peak["peak_source"].startswith(f"measured: float32 {n}x{n}")
     assert 0 < read_metrics(cfg.out_dir)[0]["mfu"] < 1
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,29 @@ def table_peak_tflops(device_name: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_tflops(dtype: torch.dtype, threads: int, budget_s: float = 0.3, n: int = 2048) -> float:
-    """The best rate of n×n matmuls on CPU within about `budget_s` (at least three): the hardware
-    does not change within a process, so each (dtype, threads) is measured once."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)  # warm-up: thread pool, packing buffers
+def measured_matmul_tflops(dtype: torch.dtype, threads: int, budget_s: float = 0.3,
+                           max_n: int = 2048) -> tuple[float, int]:
+    """(TFLOP/s, n): the best rate of n×n matmuls (F.linear, the op the model runs) on CPU within
+    about `budget_s` (at least three), n the largest power of two up to max_n whose matmul takes
+    under a tenth of the budget. The size adapts because a CPU without bf16 units runs a 2048²
+    bf16 matmul in minutes, not milliseconds.
+    The hardware does not change within a process, so each (dtype, threads) is measured once."""
+    n = 256
+    while True:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        F.linear(a, b)  # warm-up: thread pool, packing buffers
+        start = time.perf_counter()
+        F.linear(a, b)
+        if n >= max_n or time.perf_counter() - start > budget_s / 10:
+            break
+        n *= 2
     best, spent, reps = 0.0, 0.0, 0
     while reps < 3 or spent < budget_s:
         start = time.perf_counter()
-        torch.mm(a, b)
+        F.linear(a, b)
         elapsed = time.perf_counter() - start
         best, spent, reps = max(best, 2 * n**3 / elapsed), spent + elapsed, reps + 1
-    return best / 1e12
+    return best / 1e12, n
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -86,8 +98,8 @@ class Utilisation:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.barrier()  # ranks sharing a host measure together, so each sees its share
-            per_device = measured_matmul_tflops(dtype, torch.get_num_threads())
-            source = f"measured: {str(dtype).removeprefix('torch.')} 2048x2048 matmul, {torch.get_num_threads()} threads"
+            per_device, n = measured_matmul_tflops(dtype, torch.get_num_threads())
+            source = f"measured: {str(dtype).removeprefix('torch.')} {n}x{n} matmul, {torch.get_num_threads()} threads"
         else:
             per_device, source = table_peak_tflops(name), f"datasheet dense bf16 peak of {name}"
             if per_device is None:
