@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -13,6 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 os.environ.setdefault("WANDB_SILENT", "true")
 register_configs()
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # Workers split the cores; OpenMP threads beyond them spin against each other (a step slows
+    # several-fold). Subprocess runs inherit the share through the environment.
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Metrics that measure the machine, not the training: they differ between otherwise identical runs.
 MEASURED = frozenset({"tokens_per_s", "mfu", "mem/peak_gb"})

@@ -11,7 +11,7 @@ from tests.conftest import ROOT, compose_config, without_measured
 from tests.distributed_runs import COMBOS, overrides
 from train.trainer import Trainer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]  # one worker trains the module's runs once
 
 
 @pytest.fixture(scope="module")

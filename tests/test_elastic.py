@@ -28,7 +28,7 @@ from train.manifest import problems
 from train.report import write_report
 from train.trainer import Trainer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("elastic")]  # one worker trains the module's runs once
 DIGEST = {"V4LAB_BATCH_DIGEST": "1"}
 PARITY = dict(rel=1e-4, abs=5e-5)  # tests/test_distributed.py's 1-vs-2-rank parity tolerance
 RESUMES = [(f"{o}{s}", "2to1") for o, s, _ in CASES] + [(f"{o}{s}", "1to2") for o, s, both in CASES if both]

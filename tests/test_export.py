@@ -13,6 +13,7 @@ from tests.conftest import TINY, compose_config, launch
 from train import export
 from train.export import write_hf_llama
 from train.load import consolidated_state_dict, from_exported, load_run, locate
+from train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,7 +78,6 @@ def test_hf_refuses_hyper_connections_naming_safetensors(tmp_path, trained_run, 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_checkpoint_consolidates_to_the_trained_weights(tmp_path, data_cache, stage):
     """DeepSpeed's consolidation of a ZeRO-1/3 checkpoint is exactly what the trainer held."""
-    from train.trainer import Trainer
 
     cfg = compose_config([*TINY, f"deepspeed.zero_stage={stage}", "trainer.max_steps=3"], out_dir=tmp_path / "run",
                          cache_dir=data_cache)
@@ -95,8 +95,11 @@ def test_zero3_and_two_rank_checkpoints_export_the_weights_of_one_rank_zero0(tmp
     weights = {}
     for name, extra in {"zero0": [], "zero3": ["deepspeed.zero_stage=3"],
                         "zero2x2": ["deepspeed.zero_stage=2", "launcher.nproc_per_node=2"]}.items():
-        proc = launch(*base, *extra, f"out_dir={tmp_path / name}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if name == "zero2x2":
+            proc = launch(*base, *extra, f"out_dir={tmp_path / name}")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:  # one rank: in this process
+            Trainer(compose_config([*base, *extra], out_dir=tmp_path / name)).fit()
         assert export.main([str(tmp_path / name), "--format", "safetensors"]) == 0
         weights[name] = from_exported(tmp_path / name / "export" / "safetensors-fp32").state_dict()
     for name in ("zero3", "zero2x2"):

@@ -44,15 +44,27 @@ def test_launch_writes_every_contract_file(tmp_path):
     assert rows2 == rows
 
 
-def test_launch_two_local_ranks(tmp_path):
+def test_launch_two_local_ranks_match_one_rank_on_the_default_batch(tmp_path, data_cache):
+    """The README's `launcher.nproc_per_node=2` on the default global batch (16): every contract
+    file, each rank's state in the checkpoint, and auto micro-batches of 8 per rank training the
+    trajectory of one rank's 16."""
+    from tests.conftest import compose_config
+    from train.trainer import Trainer
+
+    common = [*SMOKE, "trainer.micro_batch_size=auto", "trainer.global_batch_size=16", "logger.wandb.mode=disabled",
+              "trainer.progress=false"]
     out = tmp_path / "run2"
-    proc = launch(*SMOKE, "launcher.nproc_per_node=2", "logger.wandb.mode=disabled",
-                  f"out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}")
+    proc = launch(*common, "launcher.nproc_per_node=2", f"out_dir={out}", f"data.cache_dir={data_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _, summary = check_run_files(out, 6)
-    assert summary["world_size"] == 2
+    two, summary = check_run_files(out, 6)
+    assert summary["world_size"] == 2 and summary["micro_batch_size"] == 8
     assert sorted(p.name for p in (out / "checkpoints" / "step_00000006").glob("trainer_state_rank*.pt")) == [
         "trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+    cfg = compose_config(common, out_dir=tmp_path / "one", cache_dir=data_cache)
+    assert Trainer(cfg).fit()["micro_batch_size"] == 16
+    one, _ = check_run_files(tmp_path / "one", 6)
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_multirun_gives_each_job_its_own_out_dir(tmp_path):

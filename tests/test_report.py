@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import launch
 from train.report import load_runs, write_report
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("report")]  # one worker trains the module's runs once
 
 
 @pytest.fixture(scope="module")

@@ -92,28 +92,6 @@ def test_resume_at_another_world_size_and_micro_batch_is_not_refused(tiny_config
     assert "launcher.nproc_per_node: 1 -> 2" in caplog.text
 
 
-@pytest.mark.slow
-def test_two_ranks_on_the_default_batch_match_one_rank(tmp_path, data_cache):
-    """The README's `launcher.nproc_per_node=2` on the default config (global batch 16): auto
-    micro-batches of 8 per rank train the trajectory of one rank's 16."""
-    from tests.conftest import launch_env
-    from train.trainer import Trainer
-
-    common = ["model=tiny", "data.seq_len=32", "trainer.max_steps=4", "trainer.eval_every=0",
-              "trainer.progress=false", "logger.wandb.mode=disabled", "optim.warmup_steps=2"]
-    proc = launch(*common, "launcher.nproc_per_node=2", f"out_dir={tmp_path / 'two'}", f"data.cache_dir={data_cache}",
-                  env=launch_env(OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["micro_batch_size"] == 8
-    cfg = compose_config(common, out_dir=tmp_path / "one", cache_dir=data_cache)
-    assert Trainer(cfg).fit()["micro_batch_size"] == 16
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-
-
 # -- strict overrides, in process ------------------------------------------------------------------
 @pytest.mark.parametrize("args,key,words", [
     (["+optim.lr=1"], "+optim.lr", "without the +"),
