@@ -39,25 +39,30 @@ def test_a_partition_boundary_cuts_a_matrix(optim, stage, two_rank_runs):
 
 
 @pytest.mark.parametrize("optim,stage", COMBOS, ids=[f"{o}-zero{s}" for o, s in COMBOS])
-def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, tmp_path, data_cache, request):
-    if optim == "v4":
-        # Known failure, issue #14/#20: after the V4 fidelity and loop-free merges one tensor
-        # (mtp.block.ffn_hc.phi.weight) ends 1.55e-3 from the 1-rank run against atol 1e-3, after a
-        # near-tie resolved differently in another summation order. Not strict until the case is
-        # made tie-free (fewer steps, or compared before the first flip).
-        request.applymarker(pytest.mark.xfail(strict=False, reason="V4 2-rank parity near-tie, issue #14"))
+def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, tmp_path, data_cache):
     _, params = two_rank_runs
-    one = [o if not o.startswith("launcher.") else "launcher.nproc_per_node=1" for o in overrides(optim, 0)]
-    cfg = compose_config(one, out_dir=tmp_path / "one", cache_dir=data_cache)
-    trainer = Trainer(cfg)
-    trainer.fit()
-    reference = trainer.full_state_dict()
+
+    def one_rank(*extra):
+        one = [o if not o.startswith("launcher.") else "launcher.nproc_per_node=1" for o in overrides(optim, 0)]
+        trainer = Trainer(compose_config([*one, *extra], out_dir=tmp_path / f"one{len(extra)}", cache_dir=data_cache))
+        trainer.fit()
+        return trainer.full_state_dict()
+
+    reference = one_rank()
     assert params[f"{optim}{stage}"].keys() == reference.keys()
-    # V4-tiny: the losses agree to 1e-6 for 9 steps, the expert loads and biases exactly; then a
-    # near-tie in a top-k selection may resolve differently in another summation order.
-    atol = 1e-3 if optim == "v4" else 5e-5
+    tolerance = {name: 5e-5 for name in reference}
+    if optim == "v4":
+        # V4-tiny's mHC projections (phi) get gradients small enough that Muon's normalised update
+        # points where rounding puts it: one process summing the same batch as 4 micro-batches
+        # instead of 1 moves mtp.block.ffn_hc.phi by 1.6e-3, 2 ranks by 1.3e-3, while the losses
+        # agree to 1e-6 for all 10 steps. Sharding may differ from one rank by no more than 4× what
+        # that summation order alone does (a sharded step that reads the other rank's part of a
+        # matrix as zeros still fails here, already at embed.weight).
+        reordered = one_rank("trainer.micro_batch_size=2")
+        tolerance = {name: max(5e-5, 4 * (reordered[name] - value).abs().max().item())
+                     for name, value in reference.items()}
     for name, value in reference.items():
-        assert torch.allclose(params[f"{optim}{stage}"][name], value, atol=atol, rtol=1e-4), name
+        assert torch.allclose(params[f"{optim}{stage}"][name], value, atol=tolerance[name], rtol=1e-4), name
         if name.endswith("ffn.bias"):  # MoE selection biases: from loads summed over ranks
             assert torch.equal(params[f"{optim}{stage}"][name], value), name
 
