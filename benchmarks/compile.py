@@ -1,9 +1,11 @@
 """trainer.compile's worth: tokens/s of the trainer's step compiled ÷ eager for one configuration,
-or (`--pair`) two configurations both compiled, e.g. mHC ÷ residual step time. Contenders train
-alternately in one process after a warm-up that holds the compilation (its time is printed apart).
+or (`--pair`) two configurations both compiled (both eager with `--eager`), e.g. mHC ÷ residual
+step time, or V4 ÷ the dense default. Contenders train alternately in one process after a warm-up
+that holds the compilation (its time is printed apart).
 
     python -m benchmarks.compile [--steps 5 --rounds 4] [hydra overrides ...]
     python -m benchmarks.compile --pair model.residual=residual model.residual=mhc [overrides ...]
+    python -m benchmarks.compile --pair --eager model=small experiment=v4 model.attn.indexer_warmup_steps=0
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="measured rounds (one more is warm-up)")
     ap.add_argument("--pair", nargs=2, metavar=("BASE", "OTHER"),
                     help="compare two overrides, both compiled, instead of compiled against eager")
+    ap.add_argument("--eager", action="store_true", help="with --pair: both contenders eager")
     ap.add_argument("overrides", nargs="*", help="hydra overrides, as for launch.py")
     args = ap.parse_args()
     if args.pair:
-        runs = {o: [o, "trainer.compile=true"] for o in args.pair}
+        runs = {o: [o, f"trainer.compile={str(not args.eager).lower()}"] for o in args.pair}
     else:
         runs = {"eager": ["trainer.compile=false"], "compiled": ["trainer.compile=true"]}
     trainers = {}
