@@ -5,7 +5,7 @@ that holds the compilation (its time is printed apart).
 
     python -m benchmarks.compile [--steps 5 --rounds 4] [hydra overrides ...]
     python -m benchmarks.compile --pair model.residual=residual model.residual=mhc [overrides ...]
-    python -m benchmarks.compile --pair --eager model=small experiment=v4 model.attn.indexer_warmup_steps=0
+    python -m benchmarks.compile --eager --pair model=small experiment=v4 model.attn.indexer_warmup_steps=0
 """
 from __future__ import annotations
 
