@@ -38,17 +38,27 @@ def test_a_partition_boundary_cuts_a_matrix(optim, stage, two_rank_runs):
     assert cut, f"no matrix straddles the ranks' boundary at {boundary}: {group['params']}"
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, data_cache):
+    """`one_rank(optim, *extra)`: the final weights of `optim`'s case trained by one process at
+    ZeRO-0, the reference of every stage; each is trained once."""
+    done = {}
+
+    def train(optim, *extra):
+        if (optim, extra) not in done:
+            one = [o if not o.startswith("launcher.") else "launcher.nproc_per_node=1" for o in overrides(optim, 0)]
+            out = tmp_path_factory.mktemp(f"one_{optim}")
+            trainer = Trainer(compose_config([*one, *extra], out_dir=out, cache_dir=data_cache))
+            trainer.fit()
+            done[optim, extra] = trainer.full_state_dict()
+        return done[optim, extra]
+    return train
+
+
 @pytest.mark.parametrize("optim,stage", COMBOS, ids=[f"{o}-zero{s}" for o, s in COMBOS])
-def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, tmp_path, data_cache):
+def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, one_rank):
     _, params = two_rank_runs
-
-    def one_rank(*extra):
-        one = [o if not o.startswith("launcher.") else "launcher.nproc_per_node=1" for o in overrides(optim, 0)]
-        trainer = Trainer(compose_config([*one, *extra], out_dir=tmp_path / f"one{len(extra)}", cache_dir=data_cache))
-        trainer.fit()
-        return trainer.full_state_dict()
-
-    reference = one_rank()
+    reference = one_rank(optim)
     assert params[f"{optim}{stage}"].keys() == reference.keys()
     tolerance = {name: 5e-5 for name in reference}
     if optim == "v4":
@@ -58,7 +68,7 @@ def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, tmp_path, data_ca
         # agree to 1e-6 for all 10 steps. Sharding may differ from one rank by no more than 4× what
         # that summation order alone does (a sharded step that reads the other rank's part of a
         # matrix as zeros still fails here, already at embed.weight).
-        reordered = one_rank("trainer.micro_batch_size=2")
+        reordered = one_rank(optim, "trainer.micro_batch_size=2")
         tolerance = {name: max(5e-5, 4 * (reordered[name] - value).abs().max().item())
                      for name, value in reference.items()}
     for name, value in reference.items():
