@@ -124,6 +124,10 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(d.seq_len)
         # in place, before DeepSpeed wraps the model: names and checkpoints stay the eager run's
         self.compiled = compile_blocks(model) if t.compile else []
+        if self.compiled and cfg.deepspeed.zero_stage == 3:
+            log.warning("trainer.compile with ZeRO-3: DeepSpeed's parameter-gathering hooks are kept out of "
+                        "graphs, so each submodule of a block breaks its graph; training is the eager run's, "
+                        "most of the speed-up is lost")
         self.compile_s = 0.0  # seconds spent compiling (the first steps, the first evaluation)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
