@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, launch, launch_env
 
 PY = sys.executable
 ENTRY = str(ROOT / "launch.py")
 
 
-def dry_run(tmp_path, *args):
+def dry_run(tmp_path, *args, env=None):
     out = tmp_path / "run"
-    proc = launch("launcher.dry_run=true", f"out_dir={out}", *args)
+    proc = launch("launcher.dry_run=true", f"out_dir={out}", *args, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not out.exists(), "a dry run wrote its out_dir"
     return out, proc.stdout
@@ -30,11 +30,15 @@ def test_one_process(tmp_path):
 
 
 def test_local_ranks_use_torchrun(tmp_path):
-    out, stdout = dry_run(tmp_path, "launcher.nproc_per_node=2", "trainer.global_batch_size=32")
+    """torchrun, and each rank's share of the cores as OMP_NUM_THREADS, unless the user set it."""
+    env = {k: v for k, v in launch_env().items() if k != "OMP_NUM_THREADS"}  # the test workers set it
+    out, stdout = dry_run(tmp_path, "launcher.nproc_per_node=2", "trainer.global_batch_size=32", env=env)
     assert commands(stdout) == [[PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ENTRY,
                                  "launcher.nproc_per_node=2", "trainer.global_batch_size=32", f"out_dir={out}"]]
-    if "OMP_NUM_THREADS" not in os.environ:
-        assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 2)}" in stdout
+    assert f"OMP_NUM_THREADS={max(1, os.cpu_count() // 2)}" in stdout
+    _, stdout = dry_run(tmp_path, "launcher.nproc_per_node=2", "trainer.global_batch_size=32",
+                        env=launch_env(OMP_NUM_THREADS="3"))
+    assert "OMP_NUM_THREADS" not in stdout
 
 
 def test_torchrun_rendezvous_across_nodes(tmp_path):
