@@ -59,7 +59,8 @@ def split_warmup(model: nn.Module, groups: list[dict]) -> list[dict]:
     return split
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """`device`: where the model will train (default: where its parameters are now)."""
     if cfg.name == "adamw":
         groups = split_warmup(model, adamw_groups(model, cfg))
         log.info("optimizer groups (AdamW):\n%s", describe_groups(groups))
@@ -68,11 +69,12 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if cfg.name == "muon":
         groups = split_warmup(model, muon_groups(model, cfg))
         log.info("optimizer groups (Muon + AdamW):\n%s", describe_groups(groups))
-        device = next(model.parameters()).device
+        device = device or next(model.parameters()).device
         if cfg.ns_dtype == "bf16" and device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
-            # measured on an AVX2 EPYC: V4-tiny's steps 3.5× slower than with fp32, a 2048² torch.mm 300×
+            # measured on an AVX2 EPYC: V4-tiny's steps 2.3× (experiment=v4) to 3.5× (test size) slower
+            # than with fp32, a 2048² torch.mm 300×
             log.warning("Newton-Schulz runs in bf16 on a CPU without bf16 units, where bf16 matmuls are "
-                        "emulated and slow: optim.ns_dtype=fp32 is several times faster here")
+                        "emulated and slow: optim.ns_dtype=fp32 is 2-3× faster here")
         return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
                     ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn, ns_schedule=cfg.ns_schedule,
                     ns_method=cfg.ns_method, ns_restarts=cfg.ns_restarts, ns_dtype=cfg.ns_dtype, momentum_type=cfg.momentum_type,

@@ -51,6 +51,8 @@ def test_launch_two_local_ranks_match_one_rank_on_the_default_batch(tmp_path, da
     from tests.conftest import compose_config
     from train.trainer import Trainer
 
+    default = compose_config([]).trainer  # the batch the README's command gets, set here on top of smoke
+    assert (default.micro_batch_size, default.global_batch_size) == ("auto", 16)
     common = [*SMOKE, "trainer.micro_batch_size=auto", "trainer.global_batch_size=16", "logger.wandb.mode=disabled",
               "trainer.progress=false"]
     out = tmp_path / "run2"

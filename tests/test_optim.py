@@ -76,3 +76,14 @@ def test_adamw_eps_is_v4s_in_the_muon_recipe_and_1e8_in_the_baseline():
     assert adam_groups and all(g["adamw_eps"] == 1e-20 for g in adam_groups)
     cfg = compose_config(["model=tiny", "optim=adamw"])
     assert all(g["eps"] == 1e-8 for g in build_optimizer(model, cfg.optim).param_groups)
+
+
+@pytest.mark.parametrize("device,ns_dtype", [("cpu", "bf16"), ("cpu", "fp32"), ("cuda", "bf16")])
+def test_bf16_newton_schulz_warns_only_on_a_cpu_without_bf16_units(device, ns_dtype, caplog, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    cfg = compose_config(["model=tiny", "optim=muon", f"optim.ns_dtype={ns_dtype}"])
+    # the trainer builds the optimizer before moving the model: the device comes in as an argument
+    build_optimizer(build_model(cfg.model, 256), cfg.optim, torch.device(device))
+    assert ("Newton-Schulz runs in bf16 on a CPU" in caplog.text) == (device == "cpu" and ns_dtype == "bf16")

@@ -64,9 +64,12 @@ def test_the_readme_names_the_contract_overrides():
 
 def batches(combos) -> list[list[tuple[str, ...]]]:
     """Combos packed greedily into batches composed together (Hydra's compose is the test's cost):
-    no two in a batch set the same key, and none chooses a group's preset while another sets one
-    of that group's fields (the values the preset brings are what its check reads)."""
+    no two in a batch set the same key, none chooses a group's preset while another sets one of
+    that group's fields (the values the preset brings are what its check reads), and an
+    `experiment=` combo is alone (it replaces the preset under test)."""
     def clash(a: set[str], b: set[str]) -> bool:
+        if a and b and "experiment" in a | b:  # it would replace the preset under test: alone
+            return True
         return bool(a & b) or any(k.startswith(g + ".") for g in a & set(groups()) for k in b) or \
             any(k.startswith(g + ".") for g in b & set(groups()) for k in a)
 

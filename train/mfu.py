@@ -57,11 +57,11 @@ def table_peak_tflops(device_name: str) -> float | None:
 def measured_matmul_tflops(dtype: torch.dtype, threads: int, budget_s: float = 0.3,
                            max_n: int = 2048) -> tuple[float, int]:
     """(TFLOP/s, n): the best rate of n×n matmuls (F.linear, the op the model runs) on CPU within
-    about `budget_s` (at least three), n the largest power of two up to max_n whose matmul takes
-    under a tenth of the budget. The size adapts because a CPU without bf16 units runs a 2048²
+    about `budget_s` (at least three); n doubles from 256 until one matmul takes over a tenth of
+    the budget, or reaches max_n. The size adapts because a CPU without bf16 units runs a 2048²
     bf16 matmul in minutes, not milliseconds.
     The hardware does not change within a process, so each (dtype, threads) is measured once."""
-    n = 256
+    n = min(256, max_n)
     while True:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         F.linear(a, b)  # warm-up: thread pool, packing buffers
@@ -69,7 +69,7 @@ def measured_matmul_tflops(dtype: torch.dtype, threads: int, budget_s: float = 0
         F.linear(a, b)
         if n >= max_n or time.perf_counter() - start > budget_s / 10:
             break
-        n *= 2
+        n = min(2 * n, max_n)
     best, spent, reps = 0.0, 0.0, 0
     while reps < 3 or spent < budget_s:
         start = time.perf_counter()

@@ -129,7 +129,7 @@ class Trainer:
                         "graphs, so each submodule of a block breaks its graph; training is the eager run's, "
                         "most of the speed-up is lost")
         self.compile_s = 0.0  # seconds spent compiling (the first steps, the first evaluation)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, self.device)
         scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
         ds_config = deepspeed_config(cfg, self.world_size, self.precision)
         self.manual_clip = ds_config["gradient_clipping"] == 0.0
