@@ -132,39 +132,32 @@ def test_compiled_training_equals_eager(variant, stage, tmp_path, data_cache):
 
 
 @pytest.mark.slow
-def test_compiled_training_at_zero3_equals_eager(tmp_path, data_cache, caplog):
-    """ZeRO-3 trains as eager does, but DeepSpeed's parameter hooks break the blocks' graphs (the
-    trainer warns)."""
-    overrides = [*TINY, "deepspeed.zero_stage=3"]
-    eager, _, _ = train_steps([*overrides, "trainer.compile=false"], tmp_path / "eager", data_cache)
-    assert "trainer.compile with ZeRO-3" not in caplog.text
-    compiled, recompiles, _ = train_steps([*overrides, "trainer.compile=true"], tmp_path / "compiled", data_cache)
-    assert recompiles == 0 and compiled == pytest.approx(eager, rel=1e-5)
-    assert "trainer.compile with ZeRO-3" in caplog.text
-
-
-@pytest.mark.slow
-def test_compiled_run_resumes_onto_the_uninterrupted_run(tmp_path, data_cache):
-    """A compiled run killed after step 3 (checkpoint at 2) resumes onto the uninterrupted run
-    (eager: compiled training equals it, above): compiled modules checkpoint under eager names."""
+def test_compiled_zero3_run_resumes_onto_the_uninterrupted_eager_run(tmp_path, data_cache, caplog):
+    """At ZeRO-3 (DeepSpeed's parameter hooks break the blocks' graphs: the trainer warns), a
+    compiled run killed after step 3 (checkpoint at 2) resumes onto the uninterrupted eager run,
+    and its checkpoint names the weights as the eager run's does."""
     import json
 
     from tests.conftest import interrupted_run
 
-    common = [*TINY, "trainer.max_steps=5", "trainer.eval_every=0", "trainer.checkpoint_every=2"]
+    common = [*TINY, "deepspeed.zero_stage=3", "trainer.max_steps=5", "trainer.eval_every=0",
+              "trainer.checkpoint_every=2"]
 
     def losses(out):
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
+    def saved_names(run):
+        path = tmp_path / run / "checkpoints" / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        return torch.load(path, weights_only=False)["module"].keys()
+
     Trainer(compose_config(common, out_dir=tmp_path / "ref", cache_dir=data_cache)).fit()
+    assert "trainer.compile with ZeRO-3" not in caplog.text
     resumed = [*common, "trainer.compile=true"]
     interrupted_run(compose_config(resumed, out_dir=tmp_path / "resumed", cache_dir=data_cache), after_step=3)
+    assert "trainer.compile with ZeRO-3" in caplog.text
     Trainer(compose_config(resumed, out_dir=tmp_path / "resumed", cache_dir=data_cache)).fit()
     starts = json.loads((tmp_path / "resumed" / "environment.json").read_text())
     assert [s["from_step"] for s in starts] == [0, 2]  # it resumed, rather than started again
-    def saved_names(run):  # the compiled run's checkpoint names its weights as the eager run's does
-        path = tmp_path / run / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
-        return torch.load(path, weights_only=False)["module"].keys()
     assert saved_names("resumed") == saved_names("ref")
     assert len(losses(tmp_path / "ref")) == 5
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "ref"), rel=1e-5)
