@@ -22,6 +22,14 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the xdist groups (each a module's runs, minutes on one worker), then the
+    other end-to-end tests, then the rest, so that no long group starts when the other worker is
+    nearly done. The sort is stable: within each class, files and tests keep their order."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("xdist_group") else
+               1 if item.get_closest_marker("slow") else 2)
+
+
 # Metrics that measure the machine, not the training: they differ between otherwise identical runs.
 MEASURED = frozenset({"tokens_per_s", "mfu", "mem/peak_gb"})
 

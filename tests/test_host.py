@@ -29,12 +29,12 @@ STEP_FAULTS = textwrap.dedent("""
         model(idx, idx).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(4):  # to the steady state
+    for _ in range(3):  # to the steady state
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    for _ in range(2):
         step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 2)
 """)
 
 
