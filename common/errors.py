@@ -15,3 +15,7 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
     """Missing, unreadable or inconsistent data (exit status 3); the message names the file or setting."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from as asked."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import CheckpointError  # noqa: F401  (raised here; callers import it from here too)
 from train import reshard
 from train.distributed import barrier
 from train.manifest import atomic_write, fsync_path, problems, read, seal
@@ -24,10 +25,6 @@ from train.manifest import atomic_write, fsync_path, problems, read, seal
 log = logging.getLogger(__name__)
 PREFIX = "step_"
 REPLACED = ".replaced-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from as asked."""
 
 
 def param_shapes(module) -> dict[str, list[int]]:

@@ -26,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from train.batch import micro_batch_size
-from train.checkpoint import CheckpointError
+from common.errors import CheckpointError
 from train.variants import is_inert
 
 log = logging.getLogger(__name__)
