@@ -22,6 +22,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
 def pytest_collection_modifyitems(config, items):
     """Longest first: the xdist groups (each a module's runs, minutes on one worker), then the
     other end-to-end tests, then the rest, so that no long group starts when the other worker is
