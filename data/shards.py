@@ -6,6 +6,11 @@ tokenizers. Shard header (8 little-endian int64): magic, format version, bytes p
 the vocabulary fits uint16, else 4), token count, vocab size, three reserved zeros. The directory
 is built under a temporary name and renamed into place while holding a file lock, so concurrent
 runs or ranks never see, or make, a partial one.
+
+The fingerprint hashes the corpus's content, which takes reading it. For local corpora,
+`.index/` in the cache remembers which prepared directory a set of files (names, sizes,
+modification times: what `datasets` itself keys local files by) was made into, so later runs,
+and every rank, find it without reading the corpus; changing any file reads it again.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from common.errors import DataError
-from data.sources import load_corpus
+from data.sources import corpus_files, load_corpus
 from data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -176,14 +181,28 @@ def _build(cfg, corpus, fp: str, out: Path) -> None:
     os.rename(tmp, out)
 
 
+def _files_key(cfg, files: list[Path], tokenizer_identity: str) -> str:
+    stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+    key = json.dumps([VERSION, cfg.source, cfg.text_field, tokenizer_identity, SPLIT_RULE, cfg.val_fraction,
+                      cfg.shard_tokens, stats])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def prepare(cfg) -> Path:
     """Tokenize the configured corpus into the cache once; return the prepared directory."""
-    corpus = load_corpus(cfg)
     label, identity = _tokenizer_id(cfg)
-    fp = fingerprint(corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)
     cache = Path(cfg.cache_dir).expanduser()
+    files = corpus_files(cfg)
+    known = cache / ".index" / _files_key(cfg, files, identity) if files is not None else None
+    if known is not None and known.exists():
+        out = cache / known.read_text().strip()
+        if (out / "manifest.json").exists():
+            return out
+    corpus = load_corpus(cfg)
+    fp = fingerprint(corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)
     out = cache / f"{cfg.source}-{label}-{fp[:16]}"
     if (out / "manifest.json").exists():
+        _remember(known, out)
         return out
     cache.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
@@ -192,7 +211,17 @@ def prepare(cfg) -> Path:
                 shutil.rmtree(out)
             log.info("preparing %s into %s", cfg.source, out)
             _build(cfg, corpus, fp, out)
+    _remember(known, out)
     return out
+
+
+def _remember(known: Path | None, out: Path) -> None:
+    if known is None:
+        return
+    known.parent.mkdir(exist_ok=True)
+    tmp = known.with_name(f"{known.name}.{os.getpid()}.tmp")
+    tmp.write_text(out.name)
+    os.replace(tmp, known)  # atomic: a concurrent rank reads the old entry, the new one, or none
 
 
 def load_manifest(prepared: Path) -> dict:

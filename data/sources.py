@@ -16,10 +16,12 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from common.errors import DataError  # noqa: F401  (data.sources.DataError stays importable)
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ def _read_texts(files: list[Path]) -> datasets.Dataset:
             texts.append(f.read_text(encoding="utf-8", errors="replace"))
         except OSError as e:
             raise DataError(f"cannot read {f}: {e}") from None
+    import datasets  # here, not at the top: a rank whose shards are prepared never pays its import (~1.5 s)
+
     return datasets.Dataset.from_dict({"text": texts})
 
 
@@ -87,6 +91,8 @@ def _load_files(path: str, text_field: str) -> datasets.Dataset:
         raise DataError(f"data.path={path!r} mixes file kinds ({', '.join(sorted(kinds))}); point it at one kind")
     builder = kinds.pop()
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    import datasets
+
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # datasets raises many types for unreadable files; name the input
@@ -101,6 +107,17 @@ def _text_column(ds: datasets.Dataset, text_field: str, what: str) -> datasets.D
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
+def corpus_files(cfg) -> list[Path] | None:
+    """The local files the configured corpus is read from; None for `hub` (datasets' own cache)."""
+    if cfg.source == "shakespeare":
+        return shakespeare_files()
+    if cfg.source == "pycode":
+        return pycode_files()
+    if cfg.source == "files":
+        return local_files(cfg.path or "")
+    return None
+
+
 def load_corpus(cfg) -> datasets.Dataset:
     """The configured corpus as a Dataset with one column, `text`, one row per document."""
     if cfg.source == "shakespeare":
@@ -110,6 +127,8 @@ def load_corpus(cfg) -> datasets.Dataset:
     if cfg.source == "files":
         return _load_files(cfg.path or "", cfg.text_field)
     if cfg.source == "hub":
+        import datasets
+
         try:
             ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split)
         except Exception as e:

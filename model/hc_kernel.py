@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import platform
+import time
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,8 @@ SOURCE = Path(__file__).parent / "csrc" / "hyper_connection.cpp"
 # ISAs; they are internal to the build, so the note is noise on every CPU without AVX-512.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 log = logging.getLogger(__name__)
+# A build takes ~30 s; a lock older than this was left by a build that was killed half-way.
+STALE_LOCK_S = 600
 
 
 def _isa_tag() -> str:
@@ -54,15 +57,30 @@ class _Kernels:
         return call
 
 
+def clear_stale_lock(name: str) -> None:
+    """torch's loader waits, without end, for a lock file that a build killed half-way leaves in the
+    build directory; every later run would hang at its first step. Remove one that is stale."""
+    from torch.utils import cpp_extension
+
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning(f"removing {lock}: left {age / 60:.0f} minutes ago by a kernel build that did not finish")
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def _extension():
     from torch.utils import cpp_extension
 
-    # A build killed half-way leaves torch's lock file in the build directory, and later loads wait
-    # on it: delete the directory under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR).
+    name = f"v4lab_hc_{_isa_tag()}"
+    clear_stale_lock(name)
     log.info("loading the fused hyper-connection kernels (the first use on a machine compiles them, ~30 s)")
     try:
-        return _Kernels(cpp_extension.load(name=f"v4lab_hc_{_isa_tag()}", sources=[str(SOURCE)],
+        return _Kernels(cpp_extension.load(name=name, sources=[str(SOURCE)],
                                            extra_cflags=CFLAGS,
                                            extra_ldflags=["-fopenmp"]))
     except Exception as e:  # no compiler, or a broken toolchain: the eager path computes the same thing

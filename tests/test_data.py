@@ -277,6 +277,26 @@ def test_token_id_beyond_vocab_names_the_file(prepared, tmp_path):
             next(loader)
 
 
+def test_a_prepared_local_corpus_is_found_again_without_reading_it(tmp_path, monkeypatch):
+    """Every rank of every run calls prepare: it must not re-read (and re-hash) the corpus while its
+    files are unchanged, and must read it again once one changes."""
+    import data.shards
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(3):
+        (root / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    cfg = data_config(tmp_path / "cache", path=str(root))
+    first = prepare(cfg)
+    with monkeypatch.context() as m:
+        m.setattr(data.shards, "load_corpus", lambda cfg: pytest.fail("the unchanged corpus was read again"))
+        assert prepare(cfg) == first
+    (root / "doc1.txt").write_text("a changed document " * 40)
+    second = prepare(cfg)
+    assert second != first
+    assert b"a changed document" in b"".join(bytes(all_tokens(second, s).astype(np.uint8)) for s in ("train", "val"))
+
+
 def test_concurrent_preparation_builds_one_valid_copy(corpus, tmp_path):
     import subprocess
     import sys
@@ -287,7 +307,7 @@ def test_concurrent_preparation_builds_one_valid_copy(corpus, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [outs[0].split("/")[-1]]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != ".index"] == [outs[0].split("/")[-1]]
     TokenLoader(tmp_path / outs[0].split("/")[-1], 16, 4, seed=0)
 
 

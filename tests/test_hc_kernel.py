@@ -247,3 +247,17 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch):
         warnings.simplefilter("always")
         assert hc_kernel._extension.__wrapped__() is None
     assert any("eager PyTorch" in str(w.message) and "no compiler" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("age_s,kept", [(5, True), (hc_kernel.STALE_LOCK_S + 60, False)])
+def test_a_lock_left_by_a_killed_build_is_removed_a_live_one_kept(age_s, kept, tmp_path, monkeypatch):
+    """torch's loader would wait forever on the stale one."""
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "v4lab_hc_x" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    hc_kernel.clear_stale_lock("v4lab_hc_x")
+    assert lock.exists() == kept

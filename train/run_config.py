@@ -16,6 +16,8 @@ launch's are compared key by key:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import re
@@ -52,7 +54,9 @@ def _matches(key: str, keys) -> bool:
 
 
 def as_dict(cfg) -> dict:
-    return cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg))
+    # dataclasses.asdict, not OmegaConf.structured: the same dict (Hydra validated the types when
+    # it composed the config) in well under 1 ms instead of ~0.1 s, and a run calls it several times.
+    return cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
