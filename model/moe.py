@@ -107,13 +107,10 @@ class MoE(nn.Module):
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether to use `torch._grouped_mm`: it takes fp32/bf16/fp16 (not fp64) with rows of both
-    matrices a multiple of 16 bytes. On CPU (torch 2.13) it runs no faster than the padded batched
-    matmul (README, performance), so eagerly it is used on CUDA only; compiled, on every device: the
-    padded form's size is read from the routing, which would break the block's graph."""
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if x.device.type != "cuda" and not torch.compiler.is_compiling():
+    """Whether `torch._grouped_mm` takes these operands: fp32/bf16/fp16 (not fp64) with rows of
+    both matrices a multiple of 16 bytes. On CPU (torch 2.13) it exists but runs no faster than the
+    padded batched matmul (README, performance), so it is used on CUDA only."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     row = 16 // x.element_size()
     return weight.size(1) % row == 0 and weight.size(2) % row == 0
