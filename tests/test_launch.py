@@ -69,10 +69,10 @@ def test_launch_two_local_ranks_match_one_rank_on_the_default_batch(tmp_path, da
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def test_multirun_gives_each_job_its_own_out_dir(tmp_path):
+def test_multirun_gives_each_job_its_own_out_dir(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
     proc = launch("-m", *SMOKE, "trainer.max_steps=3", "seed=0,1", "logger.wandb.mode=offline",
-                  f"out_dir={sweep}", f"data.cache_dir={tmp_path / 'cache'}")
+                  f"out_dir={sweep}", f"data.cache_dir={data_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, seed in (("0", 0), ("1", 1)):
         cfg = yaml.safe_load((sweep / job / "config.yaml").read_text())
@@ -83,7 +83,7 @@ def test_multirun_gives_each_job_its_own_out_dir(tmp_path):
         # (Hydra keeps one value per key: max_steps=3 replaces the 6 in SMOKE, in its place)
         named = ["experiment=smoke", "trainer.max_steps=3", "trainer.eval_every=3", "trainer.checkpoint_every=3",
                  f"seed={seed}"]
-        job_overrides = [*named, f"data.cache_dir={tmp_path / 'cache'}"]
+        job_overrides = [*named, f"data.cache_dir={data_cache}"]
         assert cfg["logger"]["wandb"]["group"] == "sweep" and cfg["logger"]["wandb"]["name"] == ",".join(named)
         assert summary["overrides"] == job_overrides
         rows = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]

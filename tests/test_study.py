@@ -256,12 +256,12 @@ def test_depth_arm_baseline_is_the_plain_residual(tmp_path):
 
 # -- end to end -------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_stage_study_end_to_end(tmp_path):
+def test_two_stage_study_end_to_end(tmp_path, data_cache):
     """2 optimizers × 2 widths × 2 lrs, then the 4 arms × 2 seeds at the lr stage 1 picked."""
     tiny = ["model=tiny", "model.d_model=16,32", "data.seq_len=32", "trainer.micro_batch_size=8",
             "trainer.global_batch_size=8", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval_batches=1",
             "trainer.checkpoint_every=0", "optim.warmup_steps=1", "logger.wandb.mode=disabled",
-            "trainer.progress=false", f"data.cache_dir={tmp_path / 'cache'}"]
+            "trainer.progress=false", f"data.cache_dir={data_cache}"]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     proc = launch("-m", "experiment=optimizer_study", "study.lr_step=0,1", *tiny, f"out_dir={stage1}")
     assert proc.returncode == 0, proc.stderr[-3000:]

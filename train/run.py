@@ -92,13 +92,13 @@ def name_sweep_job(cfg: Config, overrides: list[str]) -> list[str]:
 def check_resumable(cfg: Config) -> None:
     """Refuse, before anything starts, a resume whose checkpoint's settings this launch changes
     where they cannot change (train/run_config.py); the trainer logs the allowed changes."""
+    t = cfg.trainer
+    if t.resume == "never" or t.resume == "auto" and not any((Path(cfg.out_dir) / "checkpoints").glob("*")):
+        return  # nothing to resume (and a launcher process that imports no torch starts ~2 s sooner)
     from train.checkpoint import Checkpointer
     from train.launcher import world_size
     from train.run_config import check_resume
 
-    t = cfg.trainer
-    if t.resume == "never":
-        return
     ckpt = Checkpointer(Path(cfg.out_dir) / "checkpoints", 1, 0, 1).newest_valid() if t.resume == "auto" \
         else Path(t.resume).expanduser()
     if ckpt is not None:
@@ -129,7 +129,7 @@ def run(dict_cfg: DictConfig) -> int:
         print(launcher.describe(plan, cfg, overrides), flush=True)
         drop_if_empty(Path(cfg.out_dir))
         return 0
-    from train.checkpoint import CheckpointError
+    from common.errors import CheckpointError
 
     if "RANK" not in os.environ:
         try:  # before any rank starts: a checkpoint this launch cannot continue is refused here
