@@ -181,7 +181,9 @@ def test_a_dead_or_hung_node_fails_the_other_promptly(fault, tmp_path, cache):
             if p.poll() is None:
                 kill_tree(p)
     log = (tmp_path / "node0.log").read_text()
-    assert code != 0 and waited < 60, f"status {code} after {waited:.0f} s"
+    # hung: one collective timeout (15 s), not a second one in the shutdown's barrier (measured
+    # 18 s against 34 s with it); killed: measured 3 s
+    assert code != 0 and waited < 27, f"status {code} after {waited:.0f} s"
     assert "error: the ranks' launcher exited with status" in log
 
 

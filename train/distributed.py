@@ -87,10 +87,12 @@ def sum_over_ranks(n: int) -> int:
     return n
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = True) -> None:
     """Tear the process group down before the interpreter exits: gloo's threads still running at
-    exit abort the process ("terminate called without an active exception", seen on rank 1)."""
+    exit abort the process ("terminate called without an active exception", seen on rank 1).
+    After a failure, without the barrier: a peer that is hung or gone would hold this rank for a
+    whole further collective timeout."""
     if dist.is_initialized():
-        if dist.get_world_size() > 1:
+        if wait_for_peers and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()

@@ -152,10 +152,12 @@ def run(dict_cfg: DictConfig) -> int:
     from train.preemption import StopSignals
     from train.trainer import Diverged, Trainer
 
+    finished = False
     try:
         # stop signals from here on: one during start-up ends the run before its first step
         with run_directory_lock(cfg), StopSignals() as stop:
             summary = Trainer(cfg, job_overrides(overrides)).fit(stop)
+        finished = True
     except RunDirectoryBusy as e:
         return fail(str(e), EXIT_CONFIG)
     except DataError as e:
@@ -166,7 +168,7 @@ def run(dict_cfg: DictConfig) -> int:
         return fail(str(e), EXIT_CHECKPOINT)
     finally:
         if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs share one process group
-            shutdown_distributed()
+            shutdown_distributed(wait_for_peers=finished)
     if int(os.environ.get("RANK", 0)) == 0 and summary["status"] == "preempted":
         print(f"\nstopped by {summary['signal']} after step {summary['steps']}; checkpoint "
               f"{summary['checkpoint']}. Run the same command to resume.", flush=True)
