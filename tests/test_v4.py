@@ -260,7 +260,8 @@ def read(out):
 
 
 def test_v4_tiny_trains_with_muon(tiny_config):
-    cfg = tiny_config(*V4_RUN, "trainer.max_steps=50", "trainer.eval_every=25")
+    # 30 steps: 20 dense (the indexer warm-up), 10 sparse; the mean loss drops by ~1.6 (measured)
+    cfg = tiny_config(*V4_RUN, "trainer.max_steps=30", "trainer.eval_every=15")
     summary = Trainer(cfg).fit()
     rows = read(cfg.out_dir)
     losses = [r["loss"] for r in rows]
