@@ -108,6 +108,11 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
             stop = min(start + chunk, n_visible.size(0))
             hidden = torch.arange(n, device=n_visible.device) >= n_visible[start:stop, None]
             masked = rows(start, stop).masked_fill(hidden, float("-inf"))
+            if torch.compiler.is_compiling():  # a graph cannot branch on the data: sort every row
+                values, order = masked.sort(dim=-1, descending=True, stable=True)
+                picks.append(order[..., :k])
+                valid.append(torch.isfinite(values[..., :k]))
+                continue
             values, order = masked.topk(k, dim=-1)
             # Ties at the cut (entries whose every index head is ReLU-zero score exactly 0; the
             # hidden ones) go to the earlier entry, whatever the number of entries: a decoding

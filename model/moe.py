@@ -12,7 +12,10 @@ experts, top-k routing on sqrt(softplus) affinities.
 - expert weights are stacked [E, out, in], so Muon orthogonalises each expert on its own.
 
 The experts run without a Python loop: token-expert pairs sorted by expert go through one grouped
-matmul per projection (`grouped_linear`).
+matmul per projection (`grouped_linear`). Off CUDA that is a batched matmul over the groups padded
+to the largest, whose size is read from the routing: a `torch.library` custom op with a fake
+kernel and its own backward, so that torch.compile sees one node of a fixed output shape instead
+of breaking the block's graph there.
 """
 from __future__ import annotations
 
@@ -70,7 +73,9 @@ class MoE(nn.Module):
         scores, chosen, weights = self.route(flat, ids.reshape(-1))
         pair_expert, order = chosen.flatten().sort(stable=True)  # token-expert pairs grouped by expert
         token = order // self.top_k
-        counts = torch.bincount(pair_expert, minlength=self.n_experts)
+        # not bincount: its output's length depends on the data, which a compiled graph cannot follow
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+            0, pair_expert, torch.ones_like(pair_expert))
         hidden = grouped_linear(flat[token], self.gate_up, pair_expert, counts)
         routed = grouped_linear(clamped_swiglu(*hidden.chunk(2, dim=-1), self.clamp), self.down, pair_expert, counts)
         routed = routed * weights.flatten()[order, None].to(flat.dtype)
@@ -126,8 +131,56 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, 
     if use_grouped_mm:
         offsets = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
+    # autocast does not reach into a custom op: cast here as it would cast the matmul
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return padded_grouped_linear(x.to(dtype), weight.to(dtype), expert, counts)
+
+
+def _by_expert(rows: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [P, k] sorted by expert → ([E, largest group, k]: each group's rows, then zeros; each
+    row's position within its group)."""
     starts = counts.cumsum(0) - counts
-    rank = torch.arange(x.size(0), device=x.device) - starts[expert]  # row within its expert's group
-    padded = x.new_zeros(weight.size(0), int(counts.max()) if x.size(0) else 0, x.size(1))
-    padded = padded.index_put((expert, rank), x)
-    return torch.bmm(padded, weight.to(x.dtype).transpose(1, 2))[expert, rank]
+    rank = torch.arange(rows.size(0), device=rows.device) - starts[expert]
+    largest = int(counts.max()) if rows.size(0) else 0
+    return rows.new_zeros(counts.size(0), largest, rows.size(1)).index_put_((expert, rank), rows), rank
+
+
+@torch.library.custom_op("v4lab::padded_grouped_linear", mutates_args=())
+def padded_grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor,
+                          counts: torch.Tensor) -> torch.Tensor:
+    padded, rank = _by_expert(x, expert, counts)
+    with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
+        return torch.bmm(padded, weight.transpose(1, 2))[expert, rank]
+
+
+@padded_grouped_linear.register_fake
+def _(x, weight, expert, counts):
+    return x.new_empty(x.size(0), weight.size(1))
+
+
+@torch.library.custom_op("v4lab::padded_grouped_weight_grad", mutates_args=())
+def padded_grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torch.Tensor,
+                               counts: torch.Tensor) -> torch.Tensor:
+    """Σ over each expert's rows of grad[p]ᵀ x[p] → [E, out, in]."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.bmm(_by_expert(grad, expert, counts)[0].transpose(1, 2), _by_expert(x, expert, counts)[0])
+
+
+@padded_grouped_weight_grad.register_fake
+def _(grad, x, expert, counts):
+    return x.new_empty(counts.size(0), grad.size(1), x.size(1))
+
+
+def _save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    x, weight, expert, counts = ctx.saved_tensors
+    dx = padded_grouped_linear(grad, weight.transpose(1, 2).contiguous(), expert, counts) \
+        if ctx.needs_input_grad[0] else None
+    dw = padded_grouped_weight_grad(grad, x, expert, counts) if ctx.needs_input_grad[1] else None
+    return dx, dw, None, None
+
+
+padded_grouped_linear.register_autograd(_backward, setup_context=_save)

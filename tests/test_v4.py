@@ -86,14 +86,19 @@ def test_indexer_topk_is_the_brute_force_ranking():
             assert index[b, t][valid[b, t]].tolist() == ranked
 
 
-def test_indexer_ties_go_to_the_earliest_entry_whatever_the_row_length():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_indexer_ties_go_to_the_earliest_entry_whatever_the_row_length(compiled):
     """Entries tied at the k-th score (ReLU-zero index heads: exactly 0) are picked earliest first,
     and rows with more not-yet-visible entries pick the same: a decoding cache, which holds only
-    the entries made so far, then selects what the full sequence selects. torch.topk does not."""
+    the entries made so far, then selects what the full sequence selects. torch.topk does not.
+    Compiled (fullgraph: no graph break), the selection sorts every row instead: the same picks."""
+    select = torch.compile(select_topk, fullgraph=True, dynamic=False) if compiled else select_topk
     scores = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] + [0.0] * 30])
-    for n in (12, 20, 42):
-        index, valid = select_topk(scores[None, :, :n], torch.tensor([12]), k=5)
+    for n in (42,) if compiled else (12, 20, 42):  # compiled: one shape, one compilation
+        index, valid = select(scores[None, :, :n], torch.tensor([12]), k=5)
         assert index[0, 0].tolist() == [1, 4, 0, 2, 3] and valid.all()
+    early, valid = select(scores[None], torch.tensor([3]), k=5)  # 3 entries visible: 2 picks are not
+    assert early[0, 0, :3].tolist() == [1, 0, 2] and valid[0, 0].tolist() == [True] * 3 + [False] * 2
 
 
 def test_sparse_with_k_at_least_all_entries_equals_dense():
