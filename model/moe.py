@@ -177,7 +177,7 @@ def _save(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight, expert, counts = ctx.saved_tensors
-    dx = padded_grouped_linear(grad, weight.transpose(1, 2).contiguous(), expert, counts) \
+    dx = padded_grouped_linear(grad, weight.transpose(1, 2), expert, counts) \
         if ctx.needs_input_grad[0] else None
     dw = padded_grouped_weight_grad(grad, x, expert, counts) if ctx.needs_input_grad[1] else None
     return dx, dw, None, None
