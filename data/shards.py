@@ -182,7 +182,10 @@ def _build(cfg, corpus, fp: str, out: Path) -> None:
 
 
 def _files_key(cfg, files: list[Path], tokenizer_identity: str) -> str:
-    stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
+    # ctime and inode too: tools that keep a file's size and mtime (cp -p, rsync -a, touch -r)
+    # cannot keep those
+    stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for f in files
+             for st in [f.stat()]]
     key = json.dumps([VERSION, cfg.source, cfg.text_field, tokenizer_identity, SPLIT_RULE, cfg.val_fraction,
                       cfg.shard_tokens, stats])
     return hashlib.sha256(key.encode()).hexdigest()
@@ -216,12 +219,18 @@ def prepare(cfg) -> Path:
 
 
 def _remember(known: Path | None, out: Path) -> None:
+    """Best effort: a cache that is read-only (shared, prepared by someone else) still works, and
+    every later run reads the corpus again."""
     if known is None:
         return
-    known.parent.mkdir(exist_ok=True)
-    tmp = known.with_name(f"{known.name}.{os.getpid()}.tmp")
-    tmp.write_text(out.name)
-    os.replace(tmp, known)  # atomic: a concurrent rank reads the old entry, the new one, or none
+    try:
+        known.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=known.parent, prefix=f".{known.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(out.name)
+        os.replace(tmp, known)  # atomic: a concurrent rank reads the old entry, the new one, or none
+    except OSError as e:
+        log.debug("cannot record %s in %s: %s", out.name, known.parent, e)
 
 
 def load_manifest(prepared: Path) -> dict:

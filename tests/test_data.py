@@ -291,10 +291,31 @@ def test_a_prepared_local_corpus_is_found_again_without_reading_it(tmp_path, mon
     with monkeypatch.context() as m:
         m.setattr(data.shards, "load_corpus", lambda cfg: pytest.fail("the unchanged corpus was read again"))
         assert prepare(cfg) == first
-    (root / "doc1.txt").write_text("a changed document " * 40)
+    other_tokenizer = prepare(data_config(tmp_path / "cache", path=str(root), tokenizer="bpe", vocab_size=280))
+    assert other_tokenizer != first
+    (root / "doc1.txt").write_text("DOCUMENT 1 " * 50)  # the same size
     second = prepare(cfg)
     assert second != first
-    assert b"a changed document" in b"".join(bytes(all_tokens(second, s).astype(np.uint8)) for s in ("train", "val"))
+    assert b"DOCUMENT 1" in b"".join(bytes(all_tokens(second, s).astype(np.uint8)) for s in ("train", "val"))
+
+
+def test_a_read_only_cache_still_serves_its_prepared_data(tmp_path, monkeypatch):
+    import shutil
+
+    import data.shards
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(3):
+        (root / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    cfg = data_config(tmp_path / "cache", path=str(root))
+    first = prepare(cfg)
+    shutil.rmtree(tmp_path / "cache" / ".index")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(data.shards.tempfile, "mkstemp", refuse)
+    assert prepare(cfg) == first
 
 
 def test_concurrent_preparation_builds_one_valid_copy(corpus, tmp_path):
