@@ -1,5 +1,7 @@
 """Prepared token files and the loader: reuse, header checks, determinism, resume, rank slices."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -277,15 +279,20 @@ def test_token_id_beyond_vocab_names_the_file(prepared, tmp_path):
             next(loader)
 
 
+def three_documents(tmp_path) -> Path:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(3):
+        (root / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    return root
+
+
 def test_a_prepared_local_corpus_is_found_again_without_reading_it(tmp_path, monkeypatch):
     """Every rank of every run calls prepare: it must not re-read (and re-hash) the corpus while its
     files are unchanged, and must read it again once one changes."""
     import data.shards
 
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(3):
-        (root / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    root = three_documents(tmp_path)
     cfg = data_config(tmp_path / "cache", path=str(root))
     first = prepare(cfg)
     with monkeypatch.context() as m:
@@ -304,10 +311,7 @@ def test_a_read_only_cache_still_serves_its_prepared_data(tmp_path, monkeypatch)
 
     import data.shards
 
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(3):
-        (root / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    root = three_documents(tmp_path)
     cfg = data_config(tmp_path / "cache", path=str(root))
     first = prepare(cfg)
     shutil.rmtree(tmp_path / "cache" / ".index")
