@@ -201,7 +201,7 @@ def prepare(cfg) -> Path:
         out = cache / known.read_text().strip()
         if (out / "manifest.json").exists():
             return out
-    corpus = load_corpus(cfg)
+    corpus = load_corpus(cfg, files)
     fp = fingerprint(corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)
     out = cache / f"{cfg.source}-{label}-{fp[:16]}"
     if (out / "manifest.json").exists():

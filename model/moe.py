@@ -136,19 +136,19 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, 
     return padded_grouped_linear(x.to(dtype), weight.to(dtype), expert, counts)
 
 
-def _by_expert(rows: torch.Tensor, expert: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows [P, k] sorted by expert → ([E, largest group, k]: each group's rows, then zeros; each
-    row's position within its group)."""
+def _by_expert(expert: torch.Tensor, counts: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each of `rows` ([P, k], sorted by expert) as [E, largest group, k]: each group's rows, then
+    zeros; and each row's position within its group."""
     starts = counts.cumsum(0) - counts
-    rank = torch.arange(rows.size(0), device=rows.device) - starts[expert]
-    largest = int(counts.max()) if rows.size(0) else 0
-    return rows.new_zeros(counts.size(0), largest, rows.size(1)).index_put_((expert, rank), rows), rank
+    rank = torch.arange(expert.size(0), device=expert.device) - starts[expert]
+    largest = int(counts.max()) if expert.size(0) else 0
+    return [r.new_zeros(counts.size(0), largest, r.size(1)).index_put_((expert, rank), r) for r in rows], rank
 
 
 @torch.library.custom_op("v4lab::padded_grouped_linear", mutates_args=())
 def padded_grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor,
                           counts: torch.Tensor) -> torch.Tensor:
-    padded, rank = _by_expert(x, expert, counts)
+    (padded,), rank = _by_expert(expert, counts, x)
     with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
         return torch.bmm(padded, weight.transpose(1, 2))[expert, rank]
 
@@ -162,8 +162,9 @@ def _(x, weight, expert, counts):
 def padded_grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torch.Tensor,
                                counts: torch.Tensor) -> torch.Tensor:
     """Σ over each expert's rows of grad[p]ᵀ x[p] → [E, out, in]."""
+    (grads, xs), _ = _by_expert(expert, counts, grad, x)
     with torch.autocast(x.device.type, enabled=False):
-        return torch.bmm(_by_expert(grad, expert, counts)[0].transpose(1, 2), _by_expert(x, expert, counts)[0])
+        return torch.bmm(grads.transpose(1, 2), xs)
 
 
 @padded_grouped_weight_grad.register_fake

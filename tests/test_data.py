@@ -296,7 +296,7 @@ def test_a_prepared_local_corpus_is_found_again_without_reading_it(tmp_path, mon
     cfg = data_config(tmp_path / "cache", path=str(root))
     first = prepare(cfg)
     with monkeypatch.context() as m:
-        m.setattr(data.shards, "load_corpus", lambda cfg: pytest.fail("the unchanged corpus was read again"))
+        m.setattr(data.shards, "load_corpus", lambda *args: pytest.fail("the unchanged corpus was read again"))
         assert prepare(cfg) == first
     other_tokenizer = prepare(data_config(tmp_path / "cache", path=str(root), tokenizer="bpe", vocab_size=280))
     assert other_tokenizer != first

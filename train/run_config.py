@@ -17,7 +17,6 @@ launch's are compared key by key:
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import re
@@ -27,8 +26,8 @@ from types import SimpleNamespace
 import yaml
 from omegaconf import OmegaConf
 
-from train.batch import micro_batch_size
 from common.errors import CheckpointError
+from train.batch import micro_batch_size
 from train.variants import is_inert
 
 log = logging.getLogger(__name__)
