@@ -220,7 +220,11 @@ def test_live_run_directory_is_guarded_and_ranks_die_with_torchrun(tmp_path, cac
     finally:
         if proc.poll() is None:
             kill_tree(proc)
-    last = int((out / "checkpoints" / "latest").read_text().strip()[len("step_"):])
+    # where a resume starts: the newest complete checkpoint. `latest` can lag it by one, when the
+    # kill lands after a checkpoint's manifest is sealed but before `latest` names it.
+    from train.checkpoint import Checkpointer
+
+    last = int(Checkpointer(out / "checkpoints", 1, 0, 1).newest_valid().name[len("step_"):])
     # resumed in this process (one rank: the checkpoint is resharded), a launch cheaper than 2 ranks
     from tests.conftest import compose_config
     from train.trainer import Trainer
