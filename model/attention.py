@@ -155,7 +155,11 @@ class V4Attention(nn.Module):
         n_chunks = -(-t // w)
         pad = n_chunks * w - t
         qc = F.pad(q, (0, 0, 0, pad)).view(b, h, n_chunks, w, hd)
-        kc = F.pad(kv, (0, 0, w, pad)).unfold(1, 2 * w, w).transpose(-1, -2)  # [B, C, 2w, hd]
+        # chunk c's keys: chunks c-1 and c side by side. Not `unfold(1, 2w, w)`: Inductor's
+        # unfold_backward (overlapping windows) writes wrong gradients out of bounds in torch 2.13
+        # (pytorch/pytorch#172064), and the copy costs one pass over kv.
+        kp = F.pad(kv, (0, 0, w, pad)).view(b, n_chunks + 1, w, hd)
+        kc = torch.cat((kp[:, :-1], kp[:, 1:]), dim=2)  # [B, C, 2w, hd]
         s_win = torch.einsum("bhcqd,bckd->bhcqk", qc, kc)
         s_win = s_win.masked_fill(~window_mask(t, w, q.device), float("-inf"))
         parts = [s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :t]]

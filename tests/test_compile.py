@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import hc_kernel
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, V4_RUN, compose_config
 from train.compile import frames_compiled, graph_breaks
 from train.trainer import Trainer
 
@@ -119,16 +119,16 @@ def test_compiled_training_equals_eager_residual(tmp_path, data_cache):
     check_compiled_equals_eager([*TINY, "probes.every=2"], tmp_path, data_cache)
 
 
-# V4 is not here: compiling V4-tiny takes minutes on 2 cores. Its parts that broke the graph are
-# checked on their own: the MoE (a custom op for the padded expert groups) and the indexer's top-k
-# (tests/test_v4_loop_free.py, tests/test_v4.py: fullgraph=True).
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,stage", [("residual", 2), ("mhc", 2)])
+@pytest.mark.parametrize("variant,stage", [("residual", 2), ("mhc", 2), ("v4", 2)])
 def test_compiled_training_equals_eager(variant, stage, tmp_path, data_cache):
     """ZeRO-2 (the fast case covers ZeRO-0); residual with activation checkpointing (which calls the
-    compiled block again in backward); mhc: the fused kernels as custom ops inside the graph."""
+    compiled block again in backward); mhc: the fused kernels as custom ops inside the graph; v4:
+    window, CSA (sparse from the first step) and HCA attention, the MoE's grouped-matmul op, MTP.
+    V4 caught a wrong gradient: Inductor's backward of the window's overlapping `unfold`."""
     overrides = {"residual": [*TINY, "model.activation_checkpointing=true"],
-                 "mhc": [*TINY, "model.residual=mhc"]}[variant]
+                 "mhc": [*TINY, "model.residual=mhc"],
+                 "v4": [*V4_RUN, "model.attn.indexer_warmup_steps=0"]}[variant]
     check_compiled_equals_eager([*overrides, f"deepspeed.zero_stage={stage}"], tmp_path, data_cache)
 
 
