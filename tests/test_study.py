@@ -241,6 +241,22 @@ def test_arm_without_baseline_partner_has_no_target(tmp_path):
     assert lonely.target is None and lonely.reaches is None
 
 
+def test_keys_that_follow_the_optimizer_do_not_hide_the_baseline(tmp_path):
+    """The optimizer presets set their own optim.eps (AdamW 1e-8, Muon 1e-20): each Muon arm's
+    partner is still the AdamW arm of its width (the width study's stage 2 once found none)."""
+    for opt, eps in (("adamw", 1e-8), ("muon", 1e-20)):
+        for width, final in ((128, 2.0), (256, 1.8)):
+            for seed in range(2):
+                cfg = {"optim": {"name": opt, "lr": 1e-3, "eps": eps}, "model": {"d_model": width}, "seed": seed,
+                       "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+                fake_run(tmp_path / f"{opt}{width}-{seed}", cfg, final, curve_rows([3.0, 2.5, 2.2, final]))
+    arms, base = study_arms(load_runs([tmp_path]))
+    assert base == ("optim.name", "adamw")
+    for a in arms:
+        assert a.baseline is not None and a.baseline.key["optim.name"] == "adamw"
+        assert a.baseline.key["model.d_model"] == a.key["model.d_model"]
+
+
 def test_depth_arm_baseline_is_the_plain_residual(tmp_path):
     for res, finals in (("residual", [2.0, 2.1, 2.2]), ("mhc", [1.9, 2.0, 2.0])):
         for layers in (4, 8):

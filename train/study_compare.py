@@ -81,6 +81,14 @@ def _parse_baseline(baseline: str | None, keys: list[str], arms: list[Arm]) -> t
     return None
 
 
+def _follows(key: str, by: str, arms: list[Arm]) -> bool:
+    """Whether `key` takes one value per value of `by` across the arms (and so says nothing more)."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for a in arms:
+        seen[str(a.key[by])].add(str(a.key[key]))
+    return all(len(v) == 1 for v in seen.values()) and len({str(a.key[key]) for a in arms}) > 1
+
+
 def study_arms(runs, baseline: str | None = None) -> tuple[list[Arm], tuple[str, str] | None]:
     """Stage-2 runs grouped into arms (seeds pooled), each with its baseline arm — the arm with the
     same key but `baseline` (default optim=adamw, else residual=residual) — and its target: the
@@ -101,9 +109,15 @@ def study_arms(runs, baseline: str | None = None) -> tuple[list[Arm], tuple[str,
     base = _parse_baseline(baseline, keys, arms)
     if base:
         bk, bv = base
-        index = {tuple(sorted((k, str(v)) for k, v in a.key.items())): a for a in arms}
+        # Keys that follow the baseline key (one value per optimizer, e.g. the presets' optim.eps:
+        # 1e-8 for AdamW, 1e-20 for Muon) would keep every arm from finding its partner.
+        match = [k for k in keys if k != bk and not _follows(k, bk, arms)]
+
+        def key_of(a: Arm, base_value: str) -> tuple:
+            return (base_value, *(str(a.key[k]) for k in match))
+        index = {key_of(a, str(a.key[bk])): a for a in arms}
         for a in arms:
-            partner = index.get(tuple(sorted((k, bv if k == bk else str(v)) for k, v in a.key.items())))
+            partner = index.get(key_of(a, bv))
             if partner is not None and partner.finals:
                 a.baseline, a.target = partner, statistics.fmean(partner.finals)
                 a.reaches = [time_to_reach(r.rows, a.target) for r in a.finished]
