@@ -257,6 +257,19 @@ def test_keys_that_follow_the_optimizer_do_not_hide_the_baseline(tmp_path):
         assert a.baseline.key["model.d_model"] == a.key["model.d_model"]
 
 
+def test_a_width_that_differs_with_the_optimizer_is_not_ignored(tmp_path):
+    """AdamW only at d = 128, Muon only at d = 256: the width follows the optimizer too, but it is
+    not the optimizer's setting, so the Muon arm has no partner rather than a narrower one."""
+    for opt, width in (("adamw", 128), ("muon", 256)):
+        for seed in range(2):
+            cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"d_model": width}, "seed": seed,
+                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            fake_run(tmp_path / f"{opt}{width}-{seed}", cfg, 2.0, curve_rows([3.0, 2.5, 2.2, 2.0]))
+    arms, _ = study_arms(load_runs([tmp_path]))
+    muon = next(a for a in arms if a.key["optim.name"] == "muon")
+    assert muon.baseline is None and muon.target is None
+
+
 def test_depth_arm_baseline_is_the_plain_residual(tmp_path):
     for res, finals in (("residual", [2.0, 2.1, 2.2]), ("mhc", [1.9, 2.0, 2.0])):
         for layers in (4, 8):

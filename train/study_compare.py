@@ -82,11 +82,15 @@ def _parse_baseline(baseline: str | None, keys: list[str], arms: list[Arm]) -> t
 
 
 def _follows(key: str, by: str, arms: list[Arm]) -> bool:
-    """Whether `key` takes one value per value of `by` across the arms (and so says nothing more)."""
+    """Whether `key` is a setting of the compared thing itself: in `by`'s config group (optim.* for
+    optim.name) and one value per value of `by` across the arms. Outside the group (a width that
+    happens to differ with the optimizer) it stays a factor, and arms of other widths never pair."""
+    if key.rpartition(".")[0] != by.rpartition(".")[0]:
+        return False
     seen: dict[str, set[str]] = defaultdict(set)
     for a in arms:
         seen[str(a.key[by])].add(str(a.key[key]))
-    return all(len(v) == 1 for v in seen.values()) and len({str(a.key[key]) for a in arms}) > 1
+    return all(len(v) == 1 for v in seen.values())
 
 
 def study_arms(runs, baseline: str | None = None) -> tuple[list[Arm], tuple[str, str] | None]:
