@@ -156,8 +156,8 @@ class V4Attention(nn.Module):
         pad = n_chunks * w - t
         qc = F.pad(q, (0, 0, 0, pad)).view(b, h, n_chunks, w, hd)
         # chunk c's keys: chunks c-1 and c side by side. Not `unfold(1, 2w, w)`: Inductor's
-        # unfold_backward (overlapping windows) writes wrong gradients out of bounds in torch 2.13
-        # (pytorch/pytorch#172064), and the copy costs one pass over kv.
+        # unfold_backward (overlapping windows) computes wrong gradients in torch 2.13, and crashed
+        # on a small case (pytorch/pytorch#172064); the copy costs one pass over kv.
         kp = F.pad(kv, (0, 0, w, pad)).view(b, n_chunks + 1, w, hd)
         kc = torch.cat((kp[:, :-1], kp[:, 1:]), dim=2)  # [B, C, 2w, hd]
         s_win = torch.einsum("bhcqd,bckd->bhcqk", qc, kc)
