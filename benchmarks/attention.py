@@ -12,8 +12,12 @@ context (analytic, from the shapes the modules implement), and measured CPU forw
    the indexer's warm-up) at the same lengths: the bytes allocated beyond what existed before
    (input and weights), from torch.profiler's allocation events on CPU or CUDA's peak statistics
    on a GPU; ratios T / 2K (linear growth: 4× at 8K) and V4 / dense.
+4. `--measure step`: the time of that forward + backward. Beyond `model.attn.query_chunk` queries
+   (`--query-chunk N`; 0: one pass) V4 layers recompute each chunk's scores in backward: memory
+   for time, which 3 and 4 measure with and without.
 
-    python -m benchmarks.attention [--model v4_small --rounds 3 --measure time|memory|both --device cpu|cuda]
+    python -m benchmarks.attention [--model v4_small --rounds 3 --measure time|memory|both|step
+                                    --query-chunk N --device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -100,13 +104,17 @@ def main() -> None:
     ap.add_argument("--model", default="v4_small")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--lengths", default="2048,4096,8192")
-    ap.add_argument("--measure", choices=("time", "memory", "both"), default="time",
-                    help="forward time, peak memory of forward + backward, or both")
+    ap.add_argument("--measure", choices=("time", "memory", "both", "step"), default="time",
+                    help="forward time, peak memory of forward + backward, both, or forward + backward time")
+    ap.add_argument("--query-chunk", type=int, default=None,
+                    help="model.attn.query_chunk of the V4 layers (default: the preset's; 0: one pass)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = load_config([f"model={args.model}"]).model
     a = cfg.attn
+    if args.query_chunk is not None:
+        a.query_chunk = args.query_chunk
     print(f"model={args.model}: d={cfg.d_model}, {cfg.n_heads} heads, {cfg.n_layers} layers "
           f"{layer_kinds(cfg.n_layers, a.layers)}; window {a.window}, CSA 1/{a.csa_ratio} top-{a.csa_topk}, "
           f"HCA 1/{a.hca_ratio}, head_dim {a.head_dim}\n")
@@ -132,20 +140,30 @@ def main() -> None:
         memory_table(layers, cfg.d_model, lengths, cos, sin, device)
     if args.measure == "memory":
         return
-    print(f"\nforward time of one attention layer, batch 1, fp32, {device}, {torch.get_num_threads()} CPU threads "
-          f"(median of {args.rounds} alternating rounds):")
+    time_table(layers, cfg.d_model, lengths, cos, sin, device, args.rounds, backward=args.measure == "step")
+
+
+def time_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device, rounds: int, backward: bool) -> None:
+    what = "forward + backward (training)" if backward else "forward"
+    print(f"\n{what} time of one attention layer, batch 1, fp32, {device}, {torch.get_num_threads()} CPU threads "
+          f"(median of {rounds} alternating rounds):")
     print(f"{'T':>6} " + " ".join(f"{k + ' ms':>12}" for k in layers) + "   v4 / dense (window, csa, hca)")
     for t in lengths:
-        x = torch.randn(1, t, cfg.d_model, device=device)
+        x = torch.randn(1, t, d_model, device=device, requires_grad=backward)
 
         def forward(layer):
             def run():
-                with torch.no_grad():
-                    layer.eval()(x, cos, sin)
+                if backward:
+                    layer.train()(x, cos, sin).sum().backward()
+                    layer.zero_grad(set_to_none=True)
+                    x.grad = None
+                else:
+                    with torch.no_grad():
+                        layer.eval()(x, cos, sin)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             return run
-        times = alternate({k: forward(m) for k, m in layers.items()}, steps=1, rounds=args.rounds)
+        times = alternate({k: forward(m) for k, m in layers.items()}, steps=1, rounds=rounds)
         ms = {k: 1e3 * median(v) for k, v in times.items()}
         print(f"{t:>6} " + " ".join(f"{v:>12.1f}" for v in ms.values()) + "   "
               + ", ".join(f"{ms[k] / ms['dense']:.2f}x" for k in ("window", "csa", "hca")))

@@ -15,16 +15,19 @@ and to compressed entries of the whole past (REFERENCE.md §3).
   warm-up), `hca` (entries of `hca_ratio` tokens, dense).
 
 The window is computed in chunks of `window` queries against their chunk and the previous one,
-so memory grows as T·window, not T².
+so memory grows as T·window, not T². Past `query_chunk` queries the whole softmax runs a chunk of
+queries at a time, recomputed in backward, so that the [T, T/m] scores of dense compressed
+attention are never all kept either.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.compressor import Compressor, rope_last, visible_entries
-from model.indexer import Indexer, gather_rows, kl_to_attention, select_topk
+from model.indexer import Indexer, IndexQueries, gather_rows, kl_to_attention_sum, select_topk
 from model.layers import rope_tables
 
 KINDS = ("window", "csa", "hca")
@@ -68,6 +71,7 @@ class V4Attention(nn.Module):
         self.kind, self.n_heads, self.head_dim, self.rope_dim = kind, n_heads, cfg.head_dim, cfg.rope_dim
         self.q_head_norm, self.eps = cfg.q_head_norm, eps
         self.window, self.topk, self.kl_weight = cfg.window, cfg.csa_topk, cfg.indexer_kl_weight
+        self.query_chunk = cfg.query_chunk
         self.ratio = {"window": 0, "csa": cfg.csa_ratio, "hca": cfg.hca_ratio}[kind]
         hd, groups = cfg.head_dim, cfg.out_groups
         self.q_down = nn.Linear(d_model, cfg.q_lora, bias=False)
@@ -147,52 +151,97 @@ class V4Attention(nn.Module):
     def _attend(self, q, kv, entries, index, cos, sin) -> torch.Tensor:
         """One softmax over the window, the (selected) compressed entries and the sink → [B, H, T, hd].
         Sparse CSA scores only each query's top-k entries ([B, H, T, k]); dense CSA (the
-        indexer's warm-up) and HCA score every entry ([B, H, T, T/m])."""
+        indexer's warm-up) and HCA score every entry ([B, H, T, T/m]). Beyond `query_chunk`
+        queries this runs a chunk of queries at a time, and in training each chunk's scores and
+        probabilities are recomputed in backward instead of kept: a dense layer's [T, T/m] would
+        otherwise make its memory grow quadratically in T."""
         b, h, t, hd = q.shape
         w = self.window
-        q = q * hd ** -0.5
-        # window scores, chunked: [B, H, C, w, 2w]
         n_chunks = -(-t // w)
         pad = n_chunks * w - t
-        qc = F.pad(q, (0, 0, 0, pad)).view(b, h, n_chunks, w, hd)
         # chunk c's keys: chunks c-1 and c side by side. Not `unfold(1, 2w, w)`: Inductor's
         # unfold_backward (overlapping windows) computes wrong gradients in torch 2.13, and crashed
         # on a small case (pytorch/pytorch#172064); the copy costs one pass over kv.
         kp = F.pad(kv, (0, 0, w, pad)).view(b, n_chunks + 1, w, hd)
         kc = torch.cat((kp[:, :-1], kp[:, 1:]), dim=2)  # [B, C, 2w, hd]
+        selected = chosen = None
+        if entries is not None and self.indexer is not None and self.sparse:
+            n_visible = (torch.arange(t, device=q.device) + 1) // self.ratio  # query t sees entries < this
+            selected, chosen = select_topk(index, n_visible, self.topk)  # [B, T, k]
+        with_kl = entries is not None and index is not None and self.training
+        # the sink as a view, not the parameter: recomputation must not depend on ZeRO-3 still
+        # holding the parameter's data
+        sink = self.sink.view(1, h, 1, 1).to(q.dtype)
+        span = t if not self.query_chunk or t <= self.query_chunk else max(w, self.query_chunk // w * w)
+        recompute = span < t and torch.is_grad_enabled()
+        outs, kl_sum, kl_count, max_logits = [], 0.0, 0, None
+        for start in range(0, t, span):
+            stop = min(start + span, t)
+            # dense over entries: a chunk scores only the entries its last query can see
+            # (stop // m), half the work of scoring all of them over the chunks
+            limit = None if selected is not None else stop // max(1, self.ratio)
+            part = (q[:, :, start:stop], kc[:, start // w: -(-stop // w)], sink,
+                    None if entries is None else entries[:, :limit], start, t,
+                    None if index is None else IndexQueries(index.q[:, start:stop], index.w[:, start:stop],
+                                                            index.keys[:, :limit]),
+                    None if selected is None else selected[:, start:stop],
+                    None if chosen is None else chosen[:, start:stop], with_kl)
+            out, chunk_sum, chunk_count, chunk_max = (
+                checkpoint(self._attend_queries, *part, use_reentrant=False) if recompute else self._attend_queries(*part))
+            outs.append(out)
+            if with_kl:
+                kl_sum, kl_count = kl_sum + chunk_sum, kl_count + chunk_count
+            if chunk_max is not None:
+                max_logits = chunk_max if max_logits is None else torch.maximum(max_logits, chunk_max)
+        if with_kl:
+            self.aux_loss = self.kl_weight * kl_sum / kl_count.clamp_min(1)
+        if self.track_max_logits:
+            self.max_logits = max_logits
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return rope_last(out, cos, -sin, self.rope_dim)  # inverse RoPE at the query's position
+
+    def _attend_queries(self, q, kc, sink, entries, start: int, t: int, index, selected, chosen, with_kl: bool):
+        """Queries start..start+len-1 (q [B, H, len, hd], start a multiple of the window; kc their
+        window chunks' keys) → (output [B, H, len, hd], the indexer's summed KL and its count,
+        per-head max logit or None)."""
+        b, h, n, hd = q.shape
+        w = self.window
+        q = q * hd ** -0.5
+        n_chunks = kc.size(1)
+        pad = n_chunks * w - n
+        qc = F.pad(q, (0, 0, 0, pad)).view(b, h, n_chunks, w, hd)
         s_win = torch.einsum("bhcqd,bckd->bhcqk", qc, kc)
-        s_win = s_win.masked_fill(~window_mask(t, w, q.device), float("-inf"))
-        parts = [s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :t]]
-        selected = chosen = visible = None
+        first = start // w
+        s_win = s_win.masked_fill(~window_mask(t, w, q.device)[first:first + n_chunks], float("-inf"))
+        parts = [s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :n]]
+        visible = None
         if entries is not None:
-            if self.indexer is not None and self.sparse:
-                n_visible = (torch.arange(t, device=q.device) + 1) // self.ratio  # query t sees entries < this
-                selected, chosen = select_topk(index, n_visible, self.topk)  # [B, T, k]
-                entries = gather_rows(entries, selected)  # [B, T, k, hd]
+            if selected is not None:
+                entries = gather_rows(entries, selected)  # [B, n, k, hd]
                 s_comp = torch.einsum("bhtd,btkd->bhtk", q, entries).masked_fill(~chosen[:, None], float("-inf"))
             else:
-                visible = visible_entries(t, self.ratio, q.device)  # [T, N]
+                visible = visible_entries(t, self.ratio, q.device)[start:start + n, : entries.size(1)]  # [n, N']
                 s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
             parts.append(s_comp)
-        parts.append(self.sink.view(1, h, 1, 1).expand(b, h, t, 1).to(q.dtype))
+        parts.append(sink.expand(b, h, n, 1))
         logits = torch.cat(parts, dim=-1)
-        if self.track_max_logits:
-            self.max_logits = logits.detach().amax(dim=(0, 2, 3))
+        max_logits = logits.detach().amax(dim=(0, 2, 3)) if self.track_max_logits else None
         probs = torch.softmax(logits, dim=-1)
 
         p_win = F.pad(probs[..., : 2 * w], (0, 0, 0, pad)).view(b, h, n_chunks, w, 2 * w)
-        out = torch.einsum("bhcqk,bckd->bhcqd", p_win, kc).reshape(b, h, n_chunks * w, hd)[:, :, :t]
+        out = torch.einsum("bhcqk,bckd->bhcqd", p_win, kc).reshape(b, h, n_chunks * w, hd)[:, :, :n]
+        kl_sum = kl_count = None
         if entries is not None:
             p_comp = probs[..., 2 * w: -1]
             out = out + (torch.einsum("bhtk,btkd->bhtd", p_comp, entries) if selected is not None
                          else torch.einsum("bhtn,bnd->bhtd", p_comp, entries))
-            if index is not None and self.training:
+            if with_kl:
                 target = p_comp.sum(1)  # attention over entries, summed over heads
                 if selected is not None:
-                    self.aux_loss = self.kl_weight * kl_to_attention(index.selected_scores(selected), target, chosen)
+                    kl_sum, kl_count = kl_to_attention_sum(index.selected_scores(selected), target, chosen)
                 else:
-                    self.aux_loss = self.kl_weight * kl_to_attention(index.scores(), target, visible.expand(b, -1, -1))
-        return rope_last(out, cos, -sin, self.rope_dim)  # inverse RoPE at the query's position
+                    kl_sum, kl_count = kl_to_attention_sum(index.scores(), target, visible.expand(b, -1, -1))
+        return out, kl_sum, kl_count, max_logits
 
     def attention_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token of scores and weighted values (projections count as

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.compressor import Compressor, rope_last
@@ -62,12 +63,13 @@ class IndexQueries(NamedTuple):
     w: torch.Tensor
     keys: torch.Tensor
 
-    def scores(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """I(t, s) of queries start..stop-1 against every key: [B, stop - start, N]."""
+    def scores(self, start: int = 0, stop: int | None = None, n_keys: int | None = None) -> torch.Tensor:
+        """I(t, s) of queries start..stop-1 against the first n_keys keys (all by default):
+        [B, stop - start, n_keys]."""
         q, w = self.q[:, start:stop], self.w[:, start:stop]
         b, t, h, d = q.shape
         # as two batched matmuls on contiguous operands: einsum would permute [B, T, H, N]
-        per_head = torch.relu(torch.bmm(q.reshape(b, t * h, d), self.keys.transpose(1, 2)))  # [B, T·H, N]
+        per_head = torch.relu(torch.bmm(q.reshape(b, t * h, d), self.keys[:, :n_keys].transpose(1, 2)))  # [B, T·H, N]
         return torch.bmm(w.reshape(b * t, 1, h), per_head.view(b * t, h, -1)).view(b, t, -1)
 
     def selected_scores(self, selected: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,7 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
     that [B, T, N] scores never exist at once) or precomputed scores [B, T, N]. No gradient: the
     indexer learns from the scores of what was selected (`IndexQueries.selected_scores`)."""
     if isinstance(index, torch.Tensor):
-        rows, n = (lambda start, stop: index[:, start:stop]), index.size(-1)
+        rows, n = (lambda start, stop, width: index[:, start:stop, :width]), index.size(-1)
         chunk = max(1, index.size(1))
     else:
         rows, n = index.scores, index.keys.size(1)
@@ -106,12 +108,21 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
     with torch.no_grad():
         for start in range(0, n_visible.size(0), chunk):  # chunks of queries, one at small T
             stop = min(start + chunk, n_visible.size(0))
-            hidden = torch.arange(n, device=n_visible.device) >= n_visible[start:stop, None]
-            masked = rows(start, stop).masked_fill(hidden, float("-inf"))
             if torch.compiler.is_compiling():  # a graph cannot branch on the data: sort every row
-                values, order = masked.sort(dim=-1, descending=True, stable=True)
+                hidden = torch.arange(n, device=n_visible.device) >= n_visible[start:stop, None]
+                values, order = rows(start, stop, n).masked_fill(hidden, float("-inf")).sort(
+                    dim=-1, descending=True, stable=True)
                 picks.append(order[..., :k])
                 valid.append(torch.isfinite(values[..., :k]))
+                continue
+            # entries no query of the chunk sees yet are not scored (at long T: about half of all)
+            width = min(n, int(n_visible[start:stop].max()))
+            hidden = torch.arange(width, device=n_visible.device) >= n_visible[start:stop, None]
+            masked = rows(start, stop, width).masked_fill(hidden, float("-inf"))
+            if width < k:  # fewer entries than picks: the rest are padding, never valid
+                values, order = masked.sort(dim=-1, descending=True, stable=True)
+                picks.append(F.pad(order, (0, k - width)))
+                valid.append(F.pad(torch.isfinite(values), (0, k - width), value=False))
                 continue
             values, order = masked.topk(k, dim=-1)
             # Ties at the cut (entries whose every index head is ReLU-zero score exactly 0; the
@@ -133,6 +144,13 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
 def kl_to_attention(index_logits: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """mean over queries of KL(target ‖ softmax(index_logits)) over the `allowed` entries;
     target [B, T, N'] are attention probabilities (any scale: renormalised here)."""
+    total, queries = kl_to_attention_sum(index_logits, target, allowed)
+    return total / queries.clamp_min(1)
+
+
+def kl_to_attention_sum(index_logits: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor):
+    """(sum of the per-query KLs, number of queries counted): `kl_to_attention` of queries taken a
+    chunk at a time is the sum of the chunks' sums over the sum of their counts."""
     has_any = allowed.any(-1)
     wide = torch.promote_types(index_logits.dtype, torch.float32)
     # queries with nothing allowed (the first few) softmax over everything and are weighted 0
@@ -141,4 +159,4 @@ def kl_to_attention(index_logits: torch.Tensor, target: torch.Tensor, allowed: t
     target = target.detach().to(wide) * allowed
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
     per_query = (target * (target.clamp_min(1e-20).log() - log_p)).sum(-1)
-    return (per_query * has_any).sum() / has_any.sum().clamp_min(1)
+    return (per_query * has_any).sum(), has_any.sum()

@@ -166,3 +166,28 @@ def test_compiled_zero3_run_resumes_onto_the_uninterrupted_eager_run(tmp_path, d
     assert saved_names("resumed") == saved_names("ref")
     assert len(losses(tmp_path / "ref")) == 5
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "ref"), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,sparse", [("hca", False), ("csa", True)], ids=["hca", "csa-sparse"])
+def test_attention_in_query_chunks_traces_into_one_graph(kind, sparse):
+    """Past `query_chunk` queries V4 attention loops over chunks recomputed in backward
+    (torch.utils.checkpoint): that traces into one graph (fullgraph) with the eager outputs and
+    gradients. aot_eager: the tracing is what is checked; Inductor's kernels are the V4 test's."""
+    from tests.test_v4 import D, attention
+
+    attn = attention(kind, ratio=3, window=5, topk=2, sparse=sparse).train()
+    attn.query_chunk = 10  # 19 queries: chunks of 10 and 9
+    x = torch.randn(2, 19, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(fn):
+        xs = x.clone().requires_grad_()
+        out = fn(xs)
+        loss = out.square().sum() + (attn.aux_loss if attn.aux_loss is not None else 0)
+        return [out, *torch.autograd.grad(loss, [xs, *attn.parameters()], allow_unused=True)]
+
+    eager = run(attn)
+    compiled = run(torch.compile(attn, backend="aot_eager", fullgraph=True))
+    for a, b in zip(compiled, eager):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -1,6 +1,8 @@
 """V4's parts without Python loops over experts or tokens, against the formulations they replace:
 the grouped-matmul MoE against the per-expert loop, and sparse CSA over gathered top-k entries
 against attention over all entries with a dense [T, T] window mask and a [T, N] top-k mask."""
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -187,3 +189,65 @@ def test_sparse_csa_tensors_grow_linearly_in_t(monkeypatch):
             (out.sum() + attn.aux_loss).backward()
         largest[t] = mode.numel
     assert largest[1024] <= 4 * largest[256], largest
+
+
+CHUNK_CASES = [("window", False), ("csa", False), ("csa", True), ("hca", False)]
+
+
+@pytest.mark.parametrize("kind,sparse", CHUNK_CASES, ids=[f"{k}{'-sparse' if s else ''}" for k, s in CHUNK_CASES])
+def test_query_chunks_recomputed_in_backward_equal_one_pass(kind, sparse):
+    """Attention a chunk of queries at a time (recomputed in backward) against all queries at once,
+    in training: output, the indexer's KL, the max logits and every gradient agree in fp64 to
+    1e-12, with a last chunk shorter than the others and chunk edges inside compressed blocks."""
+    results = []
+    for query_chunk in (0, 11):  # rounded down to 10: two windows of 5; 29 queries → 10, 10, 9
+        attn = attention(kind, ratio=3, window=5, topk=2, sparse=sparse).train()
+        attn.query_chunk, attn.track_max_logits = query_chunk, True
+        x = torch.randn(2, 29, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = attn(x)
+        loss = (out * torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))).sum()
+        if attn.aux_loss is not None:
+            loss = loss + 3 * attn.aux_loss
+        grads = torch.autograd.grad(loss, [x, *attn.parameters()], allow_unused=True)
+        results.append((out, attn.aux_loss, attn.max_logits, grads))
+    (out, kl, top, grads), (out_c, kl_c, top_c, grads_c) = results
+    assert (kl is None) == (kind != "csa")
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-12)
+    if kl is not None:
+        torch.testing.assert_close(kl_c, kl, rtol=0, atol=1e-12)
+    torch.testing.assert_close(top_c, top, rtol=0, atol=1e-12)
+    for a, b in zip(grads_c, grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def bytes_kept_for_backward(attn, t: int) -> int:
+    """Bytes of the distinct storages a training forward of one layer keeps for its backward."""
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = torch.randn(1, t, D, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        attn(x)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("kind", ["hca", "csa"])
+def test_dense_entry_attention_keeps_memory_linear_in_t_in_query_chunks(kind):
+    """HCA and dense CSA score every query against all T/m entries. In query chunks (recomputed in
+    backward) what a layer keeps for backward grows 4x from T = 128 to 512; in one pass, its
+    [T, T/m] scores and probabilities make it grow faster."""
+    cfg = AttentionConfig(window=8, head_dim=8, rope_dim=4, q_lora=8, out_groups=2, out_lora=4, csa_ratio=2,
+                          hca_ratio=2, csa_topk=4, index_heads=2, index_dim=4)
+    growth = {}
+    for query_chunk in (0, 32):
+        kept = {}
+        for t in (128, 512):
+            attn = V4Attention(D, 2, dataclasses.replace(cfg, query_chunk=query_chunk), kind, max_seq_len=t, eps=1e-6).train()
+            kept[t] = bytes_kept_for_backward(attn, t)
+        growth[query_chunk] = kept[512] / kept[128]
+    assert growth[32] <= 4.0 + 1e-9 and growth[0] > 6, growth

@@ -86,6 +86,7 @@ def _v4_parts(cfg: Config) -> None:
         _positive("model.attn.yarn_beta_fast", a.yarn_beta_fast, integer=False)
         _positive("model.attn.yarn_beta_slow", a.yarn_beta_slow, integer=False)
         _positive("model.attn.indexer_kl_weight", a.indexer_kl_weight, integer=False, allow_zero=True)
+        _positive("model.attn.query_chunk", a.query_chunk, allow_zero=True)
         if a.rope_dim % 2 or not 0 <= a.rope_dim <= a.head_dim:
             raise ConfigError("model.attn.rope_dim", a.rope_dim, f"an even number from 0 to model.attn.head_dim={a.head_dim}")
         if m.n_heads % a.out_groups:
