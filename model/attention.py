@@ -220,7 +220,8 @@ class V4Attention(nn.Module):
                 entries = gather_rows(entries, selected)  # [B, n, k, hd]
                 s_comp = torch.einsum("bhtd,btkd->bhtk", q, entries).masked_fill(~chosen[:, None], float("-inf"))
             else:
-                visible = visible_entries(t, self.ratio, q.device)[start:start + n, : entries.size(1)]  # [n, N']
+                # this chunk's rows only: a [T, T/m] mask per chunk would be quadratic again
+                visible = visible_entries(start + n, self.ratio, q.device, start=start)[:, : entries.size(1)]  # [n, N']
                 s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
             parts.append(s_comp)
         parts.append(sink.expand(b, h, n, 1))

@@ -17,9 +17,9 @@ from torch import nn
 from model.layers import apply_rope
 
 
-def visible_entries(seq_len: int, ratio: int, device=None) -> torch.Tensor:
-    """[T, N] bool: query t may attend to compressed entry i."""
-    t = torch.arange(seq_len, device=device)
+def visible_entries(seq_len: int, ratio: int, device=None, start: int = 0) -> torch.Tensor:
+    """[T - start, N] bool: query t (from `start` on) may attend to compressed entry i, N = T // ratio."""
+    t = torch.arange(start, seq_len, device=device)
     i = torch.arange(seq_len // ratio, device=device)
     return i[None, :] < ((t + 1) // ratio)[:, None]
 

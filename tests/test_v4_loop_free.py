@@ -194,14 +194,16 @@ def test_sparse_csa_tensors_grow_linearly_in_t(monkeypatch):
 CHUNK_CASES = [("window", False), ("csa", False), ("csa", True), ("hca", False)]
 
 
+@pytest.mark.parametrize("ratio,chunk", [(3, 11), (8, 5)], ids=["m3-chunks10", "m8-chunks5"])
 @pytest.mark.parametrize("kind,sparse", CHUNK_CASES, ids=[f"{k}{'-sparse' if s else ''}" for k, s in CHUNK_CASES])
-def test_query_chunks_recomputed_in_backward_equal_one_pass(kind, sparse):
+def test_query_chunks_recomputed_in_backward_equal_one_pass(kind, sparse, ratio, chunk):
     """Attention a chunk of queries at a time (recomputed in backward) against all queries at once,
     in training: output, the indexer's KL, the max logits and every gradient agree in fp64 to
-    1e-12, with a last chunk shorter than the others and chunk edges inside compressed blocks."""
+    1e-12, with a last chunk shorter than the others, chunk edges inside compressed blocks and
+    (m = 8, chunks of 5) a first chunk that sees no entry."""
     results = []
-    for query_chunk in (0, 11):  # rounded down to 10: two windows of 5; 29 queries → 10, 10, 9
-        attn = attention(kind, ratio=3, window=5, topk=2, sparse=sparse).train()
+    for query_chunk in (0, chunk):  # rounded down to a multiple of the window (5); 29 queries
+        attn = attention(kind, ratio=ratio, window=5, topk=2, sparse=sparse).train()
         attn.query_chunk, attn.track_max_logits = query_chunk, True
         x = torch.randn(2, 29, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
         out = attn(x)
@@ -239,15 +241,22 @@ def bytes_kept_for_backward(attn, t: int) -> int:
 @pytest.mark.parametrize("kind", ["hca", "csa"])
 def test_dense_entry_attention_keeps_memory_linear_in_t_in_query_chunks(kind):
     """HCA and dense CSA score every query against all T/m entries. In query chunks (recomputed in
-    backward) what a layer keeps for backward grows 4x from T = 128 to 512; in one pass, its
-    [T, T/m] scores and probabilities make it grow faster."""
+    backward), from T = 128 to 512 what a layer keeps for backward grows 4x, and so does the
+    largest tensor it makes in forward + backward (no [T, T/m] scores, probabilities or mask, in
+    the recomputation either); in one pass both grow faster."""
     cfg = AttentionConfig(window=8, head_dim=8, rope_dim=4, q_lora=8, out_groups=2, out_lora=4, csa_ratio=2,
                           hca_ratio=2, csa_topk=4, index_heads=2, index_dim=4)
-    growth = {}
+    kept_growth, largest_growth = {}, {}
     for query_chunk in (0, 32):
-        kept = {}
+        kept, largest = {}, {}
         for t in (128, 512):
             attn = V4Attention(D, 2, dataclasses.replace(cfg, query_chunk=query_chunk), kind, max_seq_len=t, eps=1e-6).train()
             kept[t] = bytes_kept_for_backward(attn, t)
-        growth[query_chunk] = kept[512] / kept[128]
-    assert growth[32] <= 4.0 + 1e-9 and growth[0] > 6, growth
+            x = torch.randn(1, t, D, requires_grad=True)
+            with LargestTensor() as mode:
+                out = attn(x)
+                (out.sum() + (attn.aux_loss if attn.aux_loss is not None else 0)).backward()
+            largest[t] = mode.numel
+        kept_growth[query_chunk], largest_growth[query_chunk] = kept[512] / kept[128], largest[512] / largest[128]
+    assert kept_growth[32] <= 4.0 + 1e-9 and kept_growth[0] > 6, kept_growth
+    assert largest_growth[32] <= 4.0 + 1e-9 and largest_growth[0] > 6, largest_growth
