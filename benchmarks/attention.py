@@ -77,20 +77,22 @@ def peak_memory_bytes(run, device: torch.device) -> int:
     return max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
 
 
+def training_step(layer, x: torch.Tensor, cos, sin):
+    """One training forward + backward of `layer` on x (which requires grad), gradients dropped."""
+    def run():
+        layer.train()(x, cos, sin).sum().backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    return run
+
+
 def memory_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device) -> None:
     print(f"\npeak memory of one attention layer's forward + backward, batch 1, fp32, {device} (MiB):")
     print(f"{'T':>6} " + " ".join(f"{k:>10}" for k in layers) + "   v4 / dense (window, csa, hca)")
     peaks: dict[int, dict[str, int]] = {}
     for t in lengths:
         x = torch.randn(1, t, d_model, device=device, requires_grad=True)
-
-        def step(layer):
-            def run():
-                layer.train()(x, cos, sin).sum().backward()
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-            return run
-        peaks[t] = {k: peak_memory_bytes(step(m), device) for k, m in layers.items()}
+        peaks[t] = {k: peak_memory_bytes(training_step(m, x, cos, sin), device) for k, m in layers.items()}
         print(f"{t:>6} " + " ".join(f"{v / 2**20:>10.1f}" for v in peaks[t].values()) + "   "
               + ", ".join(f"{peaks[t][k] / peaks[t]['dense']:.2f}x" for k in ("window", "csa", "hca")))
     first = lengths[0]
@@ -152,11 +154,11 @@ def time_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device,
         x = torch.randn(1, t, d_model, device=device, requires_grad=backward)
 
         def forward(layer):
+            step = training_step(layer, x, cos, sin)
+
             def run():
                 if backward:
-                    layer.train()(x, cos, sin).sum().backward()
-                    layer.zero_grad(set_to_none=True)
-                    x.grad = None
+                    step()
                 else:
                     with torch.no_grad():
                         layer.eval()(x, cos, sin)

@@ -221,7 +221,7 @@ class V4Attention(nn.Module):
                 s_comp = torch.einsum("bhtd,btkd->bhtk", q, entries).masked_fill(~chosen[:, None], float("-inf"))
             else:
                 # this chunk's rows only: a [T, T/m] mask per chunk would be quadratic again
-                visible = visible_entries(start + n, self.ratio, q.device, start=start)[:, : entries.size(1)]  # [n, N']
+                visible = visible_entries(start + n, self.ratio, q.device, start=start)  # [n, (start + n) // m]
                 s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
             parts.append(s_comp)
         parts.append(sink.expand(b, h, n, 1))
