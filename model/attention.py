@@ -42,13 +42,14 @@ def layer_kinds(n_layers: int, layers: list[str]) -> list[str]:
     return ["window"] * n_window + [("csa", "hca")[i % 2] for i in range(n_layers - n_window)]
 
 
-def window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
+def window_mask(seq_len: int, window: int, device=None, first: int = 0, count: int | None = None) -> torch.Tensor:
     """[C, w, 2w] bool for chunked window attention: query (chunk c, row r) at position c·w + r
-    may see key (chunk c, column j) at position (c−1)·w + j."""
-    n_chunks = -(-seq_len // window)
-    q = (torch.arange(n_chunks, device=device)[:, None] * window + torch.arange(window, device=device))[:, :, None]
-    k = (torch.arange(n_chunks, device=device)[:, None] * window - window
-         + torch.arange(2 * window, device=device))[:, None, :]
+    may see key (chunk c, column j) at position (c−1)·w + j. Chunks first..first+count-1 only
+    (by default all of them)."""
+    n_chunks = -(-seq_len // window) - first if count is None else count
+    chunks = torch.arange(first, first + n_chunks, device=device)[:, None]
+    q = (chunks * window + torch.arange(window, device=device))[:, :, None]
+    k = (chunks * window - window + torch.arange(2 * window, device=device))[:, None, :]
     return (k <= q) & (q - k < window) & (k >= 0)
 
 
@@ -108,22 +109,35 @@ class V4Attention(nn.Module):
         return V4Cache()
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Query latent [B, T, q_lora], rotated queries [B, H, T, hd] and key/value [B, T, hd] of x
-        at the positions of cos/sin."""
+        """Query latent [B, T, q_lora], rotated queries [B, T, H, hd] and key/value [B, T, hd] of x
+        at the positions of cos/sin. Queries stay query-major, as the projection makes them: the
+        attention below multiplies in that layout, and the output projection wants it back."""
         b, t, _ = x.shape
         q_latent = self.q_norm(self.q_down(x))
-        q = self.q_up(q_latent).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self.q_up(q_latent).view(b, t, self.n_heads, self.head_dim)
         if self.q_head_norm:
             q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
-        q = rope_last(q, cos, sin, self.rope_dim)
+        q = rope_last(q, cos[:, None], sin[:, None], self.rope_dim)
         kv = rope_last(self.kv_norm(self.kv(x)), cos, sin, self.rope_dim)  # [B, T, hd], key and value
         return q_latent, q, kv
 
     def project_out(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Heads [B, H, T, hd] → [B, T, d_model] through the grouped low-rank projection."""
-        b, _, t, _ = out.shape
-        grouped = out.transpose(1, 2).reshape(b, t, self.out_down.size(0), -1).to(dtype)  # [B, T, G, H·hd/G]
-        return self.out(torch.einsum("btgi,gri->btgr", grouped, self.out_down.to(grouped.dtype)).flatten(2))
+        """Heads [B, T, H, hd] → [B, T, d_model] through the grouped low-rank projection: group g's
+        heads through its down-projection D_g [rank, H·hd/G], then all ranks through `out`.
+        When the rank is not below the group's width (small models) and there are enough tokens,
+        the two are multiplied first into one [d_model, H·hd] matrix: the same map in fewer FLOPs."""
+        b, t, _, _ = out.shape
+        groups, rank, width = self.out_down.shape
+        heads = out.reshape(b, t, groups * width).to(dtype)  # [B, T, G·(H·hd/G)]
+        down = self.out_down.to(heads.dtype)
+        d_model = self.out.out_features
+        factored = b * t * groups * rank * (width + d_model)
+        merged = (b * t + groups * rank) * groups * width * d_model
+        if merged < factored:
+            # out(block_diag(D_g^T)) = [W_out[:, g] · D_g]_g^T, [G·width, d_model]; through the module,
+            # so that its hooks (ZeRO-3 gathering `out.weight`) run
+            return heads @ self.out(torch.block_diag(*down.transpose(1, 2)))
+        return self.out(torch.einsum("btgi,gri->btgr", heads.view(b, t, groups, width), down).flatten(2))
 
     def forward(self, x: torch.Tensor, *unused, cache: "V4Cache | None" = None) -> torch.Tensor:
         """x [B, T, d_model] at positions 0..T-1; with `cache` (decoding), x continues the cached
@@ -149,13 +163,15 @@ class V4Attention(nn.Module):
         return self.project_out(out, x.dtype)
 
     def _attend(self, q, kv, entries, index, cos, sin) -> torch.Tensor:
-        """One softmax over the window, the (selected) compressed entries and the sink → [B, H, T, hd].
-        Sparse CSA scores only each query's top-k entries ([B, H, T, k]); dense CSA (the
-        indexer's warm-up) and HCA score every entry ([B, H, T, T/m]). Beyond `query_chunk`
+        """One softmax over the window, the (selected) compressed entries and the sink: queries
+        [B, T, H, hd] → [B, T, H, hd]. Sparse CSA scores only each query's top-k entries
+        ([B, T, H, k]); dense CSA (the indexer's warm-up) and HCA score every entry
+        ([B, T, H, T/m]). Everything is query-major, so that each product is one batched matmul
+        on views, without permuting copies of scores or probabilities. Beyond `query_chunk`
         queries this runs a chunk of queries at a time, and in training each chunk's scores and
         probabilities are recomputed in backward instead of kept: a dense layer's [T, T/m] would
         otherwise make its memory grow quadratically in T."""
-        b, h, t, hd = q.shape
+        b, t, h, hd = q.shape
         w = self.window
         n_chunks = -(-t // w)
         pad = n_chunks * w - t
@@ -171,7 +187,7 @@ class V4Attention(nn.Module):
         with_kl = entries is not None and index is not None and self.training
         # the sink as a view, not the parameter: recomputation must not depend on ZeRO-3 still
         # holding the parameter's data
-        sink = self.sink.view(1, h, 1, 1).to(q.dtype)
+        sink = self.sink.view(1, 1, h, 1).to(q.dtype)
         span = t if not self.query_chunk or t <= self.query_chunk else max(w, self.query_chunk // w * w)
         recompute = span < t and torch.is_grad_enabled()
         outs, kl_sum, kl_count, max_logits = [], 0.0, 0, None
@@ -180,7 +196,7 @@ class V4Attention(nn.Module):
             # dense over entries: a chunk scores only the entries its last query can see
             # (stop // m), half the work of scoring all of them over the chunks
             limit = None if selected is not None else stop // max(1, self.ratio)
-            part = (q[:, :, start:stop], kc[:, start // w: -(-stop // w)], sink,
+            part = (q[:, start:stop], kc[:, start // w: -(-stop // w)], sink,
                     None if entries is None else entries[:, :limit], start, t,
                     None if index is None else IndexQueries(index.q[:, start:stop], index.w[:, start:stop],
                                                             index.keys[:, :limit]),
@@ -197,47 +213,50 @@ class V4Attention(nn.Module):
             self.aux_loss = self.kl_weight * kl_sum / kl_count.clamp_min(1)
         if self.track_max_logits:
             self.max_logits = max_logits
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return rope_last(out, cos, -sin, self.rope_dim)  # inverse RoPE at the query's position
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return rope_last(out, cos[:, None], -sin[:, None], self.rope_dim)  # inverse RoPE at the query's position
 
     def _attend_queries(self, q, kc, sink, entries, start: int, t: int, index, selected, chosen, with_kl: bool):
-        """Queries start..start+len-1 (q [B, H, len, hd], start a multiple of the window; kc their
-        window chunks' keys) → (output [B, H, len, hd], the indexer's summed KL and its count,
+        """Queries start..start+len-1 (q [B, len, H, hd], start a multiple of the window; kc their
+        window chunks' keys) → (output [B, len, H, hd], the indexer's summed KL and its count,
         per-head max logit or None)."""
-        b, h, n, hd = q.shape
+        b, n, h, hd = q.shape
         w = self.window
         q = q * hd ** -0.5
         n_chunks = kc.size(1)
         pad = n_chunks * w - n
-        qc = F.pad(q, (0, 0, 0, pad)).view(b, h, n_chunks, w, hd)
-        s_win = torch.einsum("bhcqd,bckd->bhcqk", qc, kc)
+        qc = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).view(b, n_chunks, w * h, hd)
+        s_win = torch.matmul(qc, kc.transpose(-1, -2)).view(b, n_chunks, w, h, 2 * w)
         first = start // w
-        s_win = s_win.masked_fill(~window_mask(t, w, q.device)[first:first + n_chunks], float("-inf"))
-        parts = [s_win.reshape(b, h, n_chunks * w, 2 * w)[:, :, :n]]
+        # in place: the matmul's output is not needed by its backward, and a copy of it would cost a pass
+        s_win = s_win.masked_fill_(~window_mask(t, w, q.device, first, n_chunks)[:, :, None], float("-inf"))
+        parts = [s_win.view(b, n_chunks * w, h, 2 * w)[:, :n]]
         visible = None
         if entries is not None:
             if selected is not None:
                 entries = gather_rows(entries, selected)  # [B, n, k, hd]
-                s_comp = torch.einsum("bhtd,btkd->bhtk", q, entries).masked_fill(~chosen[:, None], float("-inf"))
+                s_comp = torch.matmul(q, entries.transpose(-1, -2)).masked_fill_(~chosen[:, :, None], float("-inf"))
             else:
                 # this chunk's rows only: a [T, T/m] mask per chunk would be quadratic again
                 visible = visible_entries(start + n, self.ratio, q.device, start=start)  # [n, (start + n) // m]
-                s_comp = torch.einsum("bhtd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
+                s_comp = torch.matmul(q.reshape(b, n * h, hd), entries.transpose(1, 2)).view(b, n, h, -1)
+                s_comp = s_comp.masked_fill_(~visible[:, None], float("-inf"))
             parts.append(s_comp)
-        parts.append(sink.expand(b, h, n, 1))
-        logits = torch.cat(parts, dim=-1)
-        max_logits = logits.detach().amax(dim=(0, 2, 3)) if self.track_max_logits else None
+        parts.append(sink.expand(b, n, h, 1))
+        logits = torch.cat(parts, dim=-1)  # [B, n, H, 2w + entries + 1]
+        max_logits = logits.detach().amax(dim=(0, 1, 3)) if self.track_max_logits else None
         probs = torch.softmax(logits, dim=-1)
 
-        p_win = F.pad(probs[..., : 2 * w], (0, 0, 0, pad)).view(b, h, n_chunks, w, 2 * w)
-        out = torch.einsum("bhcqk,bckd->bhcqd", p_win, kc).reshape(b, h, n_chunks * w, hd)[:, :, :n]
+        p_win = probs[..., : 2 * w]  # rows strided by the logits' width: batched matmul takes it as is
+        p_win = (F.pad(p_win, (0, 0, 0, 0, 0, pad)) if pad else p_win).reshape(b, n_chunks, w * h, 2 * w)
+        out = torch.matmul(p_win, kc).view(b, n_chunks * w, h, hd)[:, :n]
         kl_sum = kl_count = None
         if entries is not None:
             p_comp = probs[..., 2 * w: -1]
-            out = out + (torch.einsum("bhtk,btkd->bhtd", p_comp, entries) if selected is not None
-                         else torch.einsum("bhtn,bnd->bhtd", p_comp, entries))
+            out = out + (torch.matmul(p_comp, entries) if selected is not None
+                         else torch.matmul(p_comp.reshape(b, n * h, -1), entries).view(b, n, h, hd))
             if with_kl:
-                target = p_comp.sum(1)  # attention over entries, summed over heads
+                target = p_comp.sum(2)  # attention over entries, summed over heads
                 if selected is not None:
                     kl_sum, kl_count = kl_to_attention_sum(index.selected_scores(selected), target, chosen)
                 else:

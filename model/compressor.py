@@ -25,7 +25,8 @@ def visible_entries(seq_len: int, ratio: int, device=None, start: int = 0) -> to
 
 
 def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """RoPE on the last `rope_dim` channels of x [..., T, D] (cos/sin: [T, rope_dim/2])."""
+    """RoPE on the last `rope_dim` channels of x [..., T, D] (cos/sin: [T, rope_dim/2]), or of
+    query-major x [..., T, H, D] (cos/sin: [T, 1, rope_dim/2])."""
     if rope_dim == 0:
         return x
     return torch.cat((x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], cos, sin)), dim=-1)

@@ -2,90 +2,19 @@
 
 `mhc_in` is mHC's whole coefficient path plus the stream read (RMS, φ projection, sigmoid gates,
 V4's Sinkhorn, x_in = Σ pre_i X_i) per token, with its backward; `mix` is the write and mix
-X' = res·X + post ⊗ y. Both are autograd Functions over model/csrc/hyper_connection.cpp, which
-torch's C++ extension loader builds on first use (cached under ~/.cache/torch_extensions, one build
-per CPU instruction set). Where it cannot be built (no compiler), `available()` is False after one
+X' = res·X + post ⊗ y. Both are autograd Functions over model/csrc/hyper_connection.cpp, built on
+first use (model/cpu_kernels.py). Where it cannot be built (no compiler), `available()` is False after one
 warning and model/mhc.py runs its eager path. They are CPU kernels: other devices run eagerly.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import platform
-import time
-import warnings
-from pathlib import Path
-
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "hyper_connection.cpp"
-# -Wno-psabi: GCC notes that helpers returning vector types would pass them differently on other
-# ISAs; they are internal to the build, so the note is noise on every CPU without AVX-512.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
-log = logging.getLogger(__name__)
-# A build takes ~30 s; a lock older than this was left by a build that was killed half-way.
-STALE_LOCK_S = 600
+from model import cpu_kernels
 
 
-def _isa_tag() -> str:
-    """The build is compiled for this CPU (-march=native); a cache shared by different CPUs keeps one build each."""
-    flags = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:  # x86: model name, flags; ARM: Features, CPU part
-            flags += "".join(sorted({line for line in f if line.startswith(("flags", "Features", "model name",
-                                                                              "CPU part", "CPU implementer"))}))
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-class _Kernels:
-    """The built module's functions, called with autocast off: their BLAS calls must stay in the
-    accumulation dtype the kernels read back."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __getattr__(self, name):
-        fn = getattr(self.module, name)
-
-        def call(*args):
-            with torch.autocast("cpu", enabled=False):
-                return fn(*args)
-
-        return call
-
-
-def clear_stale_lock(name: str) -> None:
-    """torch's loader waits, without end, for a lock file that a build killed half-way leaves in the
-    build directory; every later run would hang at its first step. Remove one that is stale."""
-    from torch.utils import cpp_extension
-
-    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning(f"removing {lock}: left {age / 60:.0f} minutes ago by a kernel build that did not finish")
-        lock.unlink(missing_ok=True)
-
-
-@functools.cache
 def _extension():
-    from torch.utils import cpp_extension
-
-    name = f"v4lab_hc_{_isa_tag()}"
-    clear_stale_lock(name)
-    log.info("loading the fused hyper-connection kernels (the first use on a machine compiles them, ~30 s)")
-    try:
-        return _Kernels(cpp_extension.load(name=name, sources=[str(SOURCE)],
-                                           extra_cflags=CFLAGS,
-                                           extra_ldflags=["-fopenmp"]))
-    except Exception as e:  # no compiler, or a broken toolchain: the eager path computes the same thing
-        warnings.warn(f"fused hyper-connection kernels unavailable, using eager PyTorch: {e}")
-        return None
+    return cpu_kernels.extension("hyper_connection")
 
 
 _available: bool | None = None  # a plain global once known: the compiler reads it without tracing the load

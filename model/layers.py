@@ -34,11 +34,12 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, yarn: dict | None = N
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x [B, H, T, D] by position-dependent angles."""
+    """Rotate channel pairs (2i, 2i+1) of x [B, H, T, D] by position-dependent angles; cos/sin
+    [T, D/2], or [T, 1, D/2] for query-major x [B, T, H, D] (their first dim is x's position dim)."""
     # As a complex product (x_2i + i·x_2i+1)·(cos + i·sin): one kernel forward and one backward,
     # where the real form is a dozen elementwise ops and a stack each way; the same arithmetic
     # (x1·cos − x2·sin, x1·sin + x2·cos) up to float rounding. Always in fp32 or wider.
-    t = x.shape[-2]
+    t = x.shape[-cos.dim()]
     pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():  # Inductor has no complex kernels; it fuses the real form into one loop
         x1, x2 = pairs.unbind(-1)

@@ -53,6 +53,7 @@ def attend_cached(attn, x: torch.Tensor, cache: V4Cache) -> torch.Tensor:
         raise ValueError(f"positions up to {p + t} exceed the model's context of {attn.rope_cos.size(0)}")
     cos, sin = attn.rope_cos[p:p + t], attn.rope_sin[p:p + t]
     q_latent, q, kv = attn.project(x, cos, sin)
+    q = q.transpose(1, 2)  # [B, H, T, hd]: a few new tokens, so head-major and einsums for clarity
     keys = kv if cache.kv is None else torch.cat((cache.kv, kv), dim=1)
     q_pos = torch.arange(p, p + t, device=x.device)
     k_pos = torch.arange(p + t - keys.size(1), p + t, device=x.device)
@@ -102,4 +103,4 @@ def attend_cached(attn, x: torch.Tensor, cache: V4Cache) -> torch.Tensor:
             out = out + (torch.einsum("bhtk,btkd->bhtd", p_comp, entries) if index is not None
                          else torch.einsum("bhtn,bnd->bhtd", p_comp, entries))
         out = rope_last(out, cos, -sin, attn.rope_dim)  # inverse RoPE at the query's position
-    return attn.project_out(out, x.dtype)
+    return attn.project_out(out.transpose(1, 2), x.dtype)

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from model import build_model, hc_kernel
+from model import build_model, cpu_kernels, hc_kernel
 from model.mhc import HyperConnection, StreamReduce
 from tests.conftest import compose_config
 from tests.reference import sinkhorn as reference
@@ -245,11 +245,11 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", fail)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert hc_kernel._extension.__wrapped__() is None
+        assert cpu_kernels.extension.__wrapped__("hyper_connection") is None
     assert any("eager PyTorch" in str(w.message) and "no compiler" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("age_s,kept", [(5, True), (hc_kernel.STALE_LOCK_S + 60, False)])
+@pytest.mark.parametrize("age_s,kept", [(5, True), (cpu_kernels.STALE_LOCK_S + 60, False)])
 def test_a_lock_left_by_a_killed_build_is_removed_a_live_one_kept(age_s, kept, tmp_path, monkeypatch):
     """torch's loader would wait forever on the stale one."""
     import time
@@ -259,5 +259,5 @@ def test_a_lock_left_by_a_killed_build_is_removed_a_live_one_kept(age_s, kept, t
     lock.parent.mkdir()
     lock.touch()
     os.utime(lock, (time.time() - age_s,) * 2)
-    hc_kernel.clear_stale_lock("v4lab_hc_x")
+    cpu_kernels.clear_stale_lock("v4lab_hc_x")
     assert lock.exists() == kept

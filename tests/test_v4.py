@@ -68,6 +68,9 @@ def test_entry_visibility_is_the_brute_force_rule(ratio, overlap):
 def test_window_mask_is_the_brute_force_window():
     for t, w in ((10, 3), (12, 4), (5, 8)):
         mask = window_mask(t, w)
+        for first in range(mask.size(0)):  # a query chunk's rows alone
+            for count in range(1, mask.size(0) - first + 1):
+                assert torch.equal(window_mask(t, w, first=first, count=count), mask[first:first + count])
         for c in range(mask.size(0)):
             for r in range(w):
                 for j in range(2 * w):
@@ -79,11 +82,13 @@ def test_indexer_topk_is_the_brute_force_ranking():
     torch.manual_seed(0)
     scores = torch.randn(2, 12, 6)
     visible = visible_entries(12, 2)
+    before = scores.clone()
     index, valid = select_topk(scores, visible.sum(-1), k=3)
+    assert torch.equal(scores, before)  # the caller's scores are not masked in place
     for b in range(2):
         for t in range(12):
             ranked = sorted((i for i in range(6) if visible[t, i]), key=lambda i: -scores[b, t, i].item())[:3]
-            assert index[b, t][valid[b, t]].tolist() == ranked
+            assert sorted(index[b, t][valid[b, t]].tolist()) == sorted(ranked)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

@@ -111,6 +111,7 @@ def dense_mask_attention(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     b, t, _ = x.shape
     cos, sin = attn.rope_cos[:t], attn.rope_sin[:t]
     q_latent, q, kv = attn.project(x, cos, sin)
+    q = q.transpose(1, 2)  # [B, H, T, hd]
     entries = attn.compressor(x, cos, sin)
     scores = attn.indexer(x, q_latent, cos, sin).scores()  # [B, T, N]
     n = entries.size(1)
@@ -127,17 +128,19 @@ def dense_mask_attention(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     out = probs[..., :t] @ kv[:, None] + probs[..., t:-1] @ entries[:, None]
     out = rope_last(out, cos, -sin, attn.rope_dim)
     kl = attn.kl_weight * kl_to_attention(scores, probs[..., t:-1].sum(1), picked)
-    return attn.project_out(out, x.dtype), kl
+    return attn.project_out(out.transpose(1, 2), x.dtype), kl
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 8], ids=["one-chunk", "query-chunks"])
+@pytest.mark.parametrize("chunk_elements", [0, 1 << 22, 8], ids=["fused", "one-chunk", "query-chunks"])
 @pytest.mark.parametrize("ratio,topk", [(2, 3), (3, 2), (4, 5)])
 def test_sparse_csa_over_gathered_topk_equals_the_dense_mask(ratio, topk, chunk_elements, monkeypatch):
     """Forward, the indexer's KL and the gradients of every parameter and of x agree in fp64 to
     1e-10, with ties in the index scores (one index head: every entry its ReLU zeroes scores
-    exactly 0) and early queries that see fewer entries than k; the top-k selected one chunk of
-    queries at a time or all at once."""
-    monkeypatch.setattr(indexer_module, "SELECT_CHUNK_ELEMENTS", chunk_elements)
+    exactly 0) and early queries that see fewer entries than k; the top-k selected by the fused
+    CPU kernel, or by PyTorch one chunk of queries at a time or all at once."""
+    if chunk_elements:
+        monkeypatch.setattr(indexer_module, "_kernels", lambda: None)
+        monkeypatch.setattr(indexer_module, "SELECT_CHUNK_ELEMENTS", chunk_elements)
     attn = attention("csa", ratio=ratio, window=4, topk=topk, sparse=True, index_heads=1).train()
     x = torch.randn(2, 29, D, dtype=torch.float64, requires_grad=True)
     out, ref = attn(x), dense_mask_attention(attn, x)
@@ -173,10 +176,13 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_sparse_csa_tensors_grow_linearly_in_t(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "chunked"])
+def test_sparse_csa_tensors_grow_linearly_in_t(fused, monkeypatch):
     """The largest tensor any op makes in a sparse CSA layer's forward + backward (training, KL
     included) grows 4x from T = 256 to 1024: no [T, T] or [T, N] score tensor."""
     monkeypatch.setattr(indexer_module, "SELECT_CHUNK_ELEMENTS", 4096)
+    if not fused:
+        monkeypatch.setattr(indexer_module, "_kernels", lambda: None)
     cfg = AttentionConfig(window=8, head_dim=8, rope_dim=4, q_lora=8, out_groups=2, out_lora=4,
                           csa_ratio=4, csa_topk=4, index_heads=2, index_dim=4)
     largest = {}
