@@ -75,7 +75,7 @@ int64_t top_k(const scalar_t* scores, int64_t n, int64_t k, std::vector<std::pai
   int64_t count = std::min(k, n);
   for (int64_t s = 0; s < count; ++s) buf[s] = {key(scores[s]), s};
   scalar_t bar = -std::numeric_limits<scalar_t>::infinity();  // fewer than k seen: anything above -inf
-  if (count == k && k > 0) bar = std::min_element(buf.begin(), buf.begin() + k, [](auto& a, auto& b) {
+  if (count == k) bar = std::min_element(buf.begin(), buf.begin() + k, [](auto& a, auto& b) {
     return a.first < b.first; })->first;
   for (int64_t s = count; s < n; ++s) {
     const scalar_t v = key(scores[s]);
@@ -113,7 +113,7 @@ void index_topk_impl(const at::Tensor& q, const at::Tensor& w, const at::Tensor&
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bt = i % 2 ? rows - 1 - i / 2 : i / 2;
       const int64_t b = bt / queries, t = bt % queries;
-      const int64_t visible = std::max<int64_t>(0, nvp[t]);
+      const int64_t visible = std::min(std::max<int64_t>(0, nvp[t]), n_pad);  // never read past the keys
       score_row(qp + bt * heads * dim, wp + bt * heads, kp + b * n_pad * dim, heads, dim, visible, scores.data());
       const int64_t chosen = top_k(scores.data(), visible, picks, best);
       int64_t* irow = ip + bt * picks;
@@ -139,6 +139,9 @@ std::vector<at::Tensor> index_topk(const at::Tensor& q, const at::Tensor& w, con
               "index_topk: contiguous inputs");
   TORCH_CHECK(n_visible.scalar_type() == at::kLong && n_visible.size(0) == q.size(1), "index_topk: n_visible [T] int64");
   TORCH_CHECK(q.scalar_type() == w.scalar_type() && q.scalar_type() == keys.scalar_type(), "index_topk: one dtype");
+  TORCH_CHECK(w.size(0) == q.size(0) && w.size(1) == q.size(1) && w.size(2) == q.size(2) &&
+              keys.size(0) == q.size(0) && keys.size(2) == q.size(3) && k >= 0,
+              "index_topk: q, w and keys disagree on batch, queries, heads or dim");
   auto index = at::empty({q.size(0), q.size(1), k}, q.options().dtype(at::kLong));
   auto valid = at::empty({q.size(0), q.size(1), k}, q.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "index_topk", [&] {
