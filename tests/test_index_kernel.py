@@ -69,3 +69,12 @@ def test_fused_selection_scores_low_precision_inputs_in_fp32_and_survives_nan():
     index.w[0, 30, 0] = float("nan")  # every score of query 30 NaN: all count as largest, so the first 5
     picks, valid = select_topk(index, n_visible, 5)
     assert valid[0, 30].all() and picks[0, 30].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_kernel_refuses_mismatched_shapes_and_stays_inside_its_keys():
+    kernels = indexer_module._kernels()
+    q, w, keys = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2), torch.randn(1, 1, 4, 64)
+    with pytest.raises(RuntimeError, match="disagree"):
+        kernels.index_topk(q, w[:, :, :1].contiguous(), keys, torch.arange(8), 3)
+    picks, valid = kernels.index_topk(q, w, keys, torch.full((8,), 10_000), 3)  # sees more than exists
+    assert valid.all() and picks.max() < 64
