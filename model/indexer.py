@@ -111,6 +111,10 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
         rows, n = index.scores, index.keys.size(1)
         chunk = max(1, SELECT_CHUNK_ELEMENTS // max(1, n * index.q.size(2)))
     k = min(k, n)
+    if k == 0:  # no entry yet (fewer tokens than one block): nothing to pick
+        b = (index if isinstance(index, torch.Tensor) else index.q).size(0)
+        empty = torch.zeros(b, n_visible.size(0), 0, dtype=torch.long, device=n_visible.device)
+        return empty, empty.bool()
     picks, valid = [], []
     with torch.no_grad():
         for start in range(0, n_visible.size(0), chunk):  # chunks of queries, one at small T

@@ -78,3 +78,22 @@ def test_the_kernel_refuses_mismatched_shapes_and_stays_inside_its_keys():
         kernels.index_topk(q, w[:, :, :1].contiguous(), keys, torch.arange(8), 3)
     picks, valid = kernels.index_topk(q, w, keys, torch.full((8,), 10_000), 3)  # sees more than exists
     assert valid.all() and picks.max() < 64
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "chunked"])
+def test_no_entry_yet_means_no_pick(fused, monkeypatch):
+    """Fewer tokens than one block (a short prompt through the decoding cache): k' = 0 picks."""
+    if not fused:
+        monkeypatch.setattr(indexer_module, "_kernels", lambda: None)
+    picks, valid = select_topk(random_index(2, 3, 2, 4, 0), torch.zeros(3, dtype=torch.long), 4)
+    assert picks.shape == valid.shape == (2, 3, 0)
+
+
+def test_a_nan_key_ranks_first_on_both_paths(monkeypatch):
+    """NaN scores count as the largest (torch.topk's rule), in the kernel as in PyTorch."""
+    index = random_index(1, 20, 2, 4, 10, dtype=torch.float32)
+    index.keys[0, 7] = float("nan")
+    n_visible = torch.full((20,), 10)
+    fused = select_topk(index, n_visible, 3)
+    ref = chunked(index, n_visible, 3, monkeypatch)
+    assert (fused[0][0] == 7).any(-1).all() and (ref[0][0] == 7).any(-1).all()

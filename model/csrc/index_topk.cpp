@@ -50,7 +50,7 @@ void score_row(const scalar_t* q, const scalar_t* w, const scalar_t* keys, int64
         }
       }
       const scalar_t wh = w[h];
-      for (int64_t c = 0; c < chains; ++c) row[c] += wh * (acc[c] > zero ? acc[c] : zero);
+      for (int64_t c = 0; c < chains; ++c) row[c] += wh * (acc[c] < zero ? zero : acc[c]);  // NaN stays NaN, as in torch.relu
     }
     scalar_t tile_out[tile];
     std::memcpy(tile_out, row, sizeof(row));
