@@ -99,14 +99,14 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
     and whether each pick is a visible entry [B, T, k'] (early queries see fewer than k),
     k' = min(k, N). Query t sees
     entries 0..n_visible[t]-1. `index` is IndexQueries (scored a chunk of queries at a time, so
-    that [B, T, N] scores never exist at once; on the CPU by a fused kernel, uncompiled) or
+    that [B, T, N] scores never exist at once; on the CPU by a fused kernel) or
     precomputed scores [B, T, N]. No gradient: the indexer learns from the scores of what was
     selected (`IndexQueries.selected_scores`)."""
     if isinstance(index, torch.Tensor):
         rows, n = (lambda start, stop, width: index[:, start:stop, :width].clone()), index.size(-1)  # masked in place
         chunk = max(1, index.size(1))
-    elif not torch.compiler.is_compiling() and index.q.device.type == "cpu" and (kernels := _kernels()) is not None:
-        return _select_on_cpu(kernels, index, n_visible, k)
+    elif index.q.device.type == "cpu" and (_available is True if torch.compiler.is_compiling() else _kernels() is not None):
+        return _select_on_cpu(index, n_visible, k)
     else:
         rows, n = index.scores, index.keys.size(1)
         chunk = max(1, SELECT_CHUNK_ELEMENTS // max(1, n * index.q.size(2)))
@@ -160,7 +160,33 @@ def _kernels():
     return cpu_kernels.extension("index_topk")
 
 
-def _select_on_cpu(kernels, index: "IndexQueries", n_visible: torch.Tensor, k: int):
+_available: bool | None = None  # a plain global once known: the compiler reads it without tracing the build
+
+
+def kernel_available() -> bool:
+    """Builds or loads the kernel; compiled graphs use it only once this has said yes (train/compile.py
+    asks before tracing)."""
+    global _available
+    if _available is None:
+        _available = _kernels() is not None
+    return _available
+
+
+@torch.library.custom_op("v4lab::index_topk", mutates_args=())
+def index_topk_op(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel as one opaque op for the compiler (no gradient: the selection has none)."""
+    picks, valid = _kernels().index_topk(q, w, keys, n_visible, k)
+    return picks, valid
+
+
+@index_topk_op.register_fake
+def _(q, w, keys, n_visible, k):
+    return (q.new_empty(q.size(0), q.size(1), k, dtype=torch.long),
+            q.new_empty(q.size(0), q.size(1), k, dtype=torch.bool))
+
+
+def _select_on_cpu(index: "IndexQueries", n_visible: torch.Tensor, k: int):
     """select_topk by the fused kernel: each query's scores made and ranked while they are in L1,
     in fp32 (fp64 for fp64 inputs) whatever the autocast dtype; the same picks, best first."""
     dtype = torch.float64 if index.q.dtype == torch.float64 else torch.float32
@@ -168,9 +194,8 @@ def _select_on_cpu(kernels, index: "IndexQueries", n_visible: torch.Tensor, k: i
     blocks = -(-n // KEY_BLOCK)
     keys = F.pad(index.keys.detach().to(dtype), (0, 0, 0, blocks * KEY_BLOCK - n))
     keys = keys.view(b, blocks, KEY_BLOCK, d).transpose(2, 3).contiguous()  # each block [dim, 64]
-    picks, valid = kernels.index_topk(index.q.detach().to(dtype).contiguous(), index.w.detach().to(dtype).contiguous(),
-                                      keys, n_visible.clamp(0, n).contiguous(), min(k, n))
-    return picks, valid
+    return index_topk_op(index.q.detach().to(dtype).contiguous(), index.w.detach().to(dtype).contiguous(),
+                         keys, n_visible.clamp(0, n).contiguous(), min(k, n))
 
 
 KEY_BLOCK = 64  # the kernel reads keys in blocks of this many entries

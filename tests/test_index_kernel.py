@@ -97,3 +97,24 @@ def test_a_nan_key_ranks_first_on_both_paths(monkeypatch):
     fused = select_topk(index, n_visible, 3)
     ref = chunked(index, n_visible, 3, monkeypatch)
     assert (fused[0][0] == 7).any(-1).all() and (ref[0][0] == 7).any(-1).all()
+
+
+def test_compiled_selection_calls_the_kernel_as_one_op(monkeypatch):
+    """Under torch.compile (fullgraph: no graph break) the selection is the kernel's custom op, with
+    the eager picks; the op passes torch.library.opcheck."""
+    import torch.nn.functional as F
+
+    assert indexer_module.kernel_available()
+    index = random_index(2, 70, 4, 8, 23, dtype=torch.float32)
+    n_visible = (torch.arange(70) + 1) // 3
+    eager = select_topk(index, n_visible, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(select_topk, fullgraph=True, backend="aot_eager")
+    compiled(index, n_visible, 5)
+    built, runs = indexer_module._kernels(), []
+    monkeypatch.setattr(indexer_module, "_kernels", lambda: runs.append(1) or built)
+    picks = compiled(index, n_visible, 5)
+    assert runs  # the graph ran the kernel (the compiled fallback sorts every row instead)
+    assert all(torch.equal(a, b) for a, b in zip(eager, picks))
+    keys = F.pad(index.keys, (0, 0, 0, 64 - 23)).view(2, 1, 64, 8).transpose(2, 3).contiguous()
+    torch.library.opcheck(indexer_module.index_topk_op, (index.q, index.w, keys, n_visible.clamp(0, 23), 5))
