@@ -97,11 +97,10 @@ SELECT_CHUNK_ELEMENTS = 1 << 22
 def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best visible entries per query: indices [B, T, k'] (a set: in no particular order)
     and whether each pick is a visible entry [B, T, k'] (early queries see fewer than k),
-    k' = min(k, N). Query t sees
-    entries 0..n_visible[t]-1. `index` is IndexQueries (scored a chunk of queries at a time, so
-    that [B, T, N] scores never exist at once; on the CPU by a fused kernel) or
-    precomputed scores [B, T, N]. No gradient: the indexer learns from the scores of what was
-    selected (`IndexQueries.selected_scores`)."""
+    k' = min(k, N). Query t sees entries 0..n_visible[t]-1. `index` is IndexQueries (scored a
+    chunk of queries at a time, so that [B, T, N] scores never exist at once; on the CPU by a
+    fused kernel) or precomputed scores [B, T, N]. No gradient: the indexer learns from the
+    scores of what was selected (`IndexQueries.selected_scores`)."""
     if isinstance(index, torch.Tensor):
         rows, n = (lambda start, stop, width: index[:, start:stop, :width].clone()), index.size(-1)  # masked in place
         chunk = max(1, index.size(1))
@@ -186,19 +185,24 @@ def _(q, w, keys, n_visible, k):
             q.new_empty(q.size(0), q.size(1), k, dtype=torch.bool))
 
 
+KEY_BLOCK = 64  # the kernel reads keys in blocks of this many entries
+
+
+def key_blocks(keys: torch.Tensor) -> torch.Tensor:
+    """Keys [B, N, dim] as the kernel reads them: [B, ⌈N/64⌉, dim, 64], each block of 64 entries
+    transposed, zero entries past N."""
+    b, n, d = keys.shape
+    blocks = -(-n // KEY_BLOCK)
+    return F.pad(keys, (0, 0, 0, blocks * KEY_BLOCK - n)).view(b, blocks, KEY_BLOCK, d).transpose(2, 3).contiguous()
+
+
 def _select_on_cpu(index: "IndexQueries", n_visible: torch.Tensor, k: int):
     """select_topk by the fused kernel: each query's scores made and ranked while they are in L1,
     in fp32 (fp64 for fp64 inputs) whatever the autocast dtype; the same picks, best first."""
     dtype = torch.float64 if index.q.dtype == torch.float64 else torch.float32
-    b, n, d = index.keys.shape
-    blocks = -(-n // KEY_BLOCK)
-    keys = F.pad(index.keys.detach().to(dtype), (0, 0, 0, blocks * KEY_BLOCK - n))
-    keys = keys.view(b, blocks, KEY_BLOCK, d).transpose(2, 3).contiguous()  # each block [dim, 64]
+    n = index.keys.size(1)
     return index_topk_op(index.q.detach().to(dtype).contiguous(), index.w.detach().to(dtype).contiguous(),
-                         keys, n_visible.clamp(0, n).contiguous(), min(k, n))
-
-
-KEY_BLOCK = 64  # the kernel reads keys in blocks of this many entries
+                         key_blocks(index.keys.detach().to(dtype)), n_visible.clamp(0, n).contiguous(), min(k, n))
 
 
 def kl_to_attention(index_logits: torch.Tensor, target: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

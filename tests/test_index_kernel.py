@@ -102,8 +102,6 @@ def test_a_nan_key_ranks_first_on_both_paths(monkeypatch):
 def test_compiled_selection_calls_the_kernel_as_one_op(monkeypatch):
     """Under torch.compile (fullgraph: no graph break) the selection is the kernel's custom op, with
     the eager picks; the op passes torch.library.opcheck."""
-    import torch.nn.functional as F
-
     assert indexer_module.kernel_available()
     index = random_index(2, 70, 4, 8, 23, dtype=torch.float32)
     n_visible = (torch.arange(70) + 1) // 3
@@ -116,5 +114,5 @@ def test_compiled_selection_calls_the_kernel_as_one_op(monkeypatch):
     picks = compiled(index, n_visible, 5)
     assert runs  # the graph ran the kernel (the compiled fallback sorts every row instead)
     assert all(torch.equal(a, b) for a, b in zip(eager, picks))
-    keys = F.pad(index.keys, (0, 0, 0, 64 - 23)).view(2, 1, 64, 8).transpose(2, 3).contiguous()
+    keys = indexer_module.key_blocks(index.keys)
     torch.library.opcheck(indexer_module.index_topk_op, (index.q, index.w, keys, n_visible.clamp(0, 23), 5))
