@@ -82,3 +82,15 @@ def extension(source: str):
     except Exception as e:  # no compiler, or a broken toolchain: the eager path computes the same thing
         warnings.warn(f"fused CPU kernels of {source}.cpp unavailable, using eager PyTorch: {e}")
         return None
+
+
+# source → whether its kernels built, once asked: compiled code reads this plain dict (a guarded
+# lookup) instead of tracing into the build
+known: dict[str, bool] = {}
+
+
+def available(source: str) -> bool:
+    """Builds or loads model/csrc/<source>.cpp on first call; whether it can be used."""
+    if source not in known:
+        known[source] = extension(source) is not None
+    return known[source]

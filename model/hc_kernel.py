@@ -17,14 +17,8 @@ def _extension():
     return cpu_kernels.extension("hyper_connection")
 
 
-_available: bool | None = None  # a plain global once known: the compiler reads it without tracing the load
-
-
 def available() -> bool:
-    global _available
-    if _available is None:
-        _available = _extension() is not None
-    return _available
+    return cpu_kernels.available("hyper_connection")
 
 
 def usable(x: torch.Tensor, *params: torch.Tensor) -> bool:

@@ -104,7 +104,7 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
     if isinstance(index, torch.Tensor):
         rows, n = (lambda start, stop, width: index[:, start:stop, :width].clone()), index.size(-1)  # masked in place
         chunk = max(1, index.size(1))
-    elif index.q.device.type == "cpu" and (_available is True if torch.compiler.is_compiling() else _kernels() is not None):
+    elif _use_kernel(index):
         return _select_on_cpu(index, n_visible, k)
     else:
         rows, n = index.scores, index.keys.size(1)
@@ -159,16 +159,20 @@ def _kernels():
     return cpu_kernels.extension("index_topk")
 
 
-_available: bool | None = None  # a plain global once known: the compiler reads it without tracing the build
+def _use_kernel(index: "IndexQueries") -> bool:
+    """CPU tensors and a kernel that builds; a compiled graph only uses one already known to build
+    (no build inside a trace)."""
+    if index.q.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling():
+        return cpu_kernels.known.get("index_topk", False)
+    return _kernels() is not None
 
 
 def kernel_available() -> bool:
     """Builds or loads the kernel; compiled graphs use it only once this has said yes (train/compile.py
     asks before tracing)."""
-    global _available
-    if _available is None:
-        _available = _kernels() is not None
-    return _available
+    return cpu_kernels.available("index_topk")
 
 
 @torch.library.custom_op("v4lab::index_topk", mutates_args=())
