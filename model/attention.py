@@ -65,6 +65,44 @@ def rope_base(kind: str, cfg, rope_theta: float, max_seq_len: int) -> tuple[floa
                                      "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}
 
 
+class SoftmaxOverParts(torch.autograd.Function):
+    """One softmax over logits given in parts: sink [1, 1, H, 1] (broadcast), parts [B, n, H, w_i]
+    then one bool mask per part (broadcastable to it, True = hidden) → the probabilities of each
+    part (views of one [B, n, H, Σw_i + 1] buffer, the sink's column last), and the per-head max
+    logit when `track_max` (else an empty tensor).
+
+    Its backward writes each part's gradient once, p·(g − Σ p·g), the sink's summed. Autograd's
+    would zero-fill a full-width gradient for each slice taken of the probabilities, add them,
+    run the softmax backward over the sum and then mask the window again, though hidden
+    probabilities are 0 and so is their gradient: 3-4 passes over the scores more per layer."""
+
+    @staticmethod
+    def forward(ctx, sink, track_max: bool, *parts_and_masks):
+        parts, masks = parts_and_masks[: len(parts_and_masks) // 2], parts_and_masks[len(parts_and_masks) // 2:]
+        b, n, h, _ = parts[0].shape
+        logits = torch.cat([*parts, sink.expand(b, n, h, 1)], dim=-1)
+        at = 0
+        for part, mask in zip(parts, masks):
+            logits[..., at: at + part.size(-1)].masked_fill_(mask, float("-inf"))
+            at += part.size(-1)
+        max_logits = logits.amax(dim=(0, 1, 3)) if track_max else logits.new_empty(0)
+        probs = torch.softmax(logits, dim=-1)
+        ctx.save_for_backward(probs)
+        ctx.widths = [p.size(-1) for p in parts]
+        ctx.mark_non_differentiable(max_logits)
+        return (*probs.split([*ctx.widths, 1], dim=-1)[:-1], max_logits)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (probs,) = ctx.saved_tensors
+        *ps, p_sink = probs.split([*ctx.widths, 1], dim=-1)
+        # grads of unused outputs arrive as zeros (materialised), the max logit's last
+        dot = sum(torch.linalg.vecdot(p, g).unsqueeze(-1) for p, g in zip(ps, grads))
+        d_parts = [(g - dot).mul_(p) for p, g in zip(ps, grads)]
+        d_sink = -(p_sink * dot).sum((0, 1), keepdim=True)
+        return (d_sink, None, *d_parts, *[None] * len(ps))
+
+
 class V4Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, cfg, kind: str, max_seq_len: int, eps: float,
                  rope_theta: float = 10000.0):
@@ -226,33 +264,32 @@ class V4Attention(nn.Module):
         n_chunks = kc.size(1)
         pad = n_chunks * w - n
         qc = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).view(b, n_chunks, w * h, hd)
-        s_win = torch.matmul(qc, kc.transpose(-1, -2)).view(b, n_chunks, w, h, 2 * w)
-        first = start // w
-        # in place: the matmul's output is not needed by its backward, and a copy of it would cost a pass
-        s_win = s_win.masked_fill_(~window_mask(t, w, q.device, first, n_chunks)[:, :, None], float("-inf"))
-        parts = [s_win.view(b, n_chunks * w, h, 2 * w)[:, :n]]
+        s_win = torch.matmul(qc, kc.transpose(-1, -2)).view(b, n_chunks * w, h, 2 * w)
+        hidden = [~window_mask(t, w, q.device, start // w, n_chunks).view(n_chunks * w, 1, 2 * w)]
+        if pad:
+            s_win, hidden[0] = s_win[:, :n], hidden[0][:n]
+        parts = [s_win]
         visible = None
         if entries is not None:
             if selected is not None:
                 entries = gather_rows(entries, selected)  # [B, n, k, hd]
-                s_comp = torch.matmul(q, entries.transpose(-1, -2)).masked_fill_(~chosen[:, :, None], float("-inf"))
+                parts.append(torch.matmul(q, entries.transpose(-1, -2)))
+                hidden.append(~chosen[:, :, None])
             else:
                 # this chunk's rows only: a [T, T/m] mask per chunk would be quadratic again
                 visible = visible_entries(start + n, self.ratio, q.device, start=start)  # [n, (start + n) // m]
-                s_comp = torch.matmul(q.reshape(b, n * h, hd), entries.transpose(1, 2)).view(b, n, h, -1)
-                s_comp = s_comp.masked_fill_(~visible[:, None], float("-inf"))
-            parts.append(s_comp)
-        parts.append(sink.expand(b, n, h, 1))
-        logits = torch.cat(parts, dim=-1)  # [B, n, H, 2w + entries + 1]
-        max_logits = logits.detach().amax(dim=(0, 1, 3)) if self.track_max_logits else None
-        probs = torch.softmax(logits, dim=-1)
+                parts.append(torch.matmul(q.reshape(b, n * h, hd), entries.transpose(1, 2)).view(b, n, h, -1))
+                hidden.append(~visible[:, None])
+        *probs, max_logits = SoftmaxOverParts.apply(sink, self.track_max_logits, *parts, *hidden)
+        max_logits = max_logits if self.track_max_logits else None
 
-        p_win = probs[..., : 2 * w]  # rows strided by the logits' width: batched matmul takes it as is
+        p_win = probs[0]  # rows strided by the logits' width: batched matmul takes it as is
         p_win = (F.pad(p_win, (0, 0, 0, 0, 0, pad)) if pad else p_win).reshape(b, n_chunks, w * h, 2 * w)
-        out = torch.matmul(p_win, kc).view(b, n_chunks * w, h, hd)[:, :n]
+        out = torch.matmul(p_win, kc).view(b, n_chunks * w, h, hd)
+        out = out[:, :n] if pad else out  # a slice's backward zero-fills even when it keeps everything
         kl_sum = kl_count = None
         if entries is not None:
-            p_comp = probs[..., 2 * w: -1]
+            p_comp = probs[1]
             out = out + (torch.matmul(p_comp, entries) if selected is not None
                          else torch.matmul(p_comp.reshape(b, n * h, -1), entries).view(b, n, h, hd))
             if with_kl:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.attention import V4Attention, layer_kinds, window_mask
+from model.attention import SoftmaxOverParts, V4Attention, layer_kinds, window_mask
 from model.compressor import Compressor, visible_entries
 from model.indexer import kl_to_attention, select_topk
 from model.layers import clamped_swiglu
@@ -76,6 +76,40 @@ def test_window_mask_is_the_brute_force_window():
                 for j in range(2 * w):
                     q, k = c * w + r, c * w - w + j
                     assert mask[c, r, j] == (0 <= k <= q < k + w)
+
+
+def test_softmax_over_parts_is_one_masked_softmax_forward_and_backward():
+    """The parted softmax (own backward) against autograd through the plain formulation: cat,
+    mask, softmax, slice; fp64, every input's gradient, a part whose mask hides a whole row."""
+    g = torch.Generator().manual_seed(0)
+    b, n, h = 2, 5, 3
+    win = torch.randn(b, n, h, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    comp = torch.randn(b, n, h, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    sink = torch.randn(1, 1, h, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    hide_win = torch.rand(n, 1, 6, generator=g) < 0.4
+    hide_comp = torch.rand(b, n, 1, 4, generator=g) < 0.5
+    hide_comp[0, 1] = True
+    weights = [torch.randn(b, n, h, k, generator=g, dtype=torch.float64) for k in (6, 4)]
+
+    def reference():
+        logits = torch.cat((win.masked_fill(hide_win, float("-inf")), comp.masked_fill(hide_comp, float("-inf")),
+                            sink.expand(b, n, h, 1)), -1)
+        probs = torch.softmax(logits, -1)
+        return [probs[..., :6], probs[..., 6:10]], logits.amax((0, 1, 3))
+
+    for track in (True, False):
+        *probs, max_logits = SoftmaxOverParts.apply(sink, track, win, comp, hide_win, hide_comp)
+        expected, expected_max = reference()
+        for got, want in zip(probs, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+        assert torch.equal(max_logits, expected_max) if track else max_logits.numel() == 0
+    for used in ([0, 1], [0], [1]):  # a part whose probabilities go unused gets its share too
+        *probs, _ = SoftmaxOverParts.apply(sink, False, win, comp, hide_win, hide_comp)
+        expected, _ = reference()
+        grads = torch.autograd.grad(sum((probs[i] * weights[i]).sum() for i in used), (win, comp, sink))
+        want = torch.autograd.grad(sum((expected[i] * weights[i]).sum() for i in used), (win, comp, sink))
+        for a, e in zip(grads, want):
+            torch.testing.assert_close(a, e, rtol=0, atol=1e-14)
 
 
 def test_indexer_topk_is_the_brute_force_ranking():
