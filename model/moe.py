@@ -76,7 +76,8 @@ class MoE(nn.Module):
         # not bincount: its output's length depends on the data, which a compiled graph cannot follow
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
             0, pair_expert, torch.ones_like(pair_expert))
-        hidden = grouped_linear(flat[token], self.gate_up, pair_expert, counts)
+        # index_select, not flat[token]: its backward is an index-add, 6x faster on CPU than indexing's accumulating put
+        hidden = grouped_linear(flat.index_select(0, token), self.gate_up, pair_expert, counts)
         routed = grouped_linear(clamped_swiglu(*hidden.chunk(2, dim=-1), self.clamp), self.down, pair_expert, counts)
         routed = routed * weights.flatten()[order, None].to(flat.dtype)
         out = torch.zeros_like(flat).index_add_(0, token, routed)
@@ -136,21 +137,28 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, 
     return padded_grouped_linear(x.to(dtype), weight.to(dtype), expert, counts)
 
 
-def _by_expert(expert: torch.Tensor, counts: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _by_expert(expert: torch.Tensor, counts: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Each of `rows` ([P, k], sorted by expert) as [E, largest group, k]: each group's rows, then
-    zeros; and each row's position within its group."""
+    padding rows that repeat real ones (finite, meaningless); the padding's mask [E, largest]; and
+    each row's position in the flattened [E·largest]. One gather per tensor: zero-filling the
+    padded tensor and scattering the rows into it was two passes, and the scatter a slow one."""
+    p, e = expert.size(0), counts.size(0)
+    largest = int(counts.max()) if p else 0
     starts = counts.cumsum(0) - counts
-    rank = torch.arange(expert.size(0), device=expert.device) - starts[expert]
-    largest = int(counts.max()) if expert.size(0) else 0
-    return [r.new_zeros(counts.size(0), largest, r.size(1)).index_put_((expert, rank), r) for r in rows], rank
+    slot = torch.arange(largest, device=expert.device)
+    source = (starts[:, None] + slot).clamp_max(max(p - 1, 0)).flatten()
+    position = expert * largest + torch.arange(p, device=expert.device) - starts[expert]
+    padded = [r.index_select(0, source).view(e, largest, r.size(1)) for r in rows]
+    return padded, slot >= counts[:, None], position
 
 
 @torch.library.custom_op("v4lab::padded_grouped_linear", mutates_args=())
 def padded_grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor,
                           counts: torch.Tensor) -> torch.Tensor:
-    (padded,), rank = _by_expert(expert, counts, x)
+    (padded,), _, position = _by_expert(expert, counts, x)
     with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
-        return torch.bmm(padded, weight.transpose(1, 2))[expert, rank]
+        out = torch.bmm(padded, weight.transpose(1, 2))  # padding rows' outputs are never read
+    return out.view(-1, out.size(-1)).index_select(0, position)
 
 
 @padded_grouped_linear.register_fake
@@ -162,7 +170,8 @@ def _(x, weight, expert, counts):
 def padded_grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torch.Tensor,
                                counts: torch.Tensor) -> torch.Tensor:
     """Σ over each expert's rows of grad[p]ᵀ x[p] → [E, out, in]."""
-    (grads, xs), _ = _by_expert(expert, counts, grad, x)
+    (grads, xs), padding, _ = _by_expert(expert, counts, grad, x)
+    grads.masked_fill_(padding[..., None], 0)  # zero in one factor keeps padding out of the sum
     with torch.autocast(x.device.type, enabled=False):
         return torch.bmm(grads.transpose(1, 2), xs)
 
