@@ -97,8 +97,11 @@ class SoftmaxOverParts(torch.autograd.Function):
         (probs,) = ctx.saved_tensors
         *ps, p_sink = probs.split([*ctx.widths, 1], dim=-1)
         # grads of unused outputs arrive as zeros (materialised), the max logit's last
-        dot = sum(torch.linalg.vecdot(p, g).unsqueeze(-1) for p, g in zip(ps, grads))
-        d_parts = [(g - dot).mul_(p) for p, g in zip(ps, grads)]
+        # p·g − p·Σ(p·g), the product kept for both: 7 passes over a part where (g − Σ)·p took 9
+        d_parts = [p * g for p, g in zip(ps, grads)]
+        dot = sum(d.sum(-1, keepdim=True) for d in d_parts)
+        for d, p in zip(d_parts, ps):
+            d.addcmul_(p, dot, value=-1)
         d_sink = -(p_sink * dot).sum((0, 1), keepdim=True)
         return (d_sink, None, *d_parts, *[None] * len(ps))
 
