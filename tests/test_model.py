@@ -80,6 +80,28 @@ def test_rope_equals_the_real_rotation_forward_and_backward(dtype, tol):
         torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("width", [12, 13, 8], ids=["even-rest", "odd-rest", "all-rotated"])
+def test_rope_on_the_last_channels_leaves_the_others_exactly(width):
+    """V4's partial RoPE: the last rope_dim channels rotated as pairs from their own start, the
+    others passed through bit for bit, forward and backward (query-major tables too)."""
+    from model.compressor import rope_last
+
+    cos, sin = rope_tables(16, 8, 10000.0)
+    for x, c, s in ((torch.randn(2, 16, width), cos, sin),
+                    (torch.randn(2, 16, 3, width), cos[:, None], sin[:, None])):
+        x.requires_grad_()
+        g = torch.randn(x.shape)
+        ours = rope_last(x, c, s, 8)
+        x1, x2 = x[..., -8:].unflatten(-1, (-1, 2)).unbind(-1)
+        ref = torch.cat((x[..., :-8], torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2)), -1)
+        assert torch.equal(ours[..., :-8], x[..., :-8])
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+        grad_ours, = torch.autograd.grad(ours, x, g)
+        grad_ref, = torch.autograd.grad(ref, x, g)
+        assert torch.equal(grad_ours[..., :-8], g[..., :-8])
+        torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_rmsnorm_equals_torch_forward_and_backward(dtype, tol):
     ref = torch.nn.RMSNorm(24, eps=1e-6).to(dtype)
