@@ -267,11 +267,8 @@ class V4Attention(nn.Module):
         n_chunks = kc.size(1)
         pad = n_chunks * w - n
         qc = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).view(b, n_chunks, w * h, hd)
-        s_win = torch.matmul(qc, kc.transpose(-1, -2)).view(b, n_chunks * w, h, 2 * w)
-        hidden = [~window_mask(t, w, q.device, start // w, n_chunks).view(n_chunks * w, 1, 2 * w)]
-        if pad:
-            s_win, hidden[0] = s_win[:, :n], hidden[0][:n]
-        parts = [s_win]
+        parts = [torch.matmul(qc, kc.transpose(-1, -2)).view(b, n_chunks * w, h, 2 * w)[:, :n]]
+        hidden = [~window_mask(t, w, q.device, start // w, n_chunks).view(n_chunks * w, 1, 2 * w)[:n]]
         visible = None
         if entries is not None:
             if selected is not None:
@@ -288,8 +285,7 @@ class V4Attention(nn.Module):
 
         p_win = probs[0]  # rows strided by the logits' width: batched matmul takes it as is
         p_win = (F.pad(p_win, (0, 0, 0, 0, 0, pad)) if pad else p_win).reshape(b, n_chunks, w * h, 2 * w)
-        out = torch.matmul(p_win, kc).view(b, n_chunks * w, h, hd)
-        out = out[:, :n] if pad else out  # a slice's backward zero-fills even when it keeps everything
+        out = torch.matmul(p_win, kc).view(b, n_chunks * w, h, hd)[:, :n]
         kl_sum = kl_count = None
         if entries is not None:
             p_comp = probs[1]
