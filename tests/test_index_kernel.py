@@ -25,7 +25,7 @@ def random_index(b, t, heads, dim, n, dtype=torch.float64, seed=0):
                          ids=["N50", "N175-blocks", "one-head-ties"])
 def test_fused_selection_picks_the_chunked_paths_entries(t, ratio, heads, dim, k, monkeypatch):
     """Per query, the same set of valid picks as the chunked path (fp64, batch 2, entries not a
-    multiple of the kernel's 64-entry blocks, early queries that see fewer than k); the kernel's
+    multiple of the kernel's 128-entry blocks, early queries that see fewer than k); the kernel's
     valid picks come first, best first, ties by entry."""
     assert indexer_module._kernels() is not None
     index = random_index(2, t, heads, dim, t // ratio)
@@ -73,11 +73,12 @@ def test_fused_selection_scores_low_precision_inputs_in_fp32_and_survives_nan():
 
 def test_the_kernel_refuses_mismatched_shapes_and_stays_inside_its_keys():
     kernels = indexer_module._kernels()
-    q, w, keys = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2), torch.randn(1, 1, 4, 64)
+    block = indexer_module.KEY_BLOCK
+    q, w, keys = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2), torch.randn(1, 1, 4, block)
     with pytest.raises(RuntimeError, match="disagree"):
         kernels.index_topk(q, w[:, :, :1].contiguous(), keys, torch.arange(8), 3)
     picks, valid = kernels.index_topk(q, w, keys, torch.full((8,), 10_000), 3)  # sees more than exists
-    assert valid.all() and picks.max() < 64
+    assert valid.all() and picks.max() < block
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "chunked"])

@@ -4,7 +4,7 @@
 //
 // Eager PyTorch makes this a [T*H, N] batched matmul, a ReLU pass and a second batched matmul
 // through memory, then top-k over [T, N]: at T = 8K about 1 GB of traffic for 4 GFLOP. Here each
-// query's row of scores is made 64 entries at a time in registers (eight independent FMA chains per
+// query's row of scores is made 64 or 128 entries at a time in registers (eight independent FMA chains per
 // head) and selected while it is in L1. A score depends only on (t, s), not on the row's length
 // or on the other queries, so a decoding cache that scores only the entries made so far gets the
 // same values. Ties (entries whose every index head is ReLU-zero score exactly 0) go to the earlier
@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -21,17 +23,23 @@
 
 namespace {
 
-constexpr int64_t kBlock = 64;  // keys come in blocks of 64 entries, each stored [dim][64]
+constexpr int64_t kBlock = 128;  // keys come in blocks of 128 entries, each stored [dim][128]
+// The widest vectors the CPU has: AVX-512's halve the instructions per score against AVX2's.
+#ifdef __AVX512F__
+constexpr int64_t kVecBytes = 64;
+#else
+constexpr int64_t kVecBytes = 32;
+#endif
 
 // One row of scores, a tile of 8 vectors of entries at a time: for each head, eight independent
 // FMA chains over the index dim (the chains hide the FMA latency), then the ReLU and the head weight.
-// A block's keys are contiguous ([dim][64]): with entries contiguous across a whole row instead, the
+// A block's keys are contiguous ([dim][128]): with entries contiguous across a whole row instead, the
 // dim rows of a tile sit a power of two apart and evict each other from L1 (4x slower).
 template <typename scalar_t>
 void score_row(const scalar_t* q, const scalar_t* w, const scalar_t* keys, int64_t heads, int64_t dim,
                int64_t visible, scalar_t* out) {
-  typedef scalar_t vec __attribute__((vector_size(32)));
-  constexpr int64_t lanes = 32 / sizeof(scalar_t), chains = 8, tile = lanes * chains;
+  typedef scalar_t vec __attribute__((vector_size(kVecBytes)));
+  constexpr int64_t lanes = kVecBytes / sizeof(scalar_t), chains = 8, tile = lanes * chains;
   static_assert(kBlock % tile == 0, "a tile never crosses a block");
   const vec zero = {};
   for (int64_t s0 = 0; s0 < visible; s0 += tile) {
@@ -58,33 +66,77 @@ void score_row(const scalar_t* q, const scalar_t* w, const scalar_t* keys, int64
   }
 }
 
+// A score and its entry as one unsigned integer that orders as "better": the higher score, then
+// the earlier entry; NaN as +inf (torch.topk ranks NaN first). (No score is -0, which would rank
+// below +0: score_row's sums start at +0.) Selecting integers with std::greater is faster than
+// pairs under a two-key comparison with NaN branches.
+template <typename scalar_t> struct Ranked;
+template <> struct Ranked<float> { using key = uint64_t; using bits = uint32_t; };
+template <> struct Ranked<double> { using key = unsigned __int128; using bits = uint64_t; };
+
+template <typename scalar_t>
+typename Ranked<scalar_t>::key rank_key(scalar_t v, int64_t s) {
+  using bits_t = typename Ranked<scalar_t>::bits;
+  constexpr bits_t sign = bits_t(1) << (8 * sizeof(bits_t) - 1);
+  v = std::isnan(v) ? std::numeric_limits<scalar_t>::infinity() : v;
+  bits_t b;
+  std::memcpy(&b, &v, sizeof b);
+  b = (b & sign) ? ~b : b | sign;  // the float order as an unsigned order
+  return (typename Ranked<scalar_t>::key(b) << 32) | (0xffffffffu - uint32_t(s));
+}
+
+template <typename scalar_t>
+scalar_t score_of(typename Ranked<scalar_t>::key r) {
+  using bits_t = typename Ranked<scalar_t>::bits;
+  constexpr bits_t sign = bits_t(1) << (8 * sizeof(bits_t) - 1);
+  bits_t b = bits_t(r >> 32);
+  b = (b & sign) ? b & ~sign : ~b;
+  scalar_t v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+template <typename key_t>
+int64_t entry_of(key_t r) { return int64_t(0xffffffffu - uint32_t(r & 0xffffffffu)); }
+
 // The k best of scores[0..n), best first, into buf[0..returned). Entries that beat the k-th best so
 // far are appended without a branch; when the buffer fills, nth_element keeps its k best and their
-// worst becomes the bar. Entries come in order, so one that only ties the bar is the later one and
-// loses: the bar admits strictly greater scores. (A heap or a sort of the whole row mispredicts
-// about half its comparisons on such rows: 5x slower.)
+// worst becomes the bar. Entries come in order, so one that only ties the bar's score is the later
+// one and loses: the bar admits strictly greater scores. (A heap or a sort of the whole row
+// mispredicts about half its comparisons on such rows: 5x slower.)
 template <typename scalar_t>
-int64_t top_k(const scalar_t* scores, int64_t n, int64_t k, std::vector<std::pair<scalar_t, int64_t>>& buf) {
-  auto better = [](const std::pair<scalar_t, int64_t>& a, const std::pair<scalar_t, int64_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
-  auto key = [](scalar_t v) { return std::isnan(v) ? std::numeric_limits<scalar_t>::infinity() : v; };
+int64_t top_k(const scalar_t* scores, int64_t n, int64_t k, std::vector<typename Ranked<scalar_t>::key>& buf) {
+  using key_t = typename Ranked<scalar_t>::key;
+  const auto better = std::greater<key_t>();
   if (k == 0) return 0;
-  const int64_t cap = std::max<int64_t>(4 * k, 256);
+  const int64_t cap = std::max<int64_t>(4 * k, 64);
   buf.resize(cap + 1);  // + 1: the slot a rejected entry is written to
   int64_t count = std::min(k, n);
-  for (int64_t s = 0; s < count; ++s) buf[s] = {key(scores[s]), s};
-  scalar_t bar = -std::numeric_limits<scalar_t>::infinity();  // fewer than k seen: anything above -inf
-  if (count == k) bar = std::min_element(buf.begin(), buf.begin() + k, [](auto& a, auto& b) {
-    return a.first < b.first; })->first;
-  for (int64_t s = count; s < n; ++s) {
-    const scalar_t v = key(scores[s]);
-    buf[count] = {v, s};
-    count += v > bar;
-    if (count == cap) {
-      std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + count, better);
-      bar = buf[k - 1].first;
-      count = k;
+  for (int64_t s = 0; s < count; ++s) buf[s] = rank_key(scores[s], s);
+  if (count == n) {
+    std::sort(buf.begin(), buf.begin() + count, better);
+    return count;
+  }
+  key_t bar = *std::min_element(buf.begin(), buf.begin() + k);
+  scalar_t bar_score = score_of<scalar_t>(bar);
+  constexpr int64_t span = 16;
+  for (int64_t s0 = count; s0 < n; s0 += span) {
+    const int64_t stop = std::min(n, s0 + span);
+    // Once the bar has risen, most spans hold no score above it: one vectorised test skips them
+    // (!(v <= bar): NaN goes on to the exact test).
+    int above = stop - s0 < span;
+    if (!above)
+      for (int64_t s = s0; s < s0 + span; ++s) above += !(scores[s] <= bar_score);
+    if (!above) continue;
+    for (int64_t s = s0; s < stop; ++s) {
+      const key_t v = rank_key(scores[s], s);
+      buf[count] = v;
+      count += v > bar;
+      if (count == cap) {
+        std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + count, better);
+        bar = buf[k - 1], bar_score = score_of<scalar_t>(bar);
+        count = k;
+      }
     }
   }
   const int64_t chosen = std::min(k, count);
@@ -109,7 +161,7 @@ void index_topk_impl(const at::Tensor& q, const at::Tensor& w, const at::Tensor&
   // row i/2 from the start or from the end), so a static split of the range splits the work evenly.
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> scores(n_pad);
-    std::vector<std::pair<scalar_t, int64_t>> best;
+    std::vector<typename Ranked<scalar_t>::key> best;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bt = i % 2 ? rows - 1 - i / 2 : i / 2;
       const int64_t b = bt / queries, t = bt % queries;
@@ -119,7 +171,7 @@ void index_topk_impl(const at::Tensor& q, const at::Tensor& w, const at::Tensor&
       int64_t* irow = ip + bt * picks;
       bool* vrow = vp + bt * picks;
       for (int64_t j = 0; j < picks; ++j) {
-        irow[j] = j < chosen ? best[j].second : 0;
+        irow[j] = j < chosen ? entry_of(best[j]) : 0;
         vrow[j] = j < chosen;
       }
     }
@@ -128,13 +180,13 @@ void index_topk_impl(const at::Tensor& q, const at::Tensor& w, const at::Tensor&
 
 }  // namespace
 
-// q [B, T, H, D], w [B, T, H], keys [B, N_pad / 64, D, 64] (each block of 64 entries transposed;
+// q [B, T, H, D], w [B, T, H], keys [B, N_pad / 128, D, 128] (each block of 128 entries transposed;
 // zero entries past N), n_visible [T] int64 (query t sees entries 0..n_visible[t]-1, at most N),
 // k <= N: (index [B, T, k] int64, valid [B, T, k] bool), each row's valid picks first, best first.
 std::vector<at::Tensor> index_topk(const at::Tensor& q, const at::Tensor& w, const at::Tensor& keys,
                                    const at::Tensor& n_visible, int64_t k) {
   TORCH_CHECK(q.dim() == 4 && w.dim() == 3 && keys.dim() == 4 && keys.size(3) == kBlock,
-              "index_topk: q [B, T, H, D], w [B, T, H], keys [B, N_pad / 64, D, 64]");
+              "index_topk: q [B, T, H, D], w [B, T, H], keys [B, N_pad / 128, D, 128]");
   TORCH_CHECK(q.is_contiguous() && w.is_contiguous() && keys.is_contiguous() && n_visible.is_contiguous(),
               "index_topk: contiguous inputs");
   TORCH_CHECK(n_visible.scalar_type() == at::kLong && n_visible.size(0) == q.size(1), "index_topk: n_visible [T] int64");
