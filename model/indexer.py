@@ -190,11 +190,11 @@ def _(q, w, keys, n_visible, k):
             q.new_empty(q.size(0), q.size(1), k, dtype=torch.bool))
 
 
-KEY_BLOCK = 128  # the kernel reads keys in blocks of this many entries
+KEY_BLOCK = 64  # the kernel reads keys in blocks of this many entries
 
 
 def key_blocks(keys: torch.Tensor) -> torch.Tensor:
-    """Keys [B, N, dim] as the kernel reads them: [B, ⌈N/128⌉, dim, 128], each block of 128 entries
+    """Keys [B, N, dim] as the kernel reads them: [B, ⌈N/64⌉, dim, 64], each block of 64 entries
     transposed, zero entries past N."""
     b, n, d = keys.shape
     blocks = -(-n // KEY_BLOCK)

@@ -25,7 +25,7 @@ def random_index(b, t, heads, dim, n, dtype=torch.float64, seed=0):
                          ids=["N50", "N175-blocks", "one-head-ties"])
 def test_fused_selection_picks_the_chunked_paths_entries(t, ratio, heads, dim, k, monkeypatch):
     """Per query, the same set of valid picks as the chunked path (fp64, batch 2, entries not a
-    multiple of the kernel's 128-entry blocks, early queries that see fewer than k); the kernel's
+    multiple of the kernel's 64-entry blocks, early queries that see fewer than k); the kernel's
     valid picks come first, best first, ties by entry."""
     assert indexer_module._kernels() is not None
     index = random_index(2, t, heads, dim, t // ratio)

@@ -4,7 +4,7 @@
 //
 // Eager PyTorch makes this a [T*H, N] batched matmul, a ReLU pass and a second batched matmul
 // through memory, then top-k over [T, N]: at T = 8K about 1 GB of traffic for 4 GFLOP. Here each
-// query's row of scores is made 64 or 128 entries at a time in registers (eight independent FMA chains per
+// query's row of scores is made 64 entries at a time in registers (eight independent FMA chains per
 // head) and selected while it is in L1. A score depends only on (t, s), not on the row's length
 // or on the other queries, so a decoding cache that scores only the entries made so far gets the
 // same values. Ties (entries whose every index head is ReLU-zero score exactly 0) go to the earlier
@@ -23,23 +23,17 @@
 
 namespace {
 
-constexpr int64_t kBlock = 128;  // keys come in blocks of 128 entries, each stored [dim][128]
-// The widest vectors the CPU has: AVX-512's halve the instructions per score against AVX2's.
-#ifdef __AVX512F__
-constexpr int64_t kVecBytes = 64;
-#else
-constexpr int64_t kVecBytes = 32;
-#endif
+constexpr int64_t kBlock = 64;  // keys come in blocks of 64 entries, each stored [dim][64]
 
 // One row of scores, a tile of 8 vectors of entries at a time: for each head, eight independent
 // FMA chains over the index dim (the chains hide the FMA latency), then the ReLU and the head weight.
-// A block's keys are contiguous ([dim][128]): with entries contiguous across a whole row instead, the
+// A block's keys are contiguous ([dim][64]): with entries contiguous across a whole row instead, the
 // dim rows of a tile sit a power of two apart and evict each other from L1 (4x slower).
 template <typename scalar_t>
 void score_row(const scalar_t* q, const scalar_t* w, const scalar_t* keys, int64_t heads, int64_t dim,
                int64_t visible, scalar_t* out) {
-  typedef scalar_t vec __attribute__((vector_size(kVecBytes)));
-  constexpr int64_t lanes = kVecBytes / sizeof(scalar_t), chains = 8, tile = lanes * chains;
+  typedef scalar_t vec __attribute__((vector_size(32)));
+  constexpr int64_t lanes = 32 / sizeof(scalar_t), chains = 8, tile = lanes * chains;
   static_assert(kBlock % tile == 0, "a tile never crosses a block");
   const vec zero = {};
   for (int64_t s0 = 0; s0 < visible; s0 += tile) {
@@ -180,13 +174,13 @@ void index_topk_impl(const at::Tensor& q, const at::Tensor& w, const at::Tensor&
 
 }  // namespace
 
-// q [B, T, H, D], w [B, T, H], keys [B, N_pad / 128, D, 128] (each block of 128 entries transposed;
+// q [B, T, H, D], w [B, T, H], keys [B, N_pad / 64, D, 64] (each block of 64 entries transposed;
 // zero entries past N), n_visible [T] int64 (query t sees entries 0..n_visible[t]-1, at most N),
 // k <= N: (index [B, T, k] int64, valid [B, T, k] bool), each row's valid picks first, best first.
 std::vector<at::Tensor> index_topk(const at::Tensor& q, const at::Tensor& w, const at::Tensor& keys,
                                    const at::Tensor& n_visible, int64_t k) {
   TORCH_CHECK(q.dim() == 4 && w.dim() == 3 && keys.dim() == 4 && keys.size(3) == kBlock,
-              "index_topk: q [B, T, H, D], w [B, T, H], keys [B, N_pad / 128, D, 128]");
+              "index_topk: q [B, T, H, D], w [B, T, H], keys [B, N_pad / 64, D, 64]");
   TORCH_CHECK(q.is_contiguous() && w.is_contiguous() && keys.is_contiguous() && n_visible.is_contiguous(),
               "index_topk: contiguous inputs");
   TORCH_CHECK(n_visible.scalar_type() == at::kLong && n_visible.size(0) == q.size(1), "index_topk: n_visible [T] int64");
