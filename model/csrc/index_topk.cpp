@@ -13,8 +13,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <functional>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -60,77 +58,33 @@ void score_row(const scalar_t* q, const scalar_t* w, const scalar_t* keys, int64
   }
 }
 
-// A score and its entry as one unsigned integer that orders as "better": the higher score, then
-// the earlier entry; NaN as +inf (torch.topk ranks NaN first). (No score is -0, which would rank
-// below +0: score_row's sums start at +0.) Selecting integers with std::greater is faster than
-// pairs under a two-key comparison with NaN branches.
-template <typename scalar_t> struct Ranked;
-template <> struct Ranked<float> { using key = uint64_t; using bits = uint32_t; };
-template <> struct Ranked<double> { using key = unsigned __int128; using bits = uint64_t; };
-
-template <typename scalar_t>
-typename Ranked<scalar_t>::key rank_key(scalar_t v, int64_t s) {
-  using bits_t = typename Ranked<scalar_t>::bits;
-  constexpr bits_t sign = bits_t(1) << (8 * sizeof(bits_t) - 1);
-  v = std::isnan(v) ? std::numeric_limits<scalar_t>::infinity() : v;
-  bits_t b;
-  std::memcpy(&b, &v, sizeof b);
-  b = (b & sign) ? ~b : b | sign;  // the float order as an unsigned order
-  return (typename Ranked<scalar_t>::key(b) << 32) | (0xffffffffu - uint32_t(s));
-}
-
-template <typename scalar_t>
-scalar_t score_of(typename Ranked<scalar_t>::key r) {
-  using bits_t = typename Ranked<scalar_t>::bits;
-  constexpr bits_t sign = bits_t(1) << (8 * sizeof(bits_t) - 1);
-  bits_t b = bits_t(r >> 32);
-  b = (b & sign) ? b & ~sign : ~b;
-  scalar_t v;
-  std::memcpy(&v, &b, sizeof v);
-  return v;
-}
-
-template <typename key_t>
-int64_t entry_of(key_t r) { return int64_t(0xffffffffu - uint32_t(r & 0xffffffffu)); }
-
 // The k best of scores[0..n), best first, into buf[0..returned). Entries that beat the k-th best so
 // far are appended without a branch; when the buffer fills, nth_element keeps its k best and their
-// worst becomes the bar. Entries come in order, so one that only ties the bar's score is the later
-// one and loses: the bar admits strictly greater scores. (A heap or a sort of the whole row
-// mispredicts about half its comparisons on such rows: 5x slower.)
+// worst becomes the bar. Entries come in order, so one that only ties the bar is the later one and
+// loses: the bar admits strictly greater scores. (A heap or a sort of the whole row mispredicts
+// about half its comparisons on such rows: 5x slower.)
 template <typename scalar_t>
-int64_t top_k(const scalar_t* scores, int64_t n, int64_t k, std::vector<typename Ranked<scalar_t>::key>& buf) {
-  using key_t = typename Ranked<scalar_t>::key;
-  const auto better = std::greater<key_t>();
+int64_t top_k(const scalar_t* scores, int64_t n, int64_t k, std::vector<std::pair<scalar_t, int64_t>>& buf) {
+  auto better = [](const std::pair<scalar_t, int64_t>& a, const std::pair<scalar_t, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  auto key = [](scalar_t v) { return std::isnan(v) ? std::numeric_limits<scalar_t>::infinity() : v; };
   if (k == 0) return 0;
-  const int64_t cap = std::max<int64_t>(4 * k, 64);
+  const int64_t cap = std::max<int64_t>(4 * k, 256);
   buf.resize(cap + 1);  // + 1: the slot a rejected entry is written to
   int64_t count = std::min(k, n);
-  for (int64_t s = 0; s < count; ++s) buf[s] = rank_key(scores[s], s);
-  if (count == n) {
-    std::sort(buf.begin(), buf.begin() + count, better);
-    return count;
-  }
-  key_t bar = *std::min_element(buf.begin(), buf.begin() + k);
-  scalar_t bar_score = score_of<scalar_t>(bar);
-  constexpr int64_t span = 16;
-  for (int64_t s0 = count; s0 < n; s0 += span) {
-    const int64_t stop = std::min(n, s0 + span);
-    // Once the bar has risen, most spans hold no score above it: one vectorised test skips them
-    // (!(v <= bar): NaN goes on to the exact test).
-    int above = stop - s0 < span;
-    if (!above)
-      for (int64_t s = s0; s < s0 + span; ++s) above += !(scores[s] <= bar_score);
-    if (!above) continue;
-    for (int64_t s = s0; s < stop; ++s) {
-      const key_t v = rank_key(scores[s], s);
-      buf[count] = v;
-      count += v > bar;
-      if (count == cap) {
-        std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + count, better);
-        bar = buf[k - 1], bar_score = score_of<scalar_t>(bar);
-        count = k;
-      }
+  for (int64_t s = 0; s < count; ++s) buf[s] = {key(scores[s]), s};
+  scalar_t bar = -std::numeric_limits<scalar_t>::infinity();  // fewer than k seen: anything above -inf
+  if (count == k) bar = std::min_element(buf.begin(), buf.begin() + k, [](auto& a, auto& b) {
+    return a.first < b.first; })->first;
+  for (int64_t s = count; s < n; ++s) {
+    const scalar_t v = key(scores[s]);
+    buf[count] = {v, s};
+    count += v > bar;
+    if (count == cap) {
+      std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + count, better);
+      bar = buf[k - 1].first;
+      count = k;
     }
   }
   const int64_t chosen = std::min(k, count);
@@ -155,7 +109,7 @@ void index_topk_impl(const at::Tensor& q, const at::Tensor& w, const at::Tensor&
   // row i/2 from the start or from the end), so a static split of the range splits the work evenly.
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> scores(n_pad);
-    std::vector<typename Ranked<scalar_t>::key> best;
+    std::vector<std::pair<scalar_t, int64_t>> best;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bt = i % 2 ? rows - 1 - i / 2 : i / 2;
       const int64_t b = bt / queries, t = bt % queries;
@@ -165,7 +119,7 @@ void index_topk_impl(const at::Tensor& q, const at::Tensor& w, const at::Tensor&
       int64_t* irow = ip + bt * picks;
       bool* vrow = vp + bt * picks;
       for (int64_t j = 0; j < picks; ++j) {
-        irow[j] = j < chosen ? entry_of(best[j]) : 0;
+        irow[j] = j < chosen ? best[j].second : 0;
         vrow[j] = j < chosen;
       }
     }
