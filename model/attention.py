@@ -96,8 +96,8 @@ class SoftmaxOverParts(torch.autograd.Function):
     def backward(ctx, *grads):
         (probs,) = ctx.saved_tensors
         *ps, p_sink = probs.split([*ctx.widths, 1], dim=-1)
-        # grads of unused outputs arrive as zeros (materialised), the max logit's last
-        # p·g − p·Σ(p·g), the product kept for both: 7 passes over a part where (g − Σ)·p took 9
+        # (grads: one per part, zeros where a part went unused, then the max logit's.) p·g − p·Σ(p·g),
+        # the product kept for both: 7 passes over a part where (g − Σ)·p took 9
         d_parts = [p * g for p, g in zip(ps, grads)]
         dot = sum(d.sum(-1, keepdim=True) for d in d_parts)
         for d, p in zip(d_parts, ps):
