@@ -94,6 +94,10 @@ class SoftmaxOverParts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # the saved probabilities carry no graph: a graph of this backward would silently miss their
+        # terms. (A compiled backward is traced without grad mode.)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("V4 attention's softmax has no double backward (create_graph=True)")
         (probs,) = ctx.saved_tensors
         *ps, p_sink = probs.split([*ctx.widths, 1], dim=-1)
         # (grads: one per part, zeros where a part went unused, then the max logit's.) p·g − p·Σ(p·g),

@@ -32,8 +32,9 @@ def rope_last(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: i
     still = x.size(-1) - rope_dim
     if still % 2:  # the rotated pairs do not line up with x's own pairs
         return torch.cat((x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], cos, sin)), dim=-1)
-    # the other channels' pairs rotated by angle 0 (cos 1, sin 0: exactly themselves): one pass
-    # each way, where rotating a slice and concatenating zero-fills x's width twice in backward
+    # the other channels' pairs rotated by angle 0 (cos 1, sin 0: exactly themselves while finite;
+    # an inf would make its pair partner NaN): one pass each way, where rotating a slice and
+    # concatenating zero-fills x's width twice in backward
     return apply_rope(x, F.pad(cos, (still // 2, 0), value=1.0), F.pad(sin, (still // 2, 0)))
 
 

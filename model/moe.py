@@ -139,9 +139,10 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, 
 
 def _by_expert(expert: torch.Tensor, counts: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Each of `rows` ([P, k], sorted by expert) as [E, largest group, k]: each group's rows, then
-    padding rows that repeat real ones (finite, meaningless); the padding's mask [E, largest]; and
-    each row's position in the flattened [E·largest]. One gather per tensor: zero-filling the
-    padded tensor and scattering the rows into it was two passes, and the scatter a slow one."""
+    padding rows that repeat other rows (any values, non-finite ones included); the padding's mask
+    [E, largest]; and each row's position in the flattened [E·largest]. One gather per tensor:
+    zero-filling the padded tensor and scattering the rows into it was two passes, and the scatter
+    a slow one."""
     p, e = expert.size(0), counts.size(0)
     largest = int(counts.max()) if p else 0
     starts = counts.cumsum(0) - counts
@@ -171,7 +172,9 @@ def padded_grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torc
                                counts: torch.Tensor) -> torch.Tensor:
     """Σ over each expert's rows of grad[p]ᵀ x[p] → [E, out, in]."""
     (grads, xs), padding, _ = _by_expert(expert, counts, grad, x)
-    grads.masked_fill_(padding[..., None], 0)  # zero in one factor keeps padding out of the sum
+    # zeros in both factors: a repeated non-finite row times a zero would put NaN into another expert's sum
+    grads.masked_fill_(padding[..., None], 0)
+    xs.masked_fill_(padding[..., None], 0)
     with torch.autocast(x.device.type, enabled=False):
         return torch.bmm(grads.transpose(1, 2), xs)
 

@@ -83,7 +83,7 @@ def test_rope_equals_the_real_rotation_forward_and_backward(dtype, tol):
 @pytest.mark.parametrize("width", [12, 13, 8], ids=["even-rest", "odd-rest", "all-rotated"])
 def test_rope_on_the_last_channels_leaves_the_others_exactly(width):
     """V4's partial RoPE: the last rope_dim channels rotated as pairs from their own start, the
-    others passed through bit for bit, forward and backward (query-major tables too)."""
+    others (finite) passed through bit for bit, forward and backward (query-major tables too)."""
     from model.compressor import rope_last
 
     cos, sin = rope_tables(16, 8, 10000.0)

@@ -110,6 +110,8 @@ def test_softmax_over_parts_is_one_masked_softmax_forward_and_backward():
         want = torch.autograd.grad(sum((expected[i] * weights[i]).sum() for i in used), (win, comp, sink))
         for a, e in zip(grads, want):
             torch.testing.assert_close(a, e, rtol=0, atol=1e-14)
+    with pytest.raises(RuntimeError, match="no double backward"):  # rather than a silently partial one
+        torch.autograd.grad(probs[0].square().sum(), win, create_graph=True)
 
 
 def test_indexer_topk_is_the_brute_force_ranking():

@@ -85,6 +85,21 @@ def test_padded_grouped_ops_pass_opcheck():
     torch.library.opcheck(moe_module.padded_grouped_weight_grad, (grad, x.detach(), expert, counts))
 
 
+def test_a_non_finite_row_stays_in_its_own_experts_weight_gradient():
+    """The padding of expert groups repeats other experts' rows: an inf in one expert's input must
+    still leave every other expert's weight gradient finite, the per-expert sum of gradᵀx (zero
+    for the idle expert)."""
+    x, weight, expert, counts = routed_rows()
+    x = x.detach().clone()
+    x[int((expert == 1).nonzero()[0]), 0] = float("inf")
+    grad = torch.randn(x.size(0), weight.size(1))
+    grad[expert == 1] = 0.0
+    dw = moe_module.padded_grouped_weight_grad(grad, x, expert, counts)
+    for e in (0, 2, 3, 4):
+        rows = expert == e
+        torch.testing.assert_close(dw[e], grad[rows].T @ x[rows], rtol=0, atol=1e-5)
+
+
 def test_compiled_moe_is_one_graph_with_the_eager_outputs():
     """torch.compile(fullgraph=True) raises at any graph break (the padded groups' size is read
     from the routing). Output and gradients equal the eager module's, for two routings."""
