@@ -100,12 +100,11 @@ class SoftmaxOverParts(torch.autograd.Function):
             raise RuntimeError("V4 attention's softmax has no double backward (create_graph=True)")
         (probs,) = ctx.saved_tensors
         *ps, p_sink = probs.split([*ctx.widths, 1], dim=-1)
-        # (grads: one per part, zeros where a part went unused, then the max logit's.) p·g − p·Σ(p·g),
-        # the product kept for both: 7 passes over a part where (g − Σ)·p took 9
-        d_parts = [p * g for p, g in zip(ps, grads)]
-        dot = sum(d.sum(-1, keepdim=True) for d in d_parts)
-        for d, p in zip(d_parts, ps):
-            d.addcmul_(p, dot, value=-1)
+        # (grads: one per part, zeros where a part went unused, then the max logit's.) (g − Σp·g)·p,
+        # rounded as torch's softmax backward rounds it: p·g − p·Σ saves two passes but cancels
+        # worse, enough to move V4's losses over 10 steps by 2e-5 (tests/test_distributed.py)
+        dot = sum(torch.linalg.vecdot(p, g).unsqueeze(-1) for p, g in zip(ps, grads))
+        d_parts = [(g - dot).mul_(p) for p, g in zip(ps, grads)]
         d_sink = -(p_sink * dot).sum((0, 1), keepdim=True)
         return (d_sink, None, *d_parts, *[None] * len(ps))
 
