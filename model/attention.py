@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.compressor import Compressor, rope_last, visible_entries
 from model.indexer import Indexer, IndexQueries, gather_rows, kl_to_attention_sum, select_topk
-from model.layers import rope_tables
+from model.layers import refuse_create_graph, rope_tables
 
 KINDS = ("window", "csa", "hca")
 
@@ -94,10 +94,8 @@ class SoftmaxOverParts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        # the saved probabilities carry no graph: a graph of this backward would silently miss their
-        # terms. (A compiled backward is traced without grad mode.)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError("V4 attention's softmax has no double backward (create_graph=True)")
+        # the saved probabilities carry no graph: a graph of this backward would miss their terms
+        refuse_create_graph("V4 attention's softmax has no double backward (create_graph=True)")
         (probs,) = ctx.saved_tensors
         *ps, p_sink = probs.split([*ctx.widths, 1], dim=-1)
         # (grads: one per part, zeros where a part went unused, then the max logit's.) (g − Σp·g)·p,

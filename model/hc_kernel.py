@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from model import cpu_kernels
+from model.layers import refuse_create_graph
 
 
 def _extension():
@@ -58,13 +59,8 @@ class Link:
         self.node = None
 
 
-def _refuse_create_graph() -> None:
-    # The kernels' arithmetic is not recorded, so a graph of the backward would silently miss it.
-    # (once_differentiable would not do: its error is raised only where the gradient is needed
-    # through nothing but these kernels.) A compiled backward is traced without grad mode.
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError("the fused hyper-connection kernels have no double backward (create_graph=True); "
-                           "set model.fused_hc=false to use the eager path")
+NO_DOUBLE_BACKWARD = ("the fused hyper-connection kernels have no double backward (create_graph=True); "
+                      "set model.fused_hc=false to use the eager path")
 
 
 # -- the kernels as torch.library custom ops --------------------------------------------------
@@ -138,7 +134,7 @@ def _contiguous_or_zeros(g: Tensor | None, *shape, dtype) -> Tensor:
 
 def _mhc_in_grads(saved, meta, g_in, g_post, g_res, g_mix):
     """The gradients of mhc_in's inputs, in their own shapes and dtypes (None for the absent mix rows)."""
-    _refuse_create_graph()
+    refuse_create_graph(NO_DOUBLE_BACKWARD)
     x, phi, alpha, b_res, pre, post, res, mp, rinv = saved
     n, iters, eps_hc, mix, phi_dtype, dtype, alpha_shape = meta
     g_in = _contiguous_or_zeros(g_in, x.size(0), x.size(1) // n, dtype=x.dtype)
@@ -179,7 +175,7 @@ def _mix_setup(ctx, inputs, output):
 
 
 def _mix_backward(ctx, g):
-    _refuse_create_graph()
+    refuse_create_graph(NO_DOUBLE_BACKWARD)
     x, y, post, res = ctx.saved_tensors
     dx, dy, dpost, dres = mix_backward_op(x, y, post, res, g.contiguous(), ctx.n, True)
     return dx, dy, dpost, dres, None
@@ -222,7 +218,7 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _refuse_create_graph()
+        refuse_create_graph(NO_DOUBLE_BACKWARD)
         x, y, post, res = ctx.saved_tensors
         g = g.contiguous()
         # A pass that prunes mhc_in (a gradient w.r.t. some parameters only) must get X's gradient here.

@@ -51,6 +51,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).type_as(x)
 
 
+def refuse_create_graph(message: str) -> None:
+    """For hand-written backwards whose arithmetic is not recorded: a graph of them
+    (create_graph=True) would silently miss it, so raise instead. (once_differentiable would not
+    do: its error is raised only where the gradient is needed through nothing but such backwards.)
+    A compiled backward is traced without grad mode."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(message)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x · r · w with r = rsqrt(mean(x²) + eps) per row, in as few passes over x as the
     arithmetic allows: PyTorch's CPU rms_norm is about six elementwise kernels forward and its
