@@ -170,6 +170,17 @@ def test_zero_tokens():
     assert x.grad.shape == x.shape
 
 
+def test_denormals_count_as_zero_only_inside_the_kernels():
+    """The mHC kernels flush denormals (Sinkhorn's backward makes them, and they are slow): the
+    setting must end with each kernel call, on the calling thread and on the pool's threads."""
+    hc = perturbed(HyperConnection("mhc", 4, 32, index=0))
+    x = torch.randn(1, 4096, 4, 32, requires_grad=True)  # enough tokens for every thread of the pool
+    hc(x, torch.tanh).sum().backward()
+    tiny = torch.tensor(1e-39)  # float32 denormal
+    assert tiny * 0.5 != 0  # this thread
+    assert (torch.full((1 << 22,), 1e-39) * 0.5).ne(0).all()  # one elementwise op over the whole pool
+
+
 def test_a_pass_without_mhc_in_keeps_the_mix_gradient():
     """A gradient w.r.t. the sublayer only runs the mix's backward but not mhc_in's: the mix must not
     leave its gradient for a later pass that runs mhc_in alone (here through x_in only)."""
