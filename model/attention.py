@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.compressor import Compressor, rope_last, visible_entries
 from model.indexer import Indexer, IndexQueries, gather_rows, kl_to_attention_sum, select_topk
-from model.layers import refuse_create_graph, rope_tables
+from model.layers import RMSNorm, refuse_create_graph, rms_norm, rope_tables
 
 KINDS = ("window", "csa", "hca")
 
@@ -118,11 +118,11 @@ class V4Attention(nn.Module):
         self.ratio = {"window": 0, "csa": cfg.csa_ratio, "hca": cfg.hca_ratio}[kind]
         hd, groups = cfg.head_dim, cfg.out_groups
         self.q_down = nn.Linear(d_model, cfg.q_lora, bias=False)
-        self.q_norm = nn.RMSNorm(cfg.q_lora, eps=eps)
+        self.q_norm = RMSNorm(cfg.q_lora, eps=eps)
         self.q_up = nn.Linear(cfg.q_lora, n_heads * hd, bias=False)
         self.q_up.weight.head_blocks = n_heads
         self.kv = nn.Linear(d_model, hd, bias=False)
-        self.kv_norm = nn.RMSNorm(hd, eps=eps)
+        self.kv_norm = RMSNorm(hd, eps=eps)
         self.sink = nn.Parameter(torch.zeros(n_heads))
         # [groups, rank, heads·hd / groups]: Muon orthogonalises each group's projection on its own
         self.out_down = nn.Parameter(torch.empty(groups, cfg.out_lora, n_heads * hd // groups))
@@ -158,7 +158,7 @@ class V4Attention(nn.Module):
         q_latent = self.q_norm(self.q_down(x))
         q = self.q_up(q_latent).view(b, t, self.n_heads, self.head_dim)
         if self.q_head_norm:
-            q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+            q = rms_norm(q, None, self.eps)
         q = rope_last(q, cos[:, None], sin[:, None], self.rope_dim)
         kv = rope_last(self.kv_norm(self.kv(x)), cos, sin, self.rope_dim)  # [B, T, hd], key and value
         return q_latent, q, kv

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import apply_rope
+from model.layers import RMSNorm, apply_rope
 
 
 def visible_entries(seq_len: int, ratio: int, device=None, start: int = 0) -> torch.Tensor:
@@ -47,7 +47,7 @@ class Compressor(nn.Module):
         self.gate = nn.Linear(d_model, width, bias=False)
         self.pos_bias = nn.Parameter(torch.zeros(ratio, width))
         self.pos_bias.optim_role = "scalar"  # a bias, whatever its shape
-        self.norm = nn.RMSNorm(dim, eps=eps)
+        self.norm = RMSNorm(dim, eps=eps)
 
     def pooled_positions(self, n_entries: int) -> torch.Tensor:
         """[N, width] token position each gate slot of each entry reads (negative: none)."""

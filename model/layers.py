@@ -61,9 +61,9 @@ def refuse_create_graph(message: str) -> None:
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = x · r · w with r = rsqrt(mean(x²) + eps) per row, in as few passes over x as the
-    arithmetic allows: PyTorch's CPU rms_norm is about six elementwise kernels forward and its
-    autograd a dozen more backward. Same function; results equal up to float rounding."""
+    """y = x · r · w with r = rsqrt(mean(x²) + eps) per row (w = None: no weight), in as few passes
+    over x as the arithmetic allows: PyTorch's CPU rms_norm is about six elementwise kernels forward
+    and its autograd a dozen more backward. Same function; results equal up to float rounding."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -73,22 +73,31 @@ class _RMSNormFunction(torch.autograd.Function):
         # ‖x‖² / C from one norm reduction (mean(x²) would be a square, a mean and their temporaries)
         rstd = torch.linalg.vector_norm(x_wide, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return (x_wide * rstd).mul_(weight.to(wide)).to(x.dtype)
+        y = x_wide * rstd
+        return (y if weight is None else y.mul_(weight.to(wide))).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x_in, weight, rstd = ctx.saved_tensors
         wide = rstd.dtype
-        x, grad, w = x_in.to(wide), grad.to(wide), weight.to(wide)
+        x, grad = x_in.to(wide), grad.to(wide)
         gx = (grad * x).flatten(0, -2)  # [N, C]
         grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:
+        if weight is not None and ctx.needs_input_grad[1]:
             grad_w = (gx.T @ rstd.flatten()).to(weight.dtype)  # Σ_n g·x·r, one matrix-vector product
         if ctx.needs_input_grad[0]:
             # d/dx of x·r·w = r·(g·w) − x · r³ · Σ_c(g·w·x) / C
-            coef = (gx @ w).view_as(rstd).mul_(rstd.pow(3)).div_(-x.size(-1))
-            grad_x = (grad * w).mul_(rstd).addcmul_(x, coef).to(x_in.dtype)
+            w = None if weight is None else weight.to(wide)
+            coef = (gx.sum(-1) if w is None else gx @ w).view_as(rstd).mul_(rstd.pow(3)).div_(-x.size(-1))
+            grad_x = (grad if w is None else grad * w).mul(rstd).addcmul_(x, coef).to(x_in.dtype)
         return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
+    """RMSNorm over the last dimension (weight None: none); on CPU through _RMSNormFunction."""
+    if x.device.type != "cpu":
+        return F.rms_norm(x, (x.size(-1),), weight, eps)
+    return _RMSNormFunction.apply(x, weight, eps)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -98,7 +107,7 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or self.weight is None or len(self.normalized_shape) != 1:
             return super().forward(x)
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @torch.no_grad()

@@ -15,17 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers import RMSNorm
+
 
 class MTP(nn.Module):
     def __init__(self, d_model: int, block: nn.Module, reduce: nn.Module | None, eps: float):
         super().__init__()
-        self.hidden_norm = nn.RMSNorm(d_model, eps=eps)
-        self.embed_norm = nn.RMSNorm(d_model, eps=eps)
+        self.hidden_norm = RMSNorm(d_model, eps=eps)
+        self.embed_norm = RMSNorm(d_model, eps=eps)
         self.h_proj = nn.Linear(d_model, d_model, bias=False)
         self.e_proj = nn.Linear(d_model, d_model, bias=False)
         self.block = block
         self.reduce = reduce  # the streams' weighted sum (model/mhc.py StreamReduce); None: one stream
-        self.norm = nn.RMSNorm(d_model, eps=eps)
+        self.norm = RMSNorm(d_model, eps=eps)
 
     def forward(self, hidden: torch.Tensor, next_embedding: torch.Tensor, next_ids: torch.Tensor, cos, sin):
         """hidden: the trunk's state at positions 0..T'-1 ([B, T', n, D] streams, or [B, T', D]);

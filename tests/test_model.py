@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import build_model
-from model.layers import RMSNorm, SwiGLU, apply_rope, clamped_swiglu, rope_tables
+from model.layers import RMSNorm, SwiGLU, apply_rope, clamped_swiglu, rms_norm, rope_tables
 from tests.conftest import compose_config
 
 
@@ -100,6 +100,19 @@ def test_rope_on_the_last_channels_leaves_the_others_exactly(width):
         grad_ref, = torch.autograd.grad(ref, x, g)
         assert torch.equal(grad_ours[..., :-8], g[..., :-8])
         torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_weightless_rms_norm_equals_torch_forward_and_backward(dtype, tol):
+    """V4's per-head query norm: no weight."""
+    x = (3 * torch.randn(5, 7, 3, 24, dtype=dtype)).requires_grad_()
+    g = torch.randn(x.shape, dtype=dtype)
+    y_ours, y_ref = rms_norm(x, None, 1e-6), torch.nn.functional.rms_norm(x, (24,), None, 1e-6)
+    torch.testing.assert_close(y_ours, y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(torch.autograd.grad(y_ours, x, g)[0], torch.autograd.grad(y_ref, x, g)[0],
+                               rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t: rms_norm(t, None, 1e-6), (x[:2, :2].detach().requires_grad_(),))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
