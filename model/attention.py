@@ -14,8 +14,8 @@ and to compressed entries of the whole past (REFERENCE.md §3).
   the top-k chosen by the lightning indexer; dense over all visible entries during the indexer's
   warm-up), `hca` (entries of `hca_ratio` tokens, dense).
 
-The window is computed in chunks of `window` queries against their chunk and the previous one,
-so memory grows as T·window, not T². Past `query_chunk` queries the whole softmax runs a chunk of
+The window is computed in chunks of `window`/2 queries against the `window` keys before each
+chunk and the chunk's own, so memory grows as T·window, not T². Past `query_chunk` queries the whole softmax runs a chunk of
 queries at a time, recomputed in backward, so that the [T, T/m] scores of dense compressed
 attention are never all kept either.
 """
@@ -42,14 +42,26 @@ def layer_kinds(n_layers: int, layers: list[str]) -> list[str]:
     return ["window"] * n_window + [("csa", "hca")[i % 2] for i in range(n_layers - n_window)]
 
 
-def window_mask(seq_len: int, window: int, device=None, first: int = 0, count: int | None = None) -> torch.Tensor:
-    """[C, w, 2w] bool for chunked window attention: query (chunk c, row r) at position c·w + r
-    may see key (chunk c, column j) at position (c−1)·w + j. Chunks first..first+count-1 only
-    (by default all of them)."""
-    n_chunks = -(-seq_len // window) - first if count is None else count
+def window_chunk(window: int) -> int:
+    """Queries per chunk of the windowed attention: a chunk of c queries scores the w + c keys
+    before its end, of which each query sees w, so smaller chunks waste less (c = w: half of the
+    2w scores are masked; c = w/2: a third) but multiply in smaller matrices."""
+    return window // WINDOW_SPLIT if window % WINDOW_SPLIT == 0 else window
+
+
+WINDOW_SPLIT = 2
+
+
+def window_mask(seq_len: int, window: int, device=None, first: int = 0, count: int | None = None,
+                chunk: int | None = None) -> torch.Tensor:
+    """[C, c, w + c] bool for chunked window attention with chunks of c queries (default c = w):
+    query (chunk j, row r) at position j·c + r may see key (chunk j, column i) at position
+    j·c − w + i. Chunks first..first+count-1 only (by default all of them)."""
+    c = chunk or window
+    n_chunks = -(-seq_len // c) - first if count is None else count
     chunks = torch.arange(first, first + n_chunks, device=device)[:, None]
-    q = (chunks * window + torch.arange(window, device=device))[:, :, None]
-    k = (chunks * window - window + torch.arange(2 * window, device=device))[:, None, :]
+    q = (chunks * c + torch.arange(c, device=device))[:, :, None]
+    k = (chunks * c - window + torch.arange(window + c, device=device))[:, None, :]
     return (k <= q) & (q - k < window) & (k >= 0)
 
 
@@ -214,14 +226,15 @@ class V4Attention(nn.Module):
         probabilities are recomputed in backward instead of kept: a dense layer's [T, T/m] would
         otherwise make its memory grow quadratically in T."""
         b, t, h, hd = q.shape
-        w = self.window
-        n_chunks = -(-t // w)
-        pad = n_chunks * w - t
-        # chunk c's keys: chunks c-1 and c side by side. Not `unfold(1, 2w, w)`: Inductor's
-        # unfold_backward (overlapping windows) computes wrong gradients in torch 2.13, and crashed
-        # on a small case (pytorch/pytorch#172064); the copy costs one pass over kv.
-        kp = F.pad(kv, (0, 0, w, pad)).view(b, n_chunks + 1, w, hd)
-        kc = torch.cat((kp[:, :-1], kp[:, 1:]), dim=2)  # [B, C, 2w, hd]
+        w, c = self.window, window_chunk(self.window)
+        n_chunks = -(-t // c)
+        pad = n_chunks * c - t
+        # query chunk j's keys: key chunks j-w/c..j side by side. Not `unfold(1, w + c, c)`:
+        # Inductor's unfold_backward (overlapping windows) computes wrong gradients in torch 2.13,
+        # and crashed on a small case (pytorch/pytorch#172064); the copy costs a pass over kv per
+        # w/c + 1 chunks.
+        kp = F.pad(kv, (0, 0, w, pad)).view(b, n_chunks + w // c, c, hd)
+        kc = torch.cat([kp[:, i: i + n_chunks] for i in range(w // c + 1)], dim=2)  # [B, C, w + c, hd]
         selected = chosen = None
         if entries is not None and self.indexer is not None and self.sparse:
             n_visible = (torch.arange(t, device=q.device) + 1) // self.ratio  # query t sees entries < this
@@ -230,7 +243,7 @@ class V4Attention(nn.Module):
         # the sink as a view, not the parameter: recomputation must not depend on ZeRO-3 still
         # holding the parameter's data
         sink = self.sink.view(1, 1, h, 1).to(q.dtype)
-        span = t if not self.query_chunk or t <= self.query_chunk else max(w, self.query_chunk // w * w)
+        span = t if not self.query_chunk or t <= self.query_chunk else max(c, self.query_chunk // c * c)
         recompute = span < t and torch.is_grad_enabled()
         outs, kl_sum, kl_count, max_logits = [], 0.0, 0, None
         for start in range(0, t, span):
@@ -238,7 +251,7 @@ class V4Attention(nn.Module):
             # dense over entries: a chunk scores only the entries its last query can see
             # (stop // m), half the work of scoring all of them over the chunks
             limit = None if selected is not None else stop // max(1, self.ratio)
-            part = (q[:, start:stop], kc[:, start // w: -(-stop // w)], sink,
+            part = (q[:, start:stop], kc[:, start // c: -(-stop // c)], sink,
                     None if entries is None else entries[:, :limit], start, t,
                     None if index is None else IndexQueries(index.q[:, start:stop], index.w[:, start:stop],
                                                             index.keys[:, :limit]),
@@ -259,17 +272,17 @@ class V4Attention(nn.Module):
         return rope_last(out, cos[:, None], -sin[:, None], self.rope_dim)  # inverse RoPE at the query's position
 
     def _attend_queries(self, q, kc, sink, entries, start: int, t: int, index, selected, chosen, with_kl: bool):
-        """Queries start..start+len-1 (q [B, len, H, hd], start a multiple of the window; kc their
-        window chunks' keys) → (output [B, len, H, hd], the indexer's summed KL and its count,
+        """Queries start..start+len-1 (q [B, len, H, hd], start a multiple of the query chunk; kc
+        their chunks' window keys) → (output [B, len, H, hd], the indexer's summed KL and its count,
         per-head max logit or None)."""
         b, n, h, hd = q.shape
-        w = self.window
+        w, c = self.window, window_chunk(self.window)
         q = q * hd ** -0.5
         n_chunks = kc.size(1)
-        pad = n_chunks * w - n
-        qc = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).view(b, n_chunks, w * h, hd)
-        parts = [torch.matmul(qc, kc.transpose(-1, -2)).view(b, n_chunks * w, h, 2 * w)[:, :n]]
-        hidden = [~window_mask(t, w, q.device, start // w, n_chunks).view(n_chunks * w, 1, 2 * w)[:n]]
+        pad = n_chunks * c - n
+        qc = (F.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q).view(b, n_chunks, c * h, hd)
+        parts = [torch.matmul(qc, kc.transpose(-1, -2)).view(b, n_chunks * c, h, w + c)[:, :n]]
+        hidden = [~window_mask(t, w, q.device, start // c, n_chunks, c).view(n_chunks * c, 1, w + c)[:n]]
         visible = None
         if entries is not None:
             if selected is not None:
@@ -285,8 +298,8 @@ class V4Attention(nn.Module):
         max_logits = max_logits if self.track_max_logits else None
 
         p_win = probs[0]  # rows strided by the logits' width: batched matmul takes it as is
-        p_win = (F.pad(p_win, (0, 0, 0, 0, 0, pad)) if pad else p_win).reshape(b, n_chunks, w * h, 2 * w)
-        out = torch.matmul(p_win, kc).view(b, n_chunks * w, h, hd)[:, :n]
+        p_win = (F.pad(p_win, (0, 0, 0, 0, 0, pad)) if pad else p_win).reshape(b, n_chunks, c * h, w + c)
+        out = torch.matmul(p_win, kc).view(b, n_chunks * c, h, hd)[:, :n]
         kl_sum = kl_count = None
         if entries is not None:
             p_comp = probs[1]

@@ -65,17 +65,18 @@ def test_entry_visibility_is_the_brute_force_rule(ratio, overlap):
     assert torch.equal(visible_entries(T, ratio), brute)
 
 
-def test_window_mask_is_the_brute_force_window():
-    for t, w in ((10, 3), (12, 4), (5, 8)):
-        mask = window_mask(t, w)
-        for first in range(mask.size(0)):  # a query chunk's rows alone
-            for count in range(1, mask.size(0) - first + 1):
-                assert torch.equal(window_mask(t, w, first=first, count=count), mask[first:first + count])
-        for c in range(mask.size(0)):
-            for r in range(w):
-                for j in range(2 * w):
-                    q, k = c * w + r, c * w - w + j
-                    assert mask[c, r, j] == (0 <= k <= q < k + w)
+@pytest.mark.parametrize("t,w,chunk", [(10, 3, 3), (12, 4, 4), (5, 8, 8), (12, 4, 2), (13, 8, 4), (9, 6, 3)])
+def test_window_mask_is_the_brute_force_window(t, w, chunk):
+    mask = window_mask(t, w, chunk=chunk)
+    assert mask.shape == (-(-t // chunk), chunk, w + chunk)
+    for first in range(mask.size(0)):  # a query chunk's rows alone
+        for count in range(1, mask.size(0) - first + 1):
+            assert torch.equal(window_mask(t, w, first=first, count=count, chunk=chunk), mask[first:first + count])
+    for c in range(mask.size(0)):
+        for r in range(chunk):
+            for j in range(w + chunk):
+                q, k = c * chunk + r, c * chunk - w + j
+                assert mask[c, r, j] == (0 <= k <= q < k + w)
 
 
 def test_softmax_over_parts_is_one_masked_softmax_forward_and_backward():

@@ -215,16 +215,17 @@ def test_sparse_csa_tensors_grow_linearly_in_t(fused, monkeypatch):
 CHUNK_CASES = [("window", False), ("csa", False), ("csa", True), ("hca", False)]
 
 
-@pytest.mark.parametrize("ratio,chunk", [(3, 11), (8, 5)], ids=["m3-chunks10", "m8-chunks5"])
+@pytest.mark.parametrize("ratio,chunk,window", [(3, 11, 5), (8, 5, 6)], ids=["m3-chunks10-w5", "m8-chunks3-w6"])
 @pytest.mark.parametrize("kind,sparse", CHUNK_CASES, ids=[f"{k}{'-sparse' if s else ''}" for k, s in CHUNK_CASES])
-def test_query_chunks_recomputed_in_backward_equal_one_pass(kind, sparse, ratio, chunk):
+def test_query_chunks_recomputed_in_backward_equal_one_pass(kind, sparse, ratio, chunk, window):
     """Attention a chunk of queries at a time (recomputed in backward) against all queries at once,
     in training: output, the indexer's KL, the max logits and every gradient agree in fp64 to
     1e-12, with a last chunk shorter than the others, chunk edges inside compressed blocks and
-    (m = 8, chunks of 5) a first chunk that sees no entry."""
+    (m = 8, chunks of 3) a first chunk that sees no entry. Window 5 runs in window chunks of 5
+    queries, window 6 in chunks of 3 (model.attention.window_chunk)."""
     results = []
-    for query_chunk in (0, chunk):  # rounded down to a multiple of the window (5); 29 queries
-        attn = attention(kind, ratio=ratio, window=5, topk=2, sparse=sparse).train()
+    for query_chunk in (0, chunk):  # rounded down to a multiple of the window chunk; 29 queries
+        attn = attention(kind, ratio=ratio, window=window, topk=2, sparse=sparse).train()
         attn.query_chunk, attn.track_max_logits = query_chunk, True
         x = torch.randn(2, 29, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
         out = attn(x)

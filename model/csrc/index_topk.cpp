@@ -4,8 +4,8 @@
 //
 // Eager PyTorch makes this a [T*H, N] batched matmul, a ReLU pass and a second batched matmul
 // through memory, then top-k over [T, N]: at T = 8K about 1 GB of traffic for 4 GFLOP. Here each
-// query's row of scores is made 64 entries at a time in registers (eight independent FMA chains per
-// head) and selected while it is in L1. A score depends only on (t, s), not on the row's length
+// query's row of scores is made a tile of entries at a time in registers (each key vector loaded
+// once for several index heads) and selected while it is in L1. A score depends only on (t, s), not on the row's length
 // or on the other queries, so a decoding cache that scores only the entries made so far gets the
 // same values. Ties (entries whose every index head is ReLU-zero score exactly 0) go to the earlier
 // entry; the picks come out best first. NaN counts as the largest score, as in torch.topk.
@@ -23,35 +23,44 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // keys come in blocks of 64 entries, each stored [dim][64]
 
-// One row of scores, a tile of 8 vectors of entries at a time: for each head, eight independent
-// FMA chains over the index dim (the chains hide the FMA latency), then the ReLU and the head weight.
-// A block's keys are contiguous ([dim][64]): with entries contiguous across a whole row instead, the
-// dim rows of a tile sit a power of two apart and evict each other from L1 (4x slower).
+// `group` heads' contribution to a tile of `chains` vectors of entries: for each index dim, the
+// tile's key vectors are loaded once and serve every head of the group (one FMA chain per head and
+// vector, group * chains of them, which hides the FMA latency); then the ReLU and the head weight.
+template <int group, int chains, typename scalar_t, typename vec>
+inline void heads_into_tile(const scalar_t* q, const scalar_t* w, const scalar_t* block, int64_t dim, vec* row) {
+  constexpr int64_t lanes = sizeof(vec) / sizeof(scalar_t);
+  const vec zero = {};
+  vec acc[group][chains] = {};
+  for (int64_t d = 0; d < dim; ++d) {
+    vec kv[chains];
+    std::memcpy(kv, block + d * kBlock, sizeof(kv));
+    for (int g = 0; g < group; ++g) {
+      const scalar_t qd = q[g * dim + d];
+      for (int c = 0; c < chains; ++c) acc[g][c] += qd * kv[c];
+    }
+  }
+  for (int g = 0; g < group; ++g)
+    for (int c = 0; c < chains; ++c) row[c] += w[g] * (acc[g][c] < zero ? zero : acc[g][c]);  // NaN stays NaN, as in torch.relu
+  static_assert(kBlock % (lanes * chains) == 0, "a tile never crosses a block");
+}
+
+// One row of scores, a tile of 2 vectors of entries at a time, heads 8 (then 4, then 1) at once:
+// a key vector loaded from L1 feeds 8 FMAs instead of one. A block's keys are contiguous
+// ([dim][64]): with entries contiguous across a whole row instead, the dim rows of a tile sit a
+// power of two apart and evict each other from L1 (4x slower).
 template <typename scalar_t>
 void score_row(const scalar_t* q, const scalar_t* w, const scalar_t* keys, int64_t heads, int64_t dim,
                int64_t visible, scalar_t* out) {
   typedef scalar_t vec __attribute__((vector_size(32)));
-  constexpr int64_t lanes = 32 / sizeof(scalar_t), chains = 8, tile = lanes * chains;
-  static_assert(kBlock % tile == 0, "a tile never crosses a block");
-  const vec zero = {};
+  constexpr int chains = 2;
+  constexpr int64_t tile = sizeof(vec) / sizeof(scalar_t) * chains;
   for (int64_t s0 = 0; s0 < visible; s0 += tile) {
     const scalar_t* block = keys + (s0 / kBlock) * dim * kBlock + s0 % kBlock;
     vec row[chains] = {};
-    for (int64_t h = 0; h < heads; ++h) {
-      vec acc[chains] = {};
-      const scalar_t* qh = q + h * dim;
-      for (int64_t d = 0; d < dim; ++d) {
-        const scalar_t qd = qh[d];
-        const scalar_t* kd = block + d * kBlock;
-        for (int64_t c = 0; c < chains; ++c) {
-          vec kv;
-          std::memcpy(&kv, kd + c * lanes, sizeof(vec));
-          acc[c] += qd * kv;
-        }
-      }
-      const scalar_t wh = w[h];
-      for (int64_t c = 0; c < chains; ++c) row[c] += wh * (acc[c] < zero ? zero : acc[c]);  // NaN stays NaN, as in torch.relu
-    }
+    int64_t h = 0;
+    for (; h + 8 <= heads; h += 8) heads_into_tile<8, chains>(q + h * dim, w + h, block, dim, row);
+    for (; h + 4 <= heads; h += 4) heads_into_tile<4, chains>(q + h * dim, w + h, block, dim, row);
+    for (; h < heads; ++h) heads_into_tile<1, chains>(q + h * dim, w + h, block, dim, row);
     scalar_t tile_out[tile];
     std::memcpy(tile_out, row, sizeof(row));
     std::copy(tile_out, tile_out + std::min(tile, visible - s0), out + s0);
