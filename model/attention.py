@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model import gathered
 from model.compressor import Compressor, rope_last, visible_entries
-from model.indexer import Indexer, IndexQueries, gather_rows, kl_to_attention_sum, select_topk
+from model.indexer import Indexer, IndexQueries, kl_to_attention_sum, select_topk
 from model.layers import RMSNorm, refuse_create_graph, rms_norm, rope_tables
 
 KINDS = ("window", "csa", "hca")
@@ -286,8 +287,7 @@ class V4Attention(nn.Module):
         visible = None
         if entries is not None:
             if selected is not None:
-                entries = gather_rows(entries, selected)  # [B, n, k, hd]
-                parts.append(torch.matmul(q, entries.transpose(-1, -2)))
+                parts.append(gathered.scores(q, entries, selected))  # [B, n, H, k]
                 hidden.append(~chosen[:, :, None])
             else:
                 # this chunk's rows only: a [T, T/m] mask per chunk would be quadratic again
@@ -303,7 +303,7 @@ class V4Attention(nn.Module):
         kl_sum = kl_count = None
         if entries is not None:
             p_comp = probs[1]
-            out = out + (torch.matmul(p_comp, entries) if selected is not None
+            out = out + (gathered.combine(p_comp, entries, selected) if selected is not None
                          else torch.matmul(p_comp.reshape(b, n * h, -1), entries).view(b, n, h, hd))
             if with_kl:
                 target = p_comp.sum(2)  # attention over entries, summed over heads

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from model.compressor import rope_last
-from model.indexer import gather_rows, select_topk
+from model.gathered import gather_rows
+from model.indexer import select_topk
 
 
 @dataclass

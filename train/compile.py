@@ -23,10 +23,11 @@ _PHASES = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 
 def compile_blocks(model: nn.Module) -> list[nn.Module]:
     """Compile every Block of `model` in place; returns them."""
-    from model import hc_kernel, indexer
+    from model import gathered, hc_kernel, indexer
 
     hc_kernel.available()  # build or load the fused kernels now, outside any traced frame
     indexer.kernel_available()
+    gathered.kernels_available()
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile()
