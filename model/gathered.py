@@ -35,11 +35,12 @@ def _kernels():
     return cpu_kernels.extension("gathered")
 
 
-def _use_kernels(*tensors: Tensor) -> bool:
-    """CPU tensors of one dtype, float32 or float64, and kernels that build; a compiled graph only
-    uses them once known to build (no build inside a trace: train/compile.py asks first)."""
+def _use_kernels(index: Tensor, *tensors: Tensor) -> bool:
+    """CPU tensors of one dtype, float32 or float64, an int64 index, and kernels that build; a
+    compiled graph only uses them once known to build (no build inside a trace: train/compile.py
+    asks first)."""
     if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors) or \
-            tensors[0].dtype not in (torch.float32, torch.float64):
+            tensors[0].dtype not in (torch.float32, torch.float64) or index.dtype != torch.int64:
         return False
     if torch.compiler.is_compiling():
         return cpu_kernels.known.get("gathered", False)
@@ -110,13 +111,13 @@ combine_op.register_autograd(_combine_backward, setup_context=_setup)
 
 def scores(a: Tensor, rows: Tensor, index: Tensor) -> Tensor:
     """a [B, T, H, D] against the rows each query picked → [B, T, H, K]."""
-    if _use_kernels(a, rows):
+    if _use_kernels(index, a, rows):
         return scores_op(a.contiguous(), rows.contiguous(), index.contiguous())
     return torch.matmul(a, gather_rows(rows, index).transpose(-1, -2))
 
 
 def combine(p: Tensor, rows: Tensor, index: Tensor) -> Tensor:
     """p [B, T, H, K] weighting the rows each query picked → [B, T, H, D]."""
-    if _use_kernels(p, rows):
+    if _use_kernels(index, p, rows):
         return combine_op(p.contiguous(), rows.contiguous(), index.contiguous())
     return torch.matmul(p, gather_rows(rows, index))

@@ -49,6 +49,8 @@ def test_the_kernels_run_on_cpu_float_inputs_only(monkeypatch):
     calls.clear()
     gathered.scores(a.bfloat16(), rows.bfloat16(), index)  # autocast's dtype: the reference path
     assert not calls
+    torch.testing.assert_close(gathered.scores(a, rows, index.int()), reference(gathered.scores, a, rows, index))
+    assert not calls  # an int32 index too (the kernels read int64)
 
 
 @pytest.mark.parametrize("fn", [gathered.scores, gathered.combine], ids=["scores", "combine"])
