@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_kernels
+
 
 def yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, factor: float, original_seq_len: int,
                   beta_fast: float, beta_slow: float) -> torch.Tensor:
@@ -189,25 +191,40 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float | None) ->
     return F.silu(gate) * up
 
 
+def _swiglu_kernels():
+    return cpu_kernels.extension("swiglu")
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     """clamped_swiglu on the fused [..., 2·hidden] gate/up projection: the same arithmetic forward
     and backward, with both halves of the gradient written straight into one [..., 2·hidden]
-    tensor instead of computed apart and concatenated."""
+    tensor instead of computed apart and concatenated. On the CPU (float32/64) one fused pass each
+    way (model/csrc/swiglu.cpp), which saves only the projection."""
 
     @staticmethod
     def forward(ctx, gate_up, clamp):
+        ctx.clamp = clamp
+        ctx.fused = (gate_up.device.type == "cpu" and gate_up.dtype in (torch.float32, torch.float64)
+                     and gate_up.is_contiguous() and cpu_kernels.available("swiglu"))
+        if ctx.fused:
+            ctx.save_for_backward(gate_up)
+            return _swiglu_kernels().swiglu_forward(gate_up, math.inf if clamp is None else clamp)
         gate, up = gate_up.chunk(2, dim=-1)
         if clamp is not None:
             gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
         act = F.silu(gate)
-        ctx.clamp = clamp
         ctx.save_for_backward(gate_up, act)
         return act * up
 
     @staticmethod
     def backward(ctx, grad):
-        gate_up, act = ctx.saved_tensors
         clamp = ctx.clamp
+        if ctx.fused:
+            refuse_create_graph("the fused SwiGLU kernel has no double backward (create_graph=True)")
+            (gate_up,) = ctx.saved_tensors
+            return _swiglu_kernels().swiglu_backward(grad.to(gate_up.dtype).contiguous(), gate_up,
+                                                     math.inf if clamp is None else clamp, clamp is not None), None
+        gate_up, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         if clamp is not None:
             gate_c, up_c = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
@@ -223,6 +240,13 @@ class _SwiGLUFunction(torch.autograd.Function):
         return out.to(gate_up.dtype), None
 
 
+def swiglu(gate_up: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """clamped_swiglu of the fused [..., 2·hidden] gate/up projection."""
+    if torch.compiler.is_compiling():  # Inductor derives the backward and fuses it in one loop
+        return clamped_swiglu(*gate_up.chunk(2, dim=-1), clamp)
+    return _SwiGLUFunction.apply(gate_up, clamp)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int, clamp: float | None = None):
         super().__init__()
@@ -232,7 +256,4 @@ class SwiGLU(nn.Module):
         self.clamp = clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)
-        if torch.compiler.is_compiling():  # Inductor derives the backward and fuses it in one loop
-            return self.down(clamped_swiglu(*gate_up.chunk(2, dim=-1), self.clamp))
-        return self.down(_SwiGLUFunction.apply(gate_up, self.clamp))
+        return self.down(swiglu(self.gate_up(x), self.clamp))

@@ -5,6 +5,7 @@ import torch
 
 from model import build_model
 from model.layers import RMSNorm, SwiGLU, apply_rope, clamped_swiglu, rms_norm, rope_tables
+from model.layers import swiglu as swiglu_fn
 from tests.conftest import compose_config
 
 
@@ -157,10 +158,50 @@ def test_swiglu_equals_the_chunked_form(clamp):
     ours, ref = swiglu(x), chunked(x)
     params = (x, swiglu.gate_up.weight, swiglu.down.weight)
     grads_ours, grads_ref = torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)
-    if clamp is None:  # the same operations: equal bit for bit
-        assert torch.equal(ours, ref) and all(torch.equal(a, b) for a, b in zip(grads_ours, grads_ref))
-    else:
-        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
-        for a, b in zip(grads_ours, grads_ref):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # on the CPU the fused kernel (model/csrc/swiglu.cpp) forms the sigmoid its own way
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    for a, b in zip(grads_ours, grads_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(swiglu, (x,))
+
+
+@pytest.mark.parametrize("clamp", [None, 7.0])
+def test_fused_swiglu_follows_pytorch_in_float32(clamp, monkeypatch):
+    """The CPU kernel against PyTorch's path (silu, clamps and masks as autograd derives them): a
+    row width that is no multiple of the kernel's 8 lanes, inputs far out on both sides (its exp
+    is clamped where e^x would leave the normal floats), NaN where PyTorch has NaN, masked
+    gradients exactly where PyTorch masks them."""
+    import model.layers as layers
+
+    gen = torch.Generator().manual_seed(0)
+    gate_up = 6 * torch.randn(37, 2 * 21, generator=gen)
+    gate_up[0, 0] = gate_up[1, 21] = float("nan")
+    gate_up[2, :4] = torch.tensor([-200.0, 200.0, -90.0, 88.5])
+    gate_up[3, 21:25] = torch.tensor([-200.0, 200.0, -7.0, 7.0])
+    grad = torch.randn(37, 21, generator=gen)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(layers.cpu_kernels, "available", lambda source, fused=fused: fused)
+        x = gate_up.clone().requires_grad_()
+        out = swiglu_fn(x, clamp)
+        results.append((out, *torch.autograd.grad(out, x, grad)))
+    (out, d), (ref, d_ref) = results
+    for a, b in ((out, ref), (d, d_ref)):
+        assert torch.equal(a.isnan(), b.isnan())
+        # a few float32 ulps; absolutely near silu's and its slope's zeros, where rounding cancels
+        torch.testing.assert_close(a, b, rtol=3e-7, atol=3e-7, equal_nan=True)
+    if clamp is not None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        masked = torch.cat((~(gate <= clamp), ~((up >= -clamp) & (up <= clamp))), dim=-1)
+        assert masked.sum() > 10 and (d[masked] == 0).all() and (d_ref[masked] == 0).all()
+    linspace = torch.linspace(-30, 30, 20001).view(1, -1)
+    grid = torch.cat((linspace, torch.ones_like(linspace)), dim=1)
+    monkeypatch.setattr(layers.cpu_kernels, "available", lambda source: True)
+    torch.testing.assert_close(swiglu_fn(grid, None), clamped_swiglu(linspace, 1.0, None), rtol=3e-7, atol=0)
+
+
+def test_fused_swiglu_refuses_double_backward():
+    x = torch.randn(4, 6, requires_grad=True)
+    (d,) = torch.autograd.grad(swiglu_fn(x, None).sum(), x, create_graph=False)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(swiglu_fn(x, None).sum(), x, create_graph=True)
