@@ -43,14 +43,14 @@ def layer_kinds(n_layers: int, layers: list[str]) -> list[str]:
     return ["window"] * n_window + [("csa", "hca")[i % 2] for i in range(n_layers - n_window)]
 
 
+WINDOW_SPLIT = 2
+
+
 def window_chunk(window: int) -> int:
     """Queries per chunk of the windowed attention: a chunk of c queries scores the w + c keys
     before its end, of which each query sees w, so smaller chunks waste less (c = w: half of the
     2w scores are masked; c = w/2: a third) but multiply in smaller matrices."""
     return window // WINDOW_SPLIT if window % WINDOW_SPLIT == 0 else window
-
-
-WINDOW_SPLIT = 2
 
 
 def window_mask(seq_len: int, window: int, device=None, first: int = 0, count: int | None = None,
