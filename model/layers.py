@@ -62,16 +62,60 @@ def refuse_create_graph(message: str) -> None:
         raise RuntimeError(message)
 
 
+class _RotaryQKVFunction(torch.autograd.Function):
+    """rotary_qkv on the CPU in float32/64: one pass over the projection forward (q, k, v are views
+    of its rotated copy, in the projection's layout) and one from the heads' gradients back into it
+    (model/csrc/rope.cpp), where the eager path rotates q and k apart each way into new tensors and
+    autograd stacks the three gradients into the projection's layout in another copy."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_heads):
+        ctx.save_for_backward(cos, sin)
+        b, t, _ = qkv.shape
+        out = cpu_kernels.extension("rope").rotary_qkv_forward(qkv, cos, sin, n_heads)
+        return out.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        refuse_create_graph("the fused rotary kernel has no double backward (create_graph=True)")
+        cos, sin = ctx.saved_tensors
+        like = next(g for g in (gq, gk, gv) if g is not None)
+        gq, gk, gv = (torch.zeros_like(like) if g is None else g if g.stride(-1) == 1 else g.contiguous()
+                      for g in (gq, gk, gv))
+        return cpu_kernels.extension("rope").rotary_qkv_backward(gq, gk, gv, cos, sin), None, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused projection qkv [B, T, 3·C] as heads q, k, v [B, H, T, D], q and k rotated by
+    apply_rope at positions cos/sin [T, D/2]."""
+    b, t, _ = qkv.shape
+    if (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64) and qkv.is_contiguous()
+            and not torch.compiler.is_compiling() and cpu_kernels.available("rope")):
+        c, s = cos[:t].to(qkv.dtype).contiguous(), sin[:t].to(qkv.dtype).contiguous()
+        return _RotaryQKVFunction.apply(qkv, c, s, n_heads)
+    q, k, v = qkv.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x · r · w with r = rsqrt(mean(x²) + eps) per row (w = None: no weight), in as few passes
     over x as the arithmetic allows: PyTorch's CPU rms_norm is about six elementwise kernels forward
-    and its autograd a dozen more backward. Same function; results equal up to float rounding."""
+    and its autograd a dozen more backward. Same function; results equal up to float rounding. On
+    the CPU in float32/64, one fused pass over each row each way (model/csrc/rms_norm.cpp)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         wide = torch.promote_types(x.dtype, torch.float32)
-        x_wide = x.to(wide)
         eps = torch.finfo(wide).eps if eps is None else eps  # torch's default
+        ctx.fused = (x.dtype == wide and x.is_contiguous() and (weight is None or weight.dtype == wide)
+                     and not torch.compiler.is_compiling() and cpu_kernels.available("rms_norm"))
+        if ctx.fused:
+            y, rstd = cpu_kernels.extension("rms_norm").rms_norm_forward(
+                x, None if weight is None else weight.contiguous(), eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
+        x_wide = x.to(wide)
         # ‖x‖² / C from one norm reduction (mean(x²) would be a square, a mean and their temporaries)
         rstd = torch.linalg.vector_norm(x_wide, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
@@ -81,6 +125,13 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_in, weight, rstd = ctx.saved_tensors
+        if ctx.fused:
+            refuse_create_graph("the fused RMSNorm kernel has no double backward (create_graph=True)")
+            grad_x, grad_w = cpu_kernels.extension("rms_norm").rms_norm_backward(
+                grad.to(x_in.dtype).contiguous(), x_in, None if weight is None else weight.contiguous(), rstd,
+                ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1])
+            return (grad_x if ctx.needs_input_grad[0] else None,
+                    grad_w if weight is not None and ctx.needs_input_grad[1] else None, None)
         wide = rstd.dtype
         x, grad = x_in.to(wide), grad.to(wide)
         gx = (grad * x).flatten(0, -2)  # [N, C]
@@ -147,8 +198,7 @@ class Attention(nn.Module):
         """x [B, T, C] at positions given by cos/sin [T, D/2]; with `cache`, x follows the cached
         tokens: their keys and values join the attention, and x's are appended."""
         b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = rotary_qkv(self.qkv(x), self.n_heads, cos, sin)
         if self.track_max_logits:
             self.max_logits = max_causal_logits(q, k)
         mask, causal = None, True

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import build_model
-from model.layers import RMSNorm, SwiGLU, apply_rope, clamped_swiglu, rms_norm, rope_tables
+from model.layers import RMSNorm, SwiGLU, apply_rope, clamped_swiglu, rms_norm, rope_tables, rotary_qkv
 from model.layers import swiglu as swiglu_fn
 from tests.conftest import compose_config
 
@@ -168,7 +168,7 @@ def test_swiglu_equals_the_chunked_form(clamp):
 @pytest.mark.parametrize("clamp", [None, 7.0])
 def test_fused_swiglu_follows_pytorch_in_float32(clamp, monkeypatch):
     """The CPU kernel against PyTorch's path (silu, clamps and masks as autograd derives them): a
-    row width that is no multiple of the kernel's 8 lanes, inputs far out on both sides (its exp
+    row width that is no multiple of the kernel's 8 or 16 lanes, inputs far out on both sides (its exp
     is clamped where e^x would leave the normal floats), NaN where PyTorch has NaN, masked
     gradients exactly where PyTorch masks them."""
     import model.layers as layers
@@ -205,3 +205,68 @@ def test_fused_swiglu_refuses_double_backward():
     (d,) = torch.autograd.grad(swiglu_fn(x, None).sum(), x, create_graph=False)
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(swiglu_fn(x, None).sum(), x, create_graph=True)
+
+
+def kernels_on(monkeypatch, on: bool):
+    import model.layers as layers
+
+    monkeypatch.setattr(layers.cpu_kernels, "available", lambda source: on)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_fused_rms_norm_follows_the_eager_path(weighted, monkeypatch):
+    """model/csrc/rms_norm.cpp against the eager closed form (float32: a few ulps), over more rows
+    than one chunk of the weight's gradient sum, which does not depend on the thread count."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = 3 * torch.randn(700, 40, generator=gen)
+    w0 = torch.randn(40, generator=gen)
+    g = torch.randn(700, 40, generator=gen)
+    results = {}
+    for fused, threads in ((True, 2), (True, 1), (False, 2)):
+        kernels_on(monkeypatch, fused)
+        torch.set_num_threads(threads)
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = rms_norm(x, w if weighted else None, 1e-6)
+        results[fused, threads] = (y, *torch.autograd.grad(y, (x, w) if weighted else (x,), g))
+    torch.set_num_threads(2)
+    for a, b in zip(results[True, 2], results[True, 1]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[True, 2], results[False, 2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_fused_rms_norm_leaves_strided_inputs_to_the_eager_path_and_refuses_double_backward():
+    x = torch.randn(6, 8, 5).transpose(1, 2).requires_grad_()  # not contiguous
+    w = torch.randn(8, requires_grad=True)
+    ref = torch.nn.functional.rms_norm(x, (8,), w, 1e-6)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), ref)
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(rms_norm(x, w, 1e-6).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_fused_rotary_qkv_equals_rope_on_the_projection_views(dtype, tol, monkeypatch):
+    """model/csrc/rope.cpp against apply_rope on strided views of the fused projection: the heads
+    forward; backward with gradients in any layout (strided along T here), or for q alone."""
+    cos, sin = rope_tables(20, 8, 10000.0)
+    qkv0 = torch.randn(2, 13, 3 * 3 * 8, dtype=dtype)  # 13 of 20 positions, 3 heads of 8
+    grads = [torch.randn(2, 13, 3, 8, dtype=dtype).transpose(1, 2) for _ in range(3)]  # [B, H, T, D], strided
+    results = {}
+    for fused in (True, False):
+        kernels_on(monkeypatch, fused)
+        qkv = qkv0.clone().requires_grad_()
+        heads = rotary_qkv(qkv, 3, cos, sin)
+        results[fused] = (*heads, *torch.autograd.grad(heads, qkv, grads, retain_graph=True),
+                          *torch.autograd.grad(heads[0], qkv, grads[0]))
+    for a, b in zip(results[True], results[False]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    q, k, v = results[False][:3]
+    torch.testing.assert_close(v, qkv0.view(2, 13, 3, 3, 8)[:, :, 2].transpose(1, 2), rtol=0, atol=0)
+    kernels_on(monkeypatch, True)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda t: rotary_qkv(t, 3, cos, sin), (qkv0[:1, :5].clone().requires_grad_(),))
+        with pytest.raises(RuntimeError, match="no double backward"):
+            x = qkv0.clone().requires_grad_()
+            torch.autograd.grad(rotary_qkv(x, 3, cos, sin)[0].sum(), x, create_graph=True)
