@@ -1,7 +1,10 @@
 """Builds and loads the model's fused CPU kernels (model/csrc/<name>.cpp), one C++ extension per
 file, with torch's C++ extension loader on first use: cached under ~/.cache/torch_extensions, one
-build per CPU instruction set. Where a file cannot be built (no compiler), `extension` returns None
-after one warning and its callers run their eager PyTorch path, which computes the same thing.
+build per CPU instruction set. Each file registers its functions as operators of its own namespace
+(`torch.ops.v4lab_<name>`, TORCH_LIBRARY) rather than as a Python module: it then includes ATen
+alone, not torch/extension.h with pybind11 and the C++ frontend, and builds in ~8 s instead of ~22.
+Where a file cannot be built (no compiler), `extension` returns None after one warning and its
+callers run their eager PyTorch path, which computes the same thing.
 """
 from __future__ import annotations
 
@@ -37,14 +40,14 @@ def _isa_tag() -> str:
 
 
 class _Kernels:
-    """The built module's functions, called with autocast off: their BLAS calls must stay in the
+    """The built library's operators, called with autocast off: their BLAS calls must stay in the
     accumulation dtype the kernels read back."""
 
-    def __init__(self, module):
-        self.module = module
+    def __init__(self, ops):
+        self.ops = ops
 
     def __getattr__(self, name):
-        fn = getattr(self.module, name)
+        fn = getattr(self.ops, name)
 
         def call(*args):
             with torch.autocast("cpu", enabled=False):
@@ -73,12 +76,13 @@ def extension(source: str):
     """The kernels of model/csrc/<source>.cpp, or None where they cannot be built."""
     from torch.utils import cpp_extension
 
-    name = f"v4lab_{source}_{_isa_tag()}"
+    name, namespace = f"v4lab_{source}_{_isa_tag()}", f"v4lab_{source}"
     clear_stale_lock(name)
-    log.info(f"loading the fused CPU kernels of {source}.cpp (the first use on a machine compiles them, ~30 s)")
+    log.info(f"loading the fused CPU kernels of {source}.cpp (the first use on a machine compiles them, ~10 s)")
     try:
-        return _Kernels(cpp_extension.load(name=name, sources=[str(CSRC / f"{source}.cpp")],
-                                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"]))
+        cpp_extension.load(name=name, sources=[str(CSRC / f"{source}.cpp")], is_python_module=False,
+                           extra_cflags=[*CFLAGS, f"-DV4LAB_OPS={namespace}"], extra_ldflags=["-fopenmp"])
+        return _Kernels(getattr(torch.ops, namespace))
     except Exception as e:  # no compiler, or a broken toolchain: the eager path computes the same thing
         warnings.warn(f"fused CPU kernels of {source}.cpp unavailable, using eager PyTorch: {e}")
         return None

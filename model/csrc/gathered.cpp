@@ -10,8 +10,9 @@
 // the queries' own size through memory (134 MB per 2K queries at V4-small's shape); here each
 // query's rows are read from the table, which stays in cache. scatter sums into a fixed number of
 // token chunks, then adds the chunks in order: its result does not depend on the thread count.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstring>
 #include <vector>
@@ -196,7 +197,7 @@ at::Tensor gathered_scatter(const at::Tensor& p, const at::Tensor& c, const at::
   return parts.sum(0).view({B, n_rows, D});
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY(V4LAB_OPS, m) {  // V4LAB_OPS: set by model/cpu_kernels.py
   m.def("gathered_scores", &gathered_scores);
   m.def("gathered_combine", &gathered_combine);
   m.def("gathered_scatter", &gathered_scatter);

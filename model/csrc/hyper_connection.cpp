@@ -13,8 +13,9 @@
 //   mix:     X' [j] = sum_i res[j, i] X_i + post_j y.
 // The phi products are BLAS calls. The other parameter gradients go to a fixed number of token chunks
 // summed in order, so they do not depend on the thread count.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
@@ -221,22 +222,22 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
 }
 
 // The wide state in the accumulation type: the projections are GEMMs (BLAS), which need one dtype.
-inline torch::Tensor in_acc(torch::Tensor x, const torch::Tensor& like) {
+inline at::Tensor in_acc(at::Tensor x, const at::Tensor& like) {
   return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
 }
 
-void check_state(const torch::Tensor& x, int64_t n) {
+void check_state(const at::Tensor& x, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && n > 0 && x.size(1) % n == 0,
               "stream state must be a contiguous [tokens, n*C] tensor; got ", x.sizes(), " with n=", n);
 }
 
-void check_rows(const torch::Tensor& t, int64_t T, int64_t width, const char* what) {
+void check_rows(const at::Tensor& t, int64_t T, int64_t width, const char* what) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.size(0) == T && t.size(1) == width, what, " must be a contiguous [",
               T, ", ", width, "] tensor; got ", t.sizes());
 }
 
-void check_coefficients(const torch::Tensor& x, const torch::Tensor& phi, const torch::Tensor& alpha,
-                        const torch::Tensor& b_pre, const torch::Tensor& b_post, const torch::Tensor& b_res, int64_t n) {
+void check_coefficients(const at::Tensor& x, const at::Tensor& phi, const at::Tensor& alpha,
+                        const at::Tensor& b_pre, const at::Tensor& b_post, const at::Tensor& b_res, int64_t n) {
   check_state(x, n);
   const int64_t K = phi.size(0);
   TORCH_CHECK(phi.dim() == 2 && phi.is_contiguous() && phi.size(1) == x.size(1) && (K == n || K == n * n + 2 * n),
@@ -249,8 +250,8 @@ void check_coefficients(const torch::Tensor& x, const torch::Tensor& phi, const 
 // ---------------------------------------------------------------------------------------------
 // mhc_in
 
-std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, torch::Tensor alpha, torch::Tensor b_pre,
-                                          torch::Tensor b_post, torch::Tensor b_res, int64_t n, int64_t iters,
+std::vector<at::Tensor> mhc_in_forward(at::Tensor x, at::Tensor phi, at::Tensor alpha, at::Tensor b_pre,
+                                          at::Tensor b_post, at::Tensor b_res, int64_t n, int64_t iters,
                                           double eps_norm, double eps_hc) {
   check_coefficients(x, phi, alpha, b_pre, b_post, b_res, n);
   const int64_t T = x.size(0), S = x.size(1), C = S / n, K = phi.size(0);
@@ -258,11 +259,11 @@ std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, to
   auto acc_opts = phi.options();
   auto xa = in_acc(x, phi);
   auto mp = at::mm(xa, phi.t());  // [T, K]: phi X, before the RMS scale
-  auto x_in = torch::empty({T, C}, x.options());
-  auto pre = torch::empty({T, n}, acc_opts);
-  auto post = torch::empty({T, mix ? n : 0}, acc_opts);
-  auto res = torch::empty({T, mix ? n * n : 0}, acc_opts);
-  auto rinv = torch::empty({T}, acc_opts);
+  auto x_in = at::empty({T, C}, x.options());
+  auto pre = at::empty({T, n}, acc_opts);
+  auto post = at::empty({T, mix ? n : 0}, acc_opts);
+  auto res = at::empty({T, mix ? n * n : 0}, acc_opts);
+  auto rinv = at::empty({T}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mhc_in_forward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t* X = xa.data_ptr<acc_t>();
@@ -314,10 +315,10 @@ std::vector<torch::Tensor> mhc_in_forward(torch::Tensor x, torch::Tensor phi, to
 
 // g_mix: the gradient of the mix X' = res X + post y that consumes this X, or empty. Its part of X's
 // gradient, res^T g_mix, is added here in the same pass instead of the mix writing it out.
-std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, torch::Tensor alpha, torch::Tensor b_res,
-                                           torch::Tensor pre, torch::Tensor post, torch::Tensor mp, torch::Tensor rinv,
-                                           torch::Tensor g_in, torch::Tensor g_post, torch::Tensor g_res,
-                                           torch::Tensor g_mix, torch::Tensor res, int64_t n, int64_t iters, double eps_hc) {
+std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor alpha, at::Tensor b_res,
+                                           at::Tensor pre, at::Tensor post, at::Tensor mp, at::Tensor rinv,
+                                           at::Tensor g_in, at::Tensor g_post, at::Tensor g_res,
+                                           at::Tensor g_mix, at::Tensor res, int64_t n, int64_t iters, double eps_hc) {
   check_state(x, n);
   TORCH_CHECK(phi.dim() == 2 && phi.is_contiguous() && phi.size(1) == x.size(1) &&
                   (phi.size(0) == n || phi.size(0) == n * n + 2 * n) && alpha.numel() >= (phi.size(0) > n ? 3 : 1),
@@ -342,9 +343,9 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
   const int64_t chunks = std::min<int64_t>(kChunks, std::max<int64_t>(blocks, 1));
   const int64_t per = (blocks + chunks - 1) / chunks;
   auto xa = in_acc(x, phi);
-  auto dx = torch::empty_like(xa);
-  auto dmp = torch::empty({T, K}, phi.options());
-  auto dsmall_parts = torch::zeros({chunks, P}, phi.options());
+  auto dx = at::empty_like(xa);
+  auto dmp = at::empty({T, K}, phi.options());
+  auto dsmall_parts = at::zeros({chunks, P}, phi.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mhc_in_backward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const acc_t* X = xa.data_ptr<acc_t>();
@@ -455,13 +456,13 @@ std::vector<torch::Tensor> mhc_in_backward(torch::Tensor x, torch::Tensor phi, t
 // ---------------------------------------------------------------------------------------------
 // mix
 
-torch::Tensor mix_forward(torch::Tensor x, torch::Tensor y, torch::Tensor post, torch::Tensor res, int64_t n) {
+at::Tensor mix_forward(at::Tensor x, at::Tensor y, at::Tensor post, at::Tensor res, int64_t n) {
   check_state(x, n);
   const int64_t T = x.size(0), S = x.size(1), C = S / n;
   check_rows(y, T, C, "y");
   check_rows(post, T, n, "post");
   check_rows(res, T, n * n, "res");
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mix_forward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t *X = x.data_ptr<scalar_t>(), *Y = y.data_ptr<scalar_t>();
@@ -488,18 +489,18 @@ torch::Tensor mix_forward(torch::Tensor x, torch::Tensor y, torch::Tensor post, 
   return out;
 }
 
-std::vector<torch::Tensor> mix_backward(torch::Tensor x, torch::Tensor y, torch::Tensor post, torch::Tensor res,
-                                        torch::Tensor g, int64_t n, bool want_dx) {
+std::vector<at::Tensor> mix_backward(at::Tensor x, at::Tensor y, at::Tensor post, at::Tensor res,
+                                        at::Tensor g, int64_t n, bool want_dx) {
   check_state(x, n);
   const int64_t T = x.size(0), S = x.size(1), C = S / n;
   check_rows(y, T, C, "y");
   check_rows(post, T, n, "post");
   check_rows(res, T, n * n, "res");
   check_rows(g, T, S, "the gradient of the mix");
-  auto dx = want_dx ? torch::empty_like(x) : torch::empty({0}, x.options());
-  auto dy = torch::empty_like(y);
-  auto dpost = torch::empty_like(post);
-  auto dres = torch::empty_like(res);
+  auto dx = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  auto dy = at::empty_like(y);
+  auto dpost = at::empty_like(post);
+  auto dres = at::empty_like(res);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mix_backward", [&] {
     using acc_t = acc_type_t<scalar_t>;
     const scalar_t *X = x.data_ptr<scalar_t>(), *Y = y.data_ptr<scalar_t>(), *Gp = g.data_ptr<scalar_t>();
@@ -536,7 +537,7 @@ std::vector<torch::Tensor> mix_backward(torch::Tensor x, torch::Tensor y, torch:
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY(V4LAB_OPS, m) {  // V4LAB_OPS: set by model/cpu_kernels.py
   m.def("mhc_in_forward", &mhc_in_forward);
   m.def("mhc_in_backward", &mhc_in_backward);
   m.def("mix_forward", &mix_forward);

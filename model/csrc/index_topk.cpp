@@ -9,8 +9,9 @@
 // or on the other queries, so a decoding cache that scores only the entries made so far gets the
 // same values. Ties (entries whose every index head is ReLU-zero score exactly 0) go to the earlier
 // entry; the picks come out best first. NaN counts as the largest score, as in torch.topk.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -168,6 +169,6 @@ std::vector<at::Tensor> index_topk(const at::Tensor& q, const at::Tensor& w, con
   return {index, valid};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY(V4LAB_OPS, m) {  // V4LAB_OPS: set by model/cpu_kernels.py
   m.def("index_topk", &index_topk);
 }

@@ -4,8 +4,9 @@
 // One pass over a row each way, while it is in L1; the forward saves r only. PyTorch's CPU
 // rms_norm is about six elementwise kernels forward and a dozen backward, each a pass over x.
 // dw sums rows in fixed chunks, then the chunks in order: it does not depend on the thread count.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
@@ -130,7 +131,7 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tens
   return {dx, dw};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY(V4LAB_OPS, m) {  // V4LAB_OPS: set by model/cpu_kernels.py
   m.def("rms_norm_forward", &rms_norm_forward);
   m.def("rms_norm_backward", &rms_norm_backward);
 }

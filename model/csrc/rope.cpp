@@ -5,8 +5,9 @@
 //   backward: the same with the angle negated, from the heads' gradients into one [B, T, 3, H, D].
 // One pass each way. PyTorch's path is a rotation per tensor each way (complex products) plus a
 // copy that stacks the three gradients into the projection's layout.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstring>
 #include <vector>
@@ -107,7 +108,7 @@ at::Tensor rotary_qkv_backward(const at::Tensor& gq, const at::Tensor& gk, const
   return grad;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY(V4LAB_OPS, m) {  // V4LAB_OPS: set by model/cpu_kernels.py
   m.def("rotary_qkv_forward", &rotary_qkv_forward);
   m.def("rotary_qkv_backward", &rotary_qkv_backward);
 }

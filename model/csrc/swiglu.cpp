@@ -6,8 +6,9 @@
 // One pass each way, nothing saved but the projection itself: PyTorch's path is two elementwise
 // kernels forward (saving silu(g)) and three backward. float32 runs 16 lanes at a time (8 without
 // AVX-512) with its own exp (below); float64 (gradient checks) runs the same formulas with std::exp.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
@@ -180,7 +181,7 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up, do
   return d;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY(V4LAB_OPS, m) {  // V4LAB_OPS: set by model/cpu_kernels.py
   m.def("swiglu_forward", &swiglu_forward);
   m.def("swiglu_backward", &swiglu_backward);
 }
