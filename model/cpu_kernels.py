@@ -23,7 +23,7 @@ CSRC = Path(__file__).parent / "csrc"
 # ISAs; they are internal to the build, so the note is noise on every CPU without AVX-512.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 log = logging.getLogger(__name__)
-# A build takes ~30 s; a lock older than this was left by a build that was killed half-way.
+# A build takes ~10 s; a lock older than this was left by a build that was killed half-way.
 STALE_LOCK_S = 600
 
 
