@@ -1,7 +1,7 @@
 """Builds and loads the model's fused CPU kernels (model/csrc/<name>.cpp), one C++ extension per
 file, with torch's C++ extension loader on first use: cached under ~/.cache/torch_extensions, one
 build per CPU instruction set. Each file registers its functions as operators of its own namespace
-(`torch.ops.v4lab_<name>`, TORCH_LIBRARY) rather than as a Python module: it then includes ATen
+(`torch.ops.v4lab_<name>_<version>`, TORCH_LIBRARY) rather than as a Python module: it then includes ATen
 alone, not torch/extension.h with pybind11 and the C++ frontend, and builds in ~8 s instead of ~22.
 Where a file cannot be built (no compiler), `extension` returns None after one warning and its
 callers run their eager PyTorch path, which computes the same thing.
@@ -76,11 +76,15 @@ def extension(source: str):
     """The kernels of model/csrc/<source>.cpp, or None where they cannot be built."""
     from torch.utils import cpp_extension
 
-    name, namespace = f"v4lab_{source}_{_isa_tag()}", f"v4lab_{source}"
+    path = CSRC / f"{source}.cpp"
+    # The operators' namespace names this version of the file: a process that loads an edited file
+    # again (a notebook) gets a new library, and registering a namespace twice would abort it.
+    version = hashlib.sha1(path.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:10]
+    name, namespace = f"v4lab_{source}_{_isa_tag()}", f"v4lab_{source}_{version}"
     clear_stale_lock(name)
     log.info(f"loading the fused CPU kernels of {source}.cpp (the first use on a machine compiles them, ~10 s)")
     try:
-        cpp_extension.load(name=name, sources=[str(CSRC / f"{source}.cpp")], is_python_module=False,
+        cpp_extension.load(name=name, sources=[str(path)], is_python_module=False,
                            extra_cflags=[*CFLAGS, f"-DV4LAB_OPS={namespace}"], extra_ldflags=["-fopenmp"])
         return _Kernels(getattr(torch.ops, namespace))
     except Exception as e:  # no compiler, or a broken toolchain: the eager path computes the same thing

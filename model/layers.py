@@ -1,6 +1,7 @@
 """The sublayers of a pre-norm decoder block: RMSNorm, rotary attention and a SwiGLU feed-forward."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -63,39 +64,51 @@ def refuse_create_graph(message: str) -> None:
 
 
 class _RotaryQKVFunction(torch.autograd.Function):
-    """rotary_qkv on the CPU in float32/64: one pass over the projection forward (q, k, v are views
-    of its rotated copy, in the projection's layout) and one from the heads' gradients back into it
+    """rotary_qkv on the CPU: one pass over the projection forward (q, k, v are views of its rotated
+    copy, in the projection's layout) and one from the heads' gradients back into it
     (model/csrc/rope.cpp), where the eager path rotates q and k apart each way into new tensors and
     autograd stacks the three gradients into the projection's layout in another copy."""
 
     @staticmethod
-    def forward(ctx, qkv, cos, sin, n_heads):
+    def forward(ctx, qkv, cos, sin, n_heads, heads_dtype):
         ctx.save_for_backward(cos, sin)
+        ctx.qkv_dtype = qkv.dtype
         b, t, _ = qkv.shape
-        out = cpu_kernels.extension("rope").rotary_qkv_forward(qkv, cos, sin, n_heads)
-        return out.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = cpu_kernels.extension("rope").rotary_qkv_forward(qkv, cos, sin, n_heads, heads_dtype)
+        return out.view(b, t, 3, n_heads, qkv.size(-1) // (3 * n_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
         refuse_create_graph("the fused rotary kernel has no double backward (create_graph=True)")
         cos, sin = ctx.saved_tensors
-        like = next(g for g in (gq, gk, gv) if g is not None)
-        gq, gk, gv = (torch.zeros_like(like) if g is None else g if g.stride(-1) == 1 else g.contiguous()
-                      for g in (gq, gk, gv))
-        return cpu_kernels.extension("rope").rotary_qkv_backward(gq, gk, gv, cos, sin), None, None, None
+        # (autograd hands zeros for a head that got no gradient)
+        gq, gk, gv = (g.to(cos.dtype) if g.stride(-1) == 1 else g.to(cos.dtype).contiguous() for g in (gq, gk, gv))
+        grad = cpu_kernels.extension("rope").rotary_qkv_backward(gq, gk, gv, cos, sin, ctx.qkv_dtype)
+        return grad, None, None, None, None
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype q, k, v are attended in: float32 on the CPU for bfloat16/float16 activations, whose
+    backward PyTorch's CPU attention runs ~1.5× slower than float32's (15 against 10 ms per layer of
+    the default model); their own dtype elsewhere."""
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if low and x.device.type == "cpu" else x.dtype
 
 
 def rotary_qkv(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused projection qkv [B, T, 3·C] as heads q, k, v [B, H, T, D], q and k rotated by
-    apply_rope at positions cos/sin [T, D/2]."""
+    """The fused projection qkv [B, T, 3·C] as heads q, k, v [B, H, T, D] in attention_dtype, q and k
+    rotated by apply_rope at positions cos/sin [T, D/2]. On the CPU's fused path they are views of
+    one tensor made by one autograd Function: read them (attention, a cache's copy), do not modify
+    them in place (autograd refuses)."""
     b, t, _ = qkv.shape
-    if (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64) and qkv.is_contiguous()
-            and not torch.compiler.is_compiling() and cpu_kernels.available("rope")):
-        c, s = cos[:t].to(qkv.dtype).contiguous(), sin[:t].to(qkv.dtype).contiguous()
-        return _RotaryQKVFunction.apply(qkv, c, s, n_heads)
-    q, k, v = qkv.view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    heads = attention_dtype(qkv)
+    if (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+            and qkv.is_contiguous() and not torch.compiler.is_compiling() and cpu_kernels.available("rope")):
+        c, s = cos[:t].to(heads).contiguous(), sin[:t].to(heads).contiguous()
+        return _RotaryQKVFunction.apply(qkv, c, s, n_heads, heads)
+    q, k, v = qkv.view(b, t, 3, n_heads, qkv.size(-1) // (3 * n_heads)).permute(2, 0, 3, 1, 4)
+    return apply_rope(q.to(heads), cos, sin), apply_rope(k.to(heads), cos, sin), v.to(heads)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -108,7 +121,8 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         wide = torch.promote_types(x.dtype, torch.float32)
         eps = torch.finfo(wide).eps if eps is None else eps  # torch's default
-        ctx.fused = (x.dtype == wide and x.is_contiguous() and (weight is None or weight.dtype == wide)
+        ctx.fused = (x.device.type == "cpu" and x.dtype == wide and x.is_contiguous()
+                     and (weight is None or weight.dtype == wide)
                      and not torch.compiler.is_compiling() and cpu_kernels.available("rms_norm"))
         if ctx.fused:
             y, rstd = cpu_kernels.extension("rms_norm").rms_norm_forward(
@@ -205,14 +219,17 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
             if past:  # queries at past..past+t-1 see every cached key and the new ones up to themselves
                 causal = False
                 if t > 1:
                     mask = torch.arange(k.size(-2), device=x.device) <= past + torch.arange(t, device=x.device)[:, None]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(b, t, c))
+        # in attention_dtype: CPU autocast would run it in bf16
+        with torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            )
+        return self.out(y.transpose(1, 2).reshape(b, t, c).to(x.dtype))
 
 
 class KVCache:
@@ -248,13 +265,13 @@ def _swiglu_kernels():
 class _SwiGLUFunction(torch.autograd.Function):
     """clamped_swiglu on the fused [..., 2·hidden] gate/up projection: the same arithmetic forward
     and backward, with both halves of the gradient written straight into one [..., 2·hidden]
-    tensor instead of computed apart and concatenated. On the CPU (float32/64) one fused pass each
-    way (model/csrc/swiglu.cpp), which saves only the projection."""
+    tensor instead of computed apart and concatenated. On the CPU (float32/64, bfloat16) one fused
+    pass each way (model/csrc/swiglu.cpp), which saves only the projection."""
 
     @staticmethod
     def forward(ctx, gate_up, clamp):
         ctx.clamp = clamp
-        ctx.fused = (gate_up.device.type == "cpu" and gate_up.dtype in (torch.float32, torch.float64)
+        ctx.fused = (gate_up.device.type == "cpu" and gate_up.dtype in (torch.float32, torch.float64, torch.bfloat16)
                      and gate_up.is_contiguous() and cpu_kernels.available("swiglu"))
         if ctx.fused:
             ctx.save_for_backward(gate_up)

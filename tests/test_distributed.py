@@ -66,16 +66,18 @@ def test_two_ranks_match_one_rank(optim, stage, two_rank_runs, one_rank):
     assert params[f"{optim}{stage}"].keys() == reference.keys()
     tolerance = {name: 5e-5 for name in reference}
     if optim == "v4":
-        # V4-tiny's mHC projections (phi) and rarely routed experts get gradients small enough that
-        # Muon's normalised update points where rounding puts it: one process summing the same
-        # batch as 4 micro-batches instead of 1 moves mtp.block.ffn_hc.phi by 1.6e-3, 2 ranks by
-        # 1.3e-3, while the losses agree to 1e-6 for all 10 steps. So sharding may differ from one
-        # rank by no more than 4× what that summation order alone does, and never by more than 5e-3
-        # (a sharded step that reads the other rank's part of a matrix as zeros fails here, already
-        # at embed.weight).
+        # V4-tiny's hyper-connection coefficients (phi, the gates' biases) and its MoE experts
+        # (rarely routed ones) get gradients small enough that Muon's normalised update points
+        # where rounding puts it: one process summing the same batch as 4 micro-batches instead of
+        # 1 moves mtp.block.ffn_hc.phi by 1.6e-3 and blocks.3.ffn.gate_up by 6e-5, 2 ranks by
+        # 1.3e-3 and 5e-5, while the losses agree to 1e-6 for all 10 steps. There, sharding may
+        # differ from one rank by no more than 4× what that summation order alone does, and never
+        # by more than 5e-3; everything else (embed.weight, attention, norms) keeps 5e-5 (a sharded
+        # step that reads the other rank's part of a matrix as zeros fails here, at embed.weight).
         reordered, _ = one_rank(optim, "trainer.micro_batch_size=2")
-        tolerance = {name: min(5e-3, max(5e-5, 4 * (reordered[name] - value).abs().max().item()))
-                     for name, value in reference.items()}
+        sensitive = ("_hc.phi.weight", "reduce.phi.weight", "_hc.b_", "ffn.gate_up", "ffn.down")
+        tolerance |= {name: min(5e-3, max(5e-5, 4 * (reordered[name] - value).abs().max().item()))
+                      for name, value in reference.items() if any(s in name for s in sensitive)}
         assert losses(out / f"{optim}{stage}") == pytest.approx(reference_losses, rel=1e-6)
     for name, value in reference.items():
         assert torch.allclose(params[f"{optim}{stage}"][name], value, atol=tolerance[name], rtol=1e-4), name

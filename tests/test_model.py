@@ -221,14 +221,16 @@ def test_fused_rms_norm_follows_the_eager_path(weighted, monkeypatch):
     x0 = 3 * torch.randn(700, 40, generator=gen)
     w0 = torch.randn(40, generator=gen)
     g = torch.randn(700, 40, generator=gen)
-    results = {}
-    for fused, threads in ((True, 2), (True, 1), (False, 2)):
-        kernels_on(monkeypatch, fused)
-        torch.set_num_threads(threads)
-        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = rms_norm(x, w if weighted else None, 1e-6)
-        results[fused, threads] = (y, *torch.autograd.grad(y, (x, w) if weighted else (x,), g))
-    torch.set_num_threads(2)
+    results, threads_before = {}, torch.get_num_threads()
+    try:
+        for fused, threads in ((True, 2), (True, 1), (False, 2)):
+            kernels_on(monkeypatch, fused)
+            torch.set_num_threads(threads)
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = rms_norm(x, w if weighted else None, 1e-6)
+            results[fused, threads] = (y, *torch.autograd.grad(y, (x, w) if weighted else (x,), g))
+    finally:
+        torch.set_num_threads(threads_before)
     for a, b in zip(results[True, 2], results[True, 1]):
         assert torch.equal(a, b)
     for a, b in zip(results[True, 2], results[False, 2]):
@@ -270,3 +272,57 @@ def test_fused_rotary_qkv_equals_rope_on_the_projection_views(dtype, tol, monkey
         with pytest.raises(RuntimeError, match="no double backward"):
             x = qkv0.clone().requires_grad_()
             torch.autograd.grad(rotary_qkv(x, 3, cos, sin)[0].sum(), x, create_graph=True)
+
+
+def test_fused_kernels_under_bf16_autocast_follow_the_eager_path(monkeypatch):
+    """bfloat16 activations (CPU autocast): the rotary kernel gives float32 heads from a bf16
+    projection (as the eager path does) and a bf16 gradient equal to the eager one; the SwiGLU
+    kernel computes in float32 and rounds once, within one bf16 ulp of PyTorch's two roundings, NaN
+    where PyTorch has NaN."""
+    gen = torch.Generator().manual_seed(0)
+    cos, sin = rope_tables(20, 8, 10000.0)
+    qkv0 = torch.randn(2, 13, 3 * 3 * 8, generator=gen).bfloat16()
+    grads = [torch.randn(2, 3, 13, 8, generator=gen) for _ in range(3)]
+    gate_up0 = (4 * torch.randn(37, 2 * 21, generator=gen)).bfloat16()
+    gate_up0[0, 0] = float("nan")
+    g_act = torch.randn(37, 21, generator=gen).bfloat16()
+    results = {}
+    for fused in (True, False):
+        kernels_on(monkeypatch, fused)
+        qkv, gate_up = qkv0.clone().requires_grad_(), gate_up0.clone().requires_grad_()
+        heads = rotary_qkv(qkv, 3, cos, sin)
+        act = swiglu_fn(gate_up, 7.0)
+        results[fused] = (*heads, *torch.autograd.grad(heads, qkv, grads), act, *torch.autograd.grad(act, gate_up, g_act))
+    (q, k, v, d_qkv, act, d_act), (q_ref, k_ref, v_ref, d_qkv_ref, act_ref, d_act_ref) = results[True], results[False]
+    assert q.dtype == k.dtype == v.dtype == q_ref.dtype == torch.float32 and d_qkv.dtype == torch.bfloat16
+    for a, b in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert torch.equal(d_qkv, d_qkv_ref)
+    assert act.dtype == d_act.dtype == torch.bfloat16
+    for a, b in ((act, act_ref), (d_act, d_act_ref)):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-6, equal_nan=True)
+
+
+def test_cpu_attention_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """PyTorch's CPU attention backward is slower in bf16 than in float32, and autocast would run it
+    in bf16: the dense attention hands it float32 heads with autocast off, on the fused and eager
+    paths alike."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 16))
+    for fused in (True, False):
+        kernels_on(monkeypatch, fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, ids)
+        loss.backward()
+    assert seen and all(s == (torch.float32, torch.float32, torch.float32, False) for s in seen)

@@ -36,16 +36,18 @@ def test_cached_decoding_equals_recomputing_the_context(residual):
     assert_cached_equals_recomputed(model, prompt, 40, context=24, slides=2)
 
 
-def test_cache_continues_positions():
-    """A prompt fed in pieces through the cache gives the logits of one full forward."""
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_cache_continues_positions(dtype, tol):
+    """A prompt fed in pieces through the cache gives the logits of one full forward; also for a
+    model in bf16, whose cache holds bf16 keys and values while the CPU attends in float32."""
     cfg = compose_config(["model=tiny"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, 256).eval()
+    model = build_model(cfg.model, 256).eval().to(dtype)
     ids = torch.randint(1, 256, (2, 20))
     cache = model.new_cache(2, 20)
     with torch.no_grad():
         pieces = [model(ids[:, a:b], cache=cache) for a, b in ((0, 9), (9, 10), (10, 16), (16, 20))]
-        torch.testing.assert_close(torch.cat(pieces, 1), model(ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.cat(pieces, 1).float(), model(ids).float(), atol=tol, rtol=0)
 
 
 def test_top_k_and_top_p_keep_what_brute_force_keeps():

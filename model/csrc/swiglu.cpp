@@ -5,7 +5,8 @@
 //             (the masks only with a clamp), silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
 // One pass each way, nothing saved but the projection itself: PyTorch's path is two elementwise
 // kernels forward (saving silu(g)) and three backward. float32 runs 16 lanes at a time (8 without
-// AVX-512) with its own exp (below); float64 (gradient checks) runs the same formulas with std::exp.
+// AVX-512) with its own exp (below), bfloat16 (autocast) the same in float32 lanes, rounded once on
+// the way out; float64 (gradient checks) runs the same formulas with std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -110,10 +111,66 @@ inline void store(float* p, vf v, int64_t n) {
   }
 }
 
+// bfloat16 (autocast): the upper half of a float32; stored rounded to nearest even, NaN as quiet NaN
+// (c10::BFloat16's rounding)
+typedef uint16_t vh __attribute__((vector_size(kBytes / 2)));
+inline vf load(const at::BFloat16* p, int64_t n) {
+  vh h = {};
+  if (n == kLanes) {
+    std::memcpy(&h, p, sizeof(h));
+  } else {
+    for (int64_t l = 0; l < n; ++l) h[l] = p[l].x;
+  }
+  const vu bits = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+inline void store(at::BFloat16* p, vf v, int64_t n) {
+  vu bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const vu nan = (vu)(v != v);
+  bits = (((bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16) & ~nan) | (nan & 0x7FC0u);
+  const vh h = __builtin_convertvector(bits, vh);
+  if (n == kLanes) {
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+    for (int64_t l = 0; l < n; ++l) p[l].x = h[l];
+  }
+}
+
 void check(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.is_contiguous() && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
               "swiglu: a contiguous [..., 2 * hidden] projection");
-  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kDouble, "swiglu: float32 or float64");
+  const auto t = gate_up.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16, "swiglu: float32, float64 or bfloat16");
+}
+
+// float32 or bfloat16 storage S, float32 lanes
+template <typename S>
+void forward_rows(const S* X, S* O, int64_t rows, int64_t H, float c) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < H; i += kLanes) {
+        const int64_t n = std::min(kLanes, H - i);
+        store(O + r * H + i, forward_value(load(X + r * 2 * H + i, n), load(X + r * 2 * H + H + i, n), c), n);
+      }
+  });
+}
+
+template <typename S>
+void backward_rows(const S* G, const S* X, S* D, int64_t rows, int64_t H, float c, bool clamped) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < H; i += kLanes) {
+        const int64_t n = std::min(kLanes, H - i);
+        vf dg, du;
+        backward_value(load(G + r * H + i, n), load(X + r * 2 * H + i, n), load(X + r * 2 * H + H + i, n), c,
+                       clamped, dg, du);
+        store(D + r * 2 * H + i, dg, n);
+        store(D + r * 2 * H + H + i, du, n);
+      }
+  });
 }
 
 }  // namespace
@@ -125,16 +182,9 @@ at::Tensor swiglu_forward(const at::Tensor& gate_up, double clamp) {
   sizes.back() = H;
   auto out = at::empty(sizes, gate_up.options());
   if (gate_up.scalar_type() == at::kFloat) {
-    const float* X = gate_up.data_ptr<float>();
-    float* O = out.data_ptr<float>();
-    const float c = static_cast<float>(clamp);
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t i = 0; i < H; i += kLanes) {
-          const int64_t n = std::min(kLanes, H - i);
-          store(O + r * H + i, forward_value(load(X + r * 2 * H + i, n), load(X + r * 2 * H + H + i, n), c), n);
-        }
-    });
+    forward_rows(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, H, static_cast<float>(clamp));
+  } else if (gate_up.scalar_type() == at::kBFloat16) {
+    forward_rows(gate_up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows, H, static_cast<float>(clamp));
   } else {
     const double* X = gate_up.data_ptr<double>();
     double* O = out.data_ptr<double>();
@@ -154,20 +204,11 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up, do
   const int64_t H = gate_up.size(-1) / 2, rows = H ? gate_up.numel() / (2 * H) : 0;
   auto d = at::empty_like(gate_up);
   if (gate_up.scalar_type() == at::kFloat) {
-    const float *X = gate_up.data_ptr<float>(), *G = grad.data_ptr<float>();
-    float* D = d.data_ptr<float>();
-    const float c = static_cast<float>(clamp);
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t i = 0; i < H; i += kLanes) {
-          const int64_t n = std::min(kLanes, H - i);
-          vf dg, du;
-          backward_value(load(G + r * H + i, n), load(X + r * 2 * H + i, n), load(X + r * 2 * H + H + i, n), c,
-                         clamped, dg, du);
-          store(D + r * 2 * H + i, dg, n);
-          store(D + r * 2 * H + H + i, du, n);
-        }
-    });
+    backward_rows(grad.data_ptr<float>(), gate_up.data_ptr<float>(), d.data_ptr<float>(), rows, H,
+                  static_cast<float>(clamp), clamped);
+  } else if (gate_up.scalar_type() == at::kBFloat16) {
+    backward_rows(grad.data_ptr<at::BFloat16>(), gate_up.data_ptr<at::BFloat16>(), d.data_ptr<at::BFloat16>(), rows,
+                  H, static_cast<float>(clamp), clamped);
   } else {
     const double *X = gate_up.data_ptr<double>(), *G = grad.data_ptr<double>();
     double* D = d.data_ptr<double>();
