@@ -137,10 +137,6 @@ class Trainer:
             model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         )
         bind_zero_partitions(self.engine)
-        if self.world_size == 1 and cfg.deepspeed.zero_stage == 0:
-            # DeepSpeed's gradient all-reduce over one process flattens every gradient, reduces and
-            # divides by 1, and copies back: an identity costing ~1-2 ms a step on the default model.
-            self.engine.enable_backward_allreduce = False
         self.utilisation = Utilisation(self.flops_per_token, self.device, self.precision, t.peak_tflops)
         self.profiler = StepProfiler(t.profile, self.out_dir, self.rank, self.device)
         if cfg.optim.qk_clip_tau > 0:
