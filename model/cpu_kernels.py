@@ -102,3 +102,11 @@ def available(source: str) -> bool:
     if source not in known:
         known[source] = extension(source) is not None
     return known[source]
+
+
+def takes(source: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether model/csrc/<source>.cpp's kernel runs on x: a contiguous CPU tensor of one of
+    `dtypes`, outside a torch.compile trace (compiled code takes the PyTorch path, which Inductor
+    fuses), and kernels that build."""
+    return (x.device.type == "cpu" and x.dtype in dtypes and x.is_contiguous()
+            and not torch.compiler.is_compiling() and available(source))

@@ -103,8 +103,7 @@ def rotary_qkv(qkv: torch.Tensor, n_heads: int, cos: torch.Tensor, sin: torch.Te
     them in place (autograd refuses)."""
     b, t, _ = qkv.shape
     heads = attention_dtype(qkv)
-    if (qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-            and qkv.is_contiguous() and not torch.compiler.is_compiling() and cpu_kernels.available("rope")):
+    if cpu_kernels.takes("rope", qkv, (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         c, s = cos[:t].to(heads).contiguous(), sin[:t].to(heads).contiguous()
         return _RotaryQKVFunction.apply(qkv, c, s, n_heads, heads)
     q, k, v = qkv.view(b, t, 3, n_heads, qkv.size(-1) // (3 * n_heads)).permute(2, 0, 3, 1, 4)
@@ -121,9 +120,7 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         wide = torch.promote_types(x.dtype, torch.float32)
         eps = torch.finfo(wide).eps if eps is None else eps  # torch's default
-        ctx.fused = (x.device.type == "cpu" and x.dtype == wide and x.is_contiguous()
-                     and (weight is None or weight.dtype == wide)
-                     and not torch.compiler.is_compiling() and cpu_kernels.available("rms_norm"))
+        ctx.fused = (weight is None or weight.dtype == wide) and cpu_kernels.takes("rms_norm", x, (wide,))
         if ctx.fused:
             y, rstd = cpu_kernels.extension("rms_norm").rms_norm_forward(
                 x, None if weight is None else weight.contiguous(), eps)
@@ -141,11 +138,10 @@ class _RMSNormFunction(torch.autograd.Function):
         x_in, weight, rstd = ctx.saved_tensors
         if ctx.fused:
             refuse_create_graph("the fused RMSNorm kernel has no double backward (create_graph=True)")
-            grad_x, grad_w = cpu_kernels.extension("rms_norm").rms_norm_backward(
+            grad_x, grad_w = cpu_kernels.extension("rms_norm").rms_norm_backward(  # None where not asked for
                 grad.to(x_in.dtype).contiguous(), x_in, None if weight is None else weight.contiguous(), rstd,
                 ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1])
-            return (grad_x if ctx.needs_input_grad[0] else None,
-                    grad_w if weight is not None and ctx.needs_input_grad[1] else None, None)
+            return grad_x, grad_w, None
         wide = rstd.dtype
         x, grad = x_in.to(wide), grad.to(wide)
         gx = (grad * x).flatten(0, -2)  # [N, C]
@@ -258,10 +254,6 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, clamp: float | None) ->
     return F.silu(gate) * up
 
 
-def _swiglu_kernels():
-    return cpu_kernels.extension("swiglu")
-
-
 class _SwiGLUFunction(torch.autograd.Function):
     """clamped_swiglu on the fused [..., 2·hidden] gate/up projection: the same arithmetic forward
     and backward, with both halves of the gradient written straight into one [..., 2·hidden]
@@ -271,11 +263,10 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, clamp):
         ctx.clamp = clamp
-        ctx.fused = (gate_up.device.type == "cpu" and gate_up.dtype in (torch.float32, torch.float64, torch.bfloat16)
-                     and gate_up.is_contiguous() and cpu_kernels.available("swiglu"))
+        ctx.fused = cpu_kernels.takes("swiglu", gate_up, (torch.float32, torch.float64, torch.bfloat16))
         if ctx.fused:
             ctx.save_for_backward(gate_up)
-            return _swiglu_kernels().swiglu_forward(gate_up, math.inf if clamp is None else clamp)
+            return cpu_kernels.extension("swiglu").swiglu_forward(gate_up, math.inf if clamp is None else clamp)
         gate, up = gate_up.chunk(2, dim=-1)
         if clamp is not None:
             gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
@@ -289,8 +280,8 @@ class _SwiGLUFunction(torch.autograd.Function):
         if ctx.fused:
             refuse_create_graph("the fused SwiGLU kernel has no double backward (create_graph=True)")
             (gate_up,) = ctx.saved_tensors
-            return _swiglu_kernels().swiglu_backward(grad.to(gate_up.dtype).contiguous(), gate_up,
-                                                     math.inf if clamp is None else clamp, clamp is not None), None
+            return cpu_kernels.extension("swiglu").swiglu_backward(
+                grad.to(gate_up.dtype).contiguous(), gate_up, math.inf if clamp is None else clamp, clamp is not None), None
         gate_up, act = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
         if clamp is not None:

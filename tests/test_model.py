@@ -165,14 +165,18 @@ def test_swiglu_equals_the_chunked_form(clamp):
     assert torch.autograd.gradcheck(swiglu, (x,))
 
 
+def kernels_on(monkeypatch, on: bool):
+    import model.layers as layers
+
+    monkeypatch.setattr(layers.cpu_kernels, "available", lambda source: on)
+
+
 @pytest.mark.parametrize("clamp", [None, 7.0])
 def test_fused_swiglu_follows_pytorch_in_float32(clamp, monkeypatch):
     """The CPU kernel against PyTorch's path (silu, clamps and masks as autograd derives them): a
     row width that is no multiple of the kernel's 8 or 16 lanes, inputs far out on both sides (its exp
     is clamped where e^x would leave the normal floats), NaN where PyTorch has NaN, masked
     gradients exactly where PyTorch masks them."""
-    import model.layers as layers
-
     gen = torch.Generator().manual_seed(0)
     gate_up = 6 * torch.randn(37, 2 * 21, generator=gen)
     gate_up[0, 0] = gate_up[1, 21] = float("nan")
@@ -181,7 +185,7 @@ def test_fused_swiglu_follows_pytorch_in_float32(clamp, monkeypatch):
     grad = torch.randn(37, 21, generator=gen)
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(layers.cpu_kernels, "available", lambda source, fused=fused: fused)
+        kernels_on(monkeypatch, fused)
         x = gate_up.clone().requires_grad_()
         out = swiglu_fn(x, clamp)
         results.append((out, *torch.autograd.grad(out, x, grad)))
@@ -196,7 +200,7 @@ def test_fused_swiglu_follows_pytorch_in_float32(clamp, monkeypatch):
         assert masked.sum() > 10 and (d[masked] == 0).all() and (d_ref[masked] == 0).all()
     linspace = torch.linspace(-30, 30, 20001).view(1, -1)
     grid = torch.cat((linspace, torch.ones_like(linspace)), dim=1)
-    monkeypatch.setattr(layers.cpu_kernels, "available", lambda source: True)
+    kernels_on(monkeypatch, True)
     torch.testing.assert_close(swiglu_fn(grid, None), clamped_swiglu(linspace, 1.0, None), rtol=3e-7, atol=0)
 
 
@@ -205,12 +209,6 @@ def test_fused_swiglu_refuses_double_backward():
     (d,) = torch.autograd.grad(swiglu_fn(x, None).sum(), x, create_graph=False)
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(swiglu_fn(x, None).sum(), x, create_graph=True)
-
-
-def kernels_on(monkeypatch, on: bool):
-    import model.layers as layers
-
-    monkeypatch.setattr(layers.cpu_kernels, "available", lambda source: on)
 
 
 @pytest.mark.parametrize("weighted", [True, False])
