@@ -120,14 +120,17 @@ def test_compiled_training_equals_eager_residual(tmp_path, data_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,stage", [("residual", 2), ("mhc", 2), ("v4", 2)])
+@pytest.mark.parametrize("variant,stage", [("residual", 2), ("hc", 0), ("hc", 2), ("mhc", 0), ("mhc", 2), ("v4", 0),
+                                           ("v4", 2)])
 def test_compiled_training_equals_eager(variant, stage, tmp_path, data_cache):
-    """ZeRO-2 (the fast case covers ZeRO-0); residual with activation checkpointing (which calls the
-    compiled block again in backward); mhc: the fused kernels as custom ops inside the graph; v4:
+    """Every variant at ZeRO 0 and 2 (the fast case is residual at ZeRO-0); residual at ZeRO-2 with
+    activation checkpointing (which calls the compiled block again in backward); hc and mhc: the
+    fused kernels as custom ops inside the graph; v4:
     CSA (sparse from the first step) and HCA attention with their window part, hashed and routed
     MoE through the grouped-matmul op, in mHC blocks. V4 caught a wrong gradient: Inductor's
     backward of the window's overlapping `unfold`."""
     overrides = {"residual": [*TINY, "model.activation_checkpointing=true"],
+                 "hc": [*TINY, "model.residual=hc"],
                  "mhc": [*TINY, "model.residual=mhc"],
                  # CSA and HCA each run the window attention too; two distinct block graphs (the
                  # trunk's four and the MTP block's window layer double the compile time, ~6 min cold)
