@@ -1,0 +1,49 @@
+"""The benchmark scripts behind the README's performance figures run, as a user types them, on a
+tiny model, and print their ratios as finite positive numbers. Timings are not checked (the
+benchmarks measure, tests do not): a script that crashes or prints nan fails here."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+NUMBER = r"([0-9][0-9.,]*|nan|inf)"
+
+# (script and arguments, a pattern each of whose groups is a printed ratio)
+RUNS = {
+    "minimal_gpt": (["minimal_gpt", "--steps", "1", "--rounds", "1", "model=tiny"],
+                    rf"ours-plain / minimal = {NUMBER}; ours / minimal = {NUMBER}"),
+    "overhead": (["overhead", "--steps", "1", "--rounds", "1", "model=tiny"], rf"ours / plain = {NUMBER}"),
+    "compile-pair": (["compile", "--steps", "1", "--rounds", "1", "--eager", "--pair", "model.residual=residual",
+                      "model.residual=mhc", "model=tiny"], rf"step time .* = {NUMBER}"),
+    "attention": (["attention", "--model", "v4_tiny", "--lengths", "256,512", "--rounds", "1", "--measure", "both"],
+                  rf"512 .* {NUMBER}x, {NUMBER}x, {NUMBER}x"),
+    "residual": (["residual", "--steps", "1", "--rounds", "1", "model=tiny"], rf"mhc-eager .* {NUMBER}x"),
+    "sampling": (["sampling", "--tokens", "8", "--rounds", "1"], rf"cache / no cache: {NUMBER}x"),
+    "probes": (["probes", "--every", "2", "--rounds", "1", "model=tiny"], rf"probes every 2 +{NUMBER} ms/step"),
+    "data": (["data", "--vocab", "300", "--batches", "20", "--train-steps", "1"],
+             rf"ratio loader / training = {NUMBER}x"),
+    "distributed": (["distributed", "--reps", "1", "--steps", "2", "--rounds", "1"], rf"2 ranks / 1 rank: {NUMBER}x"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_benchmark_script_runs_and_prints_its_ratios(name, data_cache):
+    args, pattern = RUNS[name]
+    takes_overrides = args[0] not in ("attention", "sampling", "data", "distributed")  # these set their own data
+    cmd = [sys.executable, "-m", f"benchmarks.{args[0]}", *args[1:]]
+    if takes_overrides:
+        cmd.append(f"data.cache_dir={data_cache}")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    match = re.search(pattern, done.stdout)
+    assert match, f"no line matching {pattern!r} in:\n{done.stdout[-3000:]}"
+    for ratio in match.groups():
+        value = float(ratio.replace(",", ""))
+        assert math.isfinite(value) and value > 0, f"{name} printed {ratio}"
