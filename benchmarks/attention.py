@@ -11,7 +11,9 @@ context (analytic, from the shapes the modules implement), and measured CPU forw
 3. `--measure memory` (or `both`): peak memory of one attention layer's forward + backward (training mode, CSA after
    the indexer's warm-up) at the same lengths: the bytes allocated beyond what existed before
    (input and weights), from torch.profiler's allocation events on CPU or CUDA's peak statistics
-   on a GPU; ratios T / 2K (linear growth: 4× at 8K) and V4 / dense.
+   on a GPU; ratios T / 2K (linear growth: 4× at 8K) and V4 / dense. Then the same for one whole
+   V4 layer as the model builds it (its mHC streams, attention of each kind, MoE), from the
+   streams in to the streams out.
 4. `--measure step`: the time of that forward + backward. Beyond `model.attn.query_chunk` queries
    (`--query-chunk N`; 0: one pass) V4 layers recompute each chunk's scores in backward: memory
    for time, which 3 and 4 measure with and without.
@@ -22,12 +24,14 @@ context (analytic, from the shapes the modules implement), and measured CPU forw
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 
 import torch
 
 from benchmarks.common import alternate, load_config, median
+from model import build_model
 from model.attention import V4Attention, layer_kinds
 from model.layers import Attention, rope_tables
 
@@ -77,24 +81,30 @@ def peak_memory_bytes(run, device: torch.device) -> int:
     return max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
 
 
-def training_step(layer, x: torch.Tensor, cos, sin):
+def training_step(layer, x: torch.Tensor, cos, sin, *extra):
     """One training forward + backward of `layer` on x (which requires grad), gradients dropped."""
     def run():
-        layer.train()(x, cos, sin).sum().backward()
+        layer.train()(x, cos, sin, *extra).sum().backward()
         layer.zero_grad(set_to_none=True)
         x.grad = None
     return run
 
 
-def memory_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device) -> None:
-    print(f"\npeak memory of one attention layer's forward + backward, batch 1, fp32, {device} (MiB):")
-    print(f"{'T':>6} " + " ".join(f"{k:>10}" for k in layers) + "   v4 / dense (window, csa, hca)")
+def memory_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device, what: str = "attention layer",
+                 n_streams: int = 0) -> None:
+    """`n_streams` > 0: the layers are blocks, called on [1, T, n_streams, d] streams and token ids."""
+    print(f"\npeak memory of one {what}'s forward + backward, batch 1, fp32, {device} (MiB):")
+    dense = "dense" in layers
+    print(f"{'T':>6} " + " ".join(f"{k:>10}" for k in layers) + ("   v4 / dense (window, csa, hca)" if dense else ""))
     peaks: dict[int, dict[str, int]] = {}
     for t in lengths:
-        x = torch.randn(1, t, d_model, device=device, requires_grad=True)
-        peaks[t] = {k: peak_memory_bytes(training_step(m, x, cos, sin), device) for k, m in layers.items()}
-        print(f"{t:>6} " + " ".join(f"{v / 2**20:>10.1f}" for v in peaks[t].values()) + "   "
-              + ", ".join(f"{peaks[t][k] / peaks[t]['dense']:.2f}x" for k in ("window", "csa", "hca")))
+        shape = (1, t, n_streams, d_model) if n_streams else (1, t, d_model)
+        x = torch.randn(*shape, device=device, requires_grad=True)
+        extra = (torch.randint(0, 256, (1, t), device=device),) if n_streams else ()
+        peaks[t] = {k: peak_memory_bytes(training_step(m, x, cos[:t], sin[:t], *extra), device)
+                    for k, m in layers.items()}
+        print(f"{t:>6} " + " ".join(f"{v / 2**20:>10.1f}" for v in peaks[t].values()) + ("   " + ", ".join(
+            f"{peaks[t][k] / peaks[t]['dense']:.2f}x" for k in ("window", "csa", "hca")) if dense else ""))
     first = lengths[0]
     for t in lengths[1:]:
         print(f"T={t} / T={first}: " + ", ".join(f"{k} {peaks[t][k] / peaks[first][k]:.2f}x" for k in layers)
@@ -140,9 +150,33 @@ def main() -> None:
     cos, sin = (t.to(device) for t in rope_tables(top, cfg.d_model // cfg.n_heads, cfg.rope_theta))
     if args.measure in ("memory", "both"):
         memory_table(layers, cfg.d_model, lengths, cos, sin, device)
+        memory_table(v4_blocks(cfg, top, device), cfg.d_model, lengths, *v4_tables(cfg, top, device), device,
+                     what="V4 layer (mHC, attention, MoE)", n_streams=cfg.n_streams)
     if args.measure == "memory":
         return
     time_table(layers, cfg.d_model, lengths, cos, sin, device, args.rounds, backward=args.measure == "step")
+
+
+def v4_blocks(cfg, seq_len: int, device) -> dict:
+    """One V4 layer of each attention kind (a routed MoE, not the hashed first layer), built and
+    initialised as the model builds them; CSA past the indexer's warm-up."""
+    blocks = {}
+    for kind in ("window", "csa", "hca"):
+        layer_cfg = copy.deepcopy(cfg)
+        layer_cfg.n_layers, layer_cfg.attn.layers, layer_cfg.mtp_depth = 1, [kind], 0
+        layer_cfg.max_seq_len, layer_cfg.moe.hash_layers = seq_len, 0
+        block = build_model(layer_cfg, 256).blocks[0]
+        block.attn.sparse = True
+        blocks[kind] = block.to(device)
+    return blocks
+
+
+def v4_tables(cfg, seq_len: int, device):
+    """The rotary tables the model hands its blocks."""
+    layer_cfg = copy.deepcopy(cfg)
+    layer_cfg.n_layers, layer_cfg.attn.layers, layer_cfg.mtp_depth, layer_cfg.max_seq_len = 1, ["window"], 0, seq_len
+    model = build_model(layer_cfg, 256)
+    return model.rope_cos.to(device), model.rope_sin.to(device)
 
 
 def time_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device, rounds: int, backward: bool) -> None:

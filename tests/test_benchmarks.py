@@ -21,7 +21,8 @@ RUNS = {
     "compile-pair": (["compile", "--steps", "1", "--rounds", "1", "--eager", "--pair", "model.residual=residual",
                       "model.residual=mhc", "model=tiny"], rf"step time .* = {NUMBER}"),
     "attention": (["attention", "--model", "v4_tiny", "--lengths", "256,512", "--rounds", "1", "--measure", "both"],
-                  rf"512 .* {NUMBER}x, {NUMBER}x, {NUMBER}x"),
+                  rf"512 .* {NUMBER}x, {NUMBER}x, {NUMBER}x(?s:.*)T=512 / T=256: window {NUMBER}x, csa {NUMBER}x, "
+                  rf"hca {NUMBER}x"),
     "residual": (["residual", "--steps", "1", "--rounds", "1", "model=tiny"], rf"mhc-eager .* {NUMBER}x"),
     "sampling": (["sampling", "--tokens", "8", "--rounds", "1"], rf"cache / no cache: {NUMBER}x"),
     "probes": (["probes", "--every", "2", "--rounds", "1", "model=tiny"], rf"probes every 2 +{NUMBER} ms/step"),

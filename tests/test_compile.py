@@ -90,25 +90,31 @@ def test_compiled_hyper_connection_is_one_graph_with_the_eager_gradients():
 
 
 def train_steps(overrides, out_dir, cache, steps=5, settle=2):
-    """Losses of `steps` steps (run_step: probes included), and the frames compiled and graph
-    breaks counted from the end of step `settle` to the end."""
+    """Losses of `steps` steps (run_step: probes included), the frames compiled in the first
+    `settle` steps, and the frames compiled and graph breaks from the end of step `settle` on."""
     cfg = compose_config([*overrides, "trainer.max_steps=100", "trainer.eval_every=0", "trainer.checkpoint_every=0",
                           "trainer.progress=false", "logger.wandb.mode=disabled", "trainer.precision=fp32"],
                          out_dir=out_dir, cache_dir=cache)
+    if cfg.trainer.compile:
+        torch._dynamo.reset()  # compile as a fresh run does, not from this process's earlier tests
     t = Trainer(cfg)
+    assert bool(t.compiled) == cfg.trainer.compile
     t.callbacks.clear()  # no metrics file: the losses come back from run_step
-    losses, breaks = [], graph_breaks()
+    losses, breaks, first = [], graph_breaks(), frames_compiled()
     for step in range(1, steps + 1):
         losses.append(t.run_step()["loss"])
         if step == settle:
             frames = frames_compiled()
-    return losses, frames_compiled() - frames, graph_breaks() - breaks
+            first = frames - first
+    return losses, first, frames_compiled() - frames, graph_breaks() - breaks
 
 
 def check_compiled_equals_eager(overrides, tmp_path, data_cache, settle=2):
-    eager, _, _ = train_steps([*overrides, "trainer.compile=false"], tmp_path / "eager", data_cache)
-    compiled, recompiles, breaks = train_steps([*overrides, "trainer.compile=true"], tmp_path / "compiled", data_cache,
-                                               settle=settle)
+    eager, _, _, _ = train_steps([*overrides, "trainer.compile=false"], tmp_path / "eager", data_cache)
+    compiled, first, recompiles, breaks = train_steps([*overrides, "trainer.compile=true"], tmp_path / "compiled",
+                                                      data_cache, settle=settle)
+    # a run that never compiled would pass every check below
+    assert first > 0, "nothing was compiled in the first steps"
     assert breaks == 0, "graph breaks in compiled blocks"
     assert recompiles == 0, "the blocks were compiled again after the first steps"
     assert compiled == pytest.approx(eager, rel=1e-5)
@@ -119,50 +125,94 @@ def test_compiled_training_equals_eager_residual(tmp_path, data_cache):
     check_compiled_equals_eager([*TINY, "probes.every=2"], tmp_path, data_cache)
 
 
+def test_compile_time_is_logged_once_counted_in_the_summary_and_kept_out_of_tokens_per_s(tmp_path, data_cache,
+                                                                                           caplog):
+    """Step 1 compiles the training graphs, the first evaluation the no-grad ones: both go into
+    summary.json's compile_s, one log line reports step 1's, and step 1's tokens/s leaves them out
+    (counted, seconds of compiling against milliseconds of training would make it a tiny fraction
+    of the later steps')."""
+    import json
+    import logging
+    import statistics
+
+    torch._dynamo.reset()
+    cfg = compose_config([*TINY, "trainer.compile=true", "trainer.max_steps=5", "trainer.eval_every=2",
+                          "trainer.checkpoint_every=0", "trainer.precision=fp32"], out_dir=tmp_path, cache_dir=data_cache)
+    t = Trainer(cfg)
+    evaluate, evaluations = t.evaluate, []
+
+    def timed_evaluate():
+        before = t.compile_s
+        loss = evaluate()
+        evaluations.append(t.compile_s - before)
+        return loss
+
+    t.evaluate = timed_evaluate
+    with caplog.at_level(logging.INFO, logger="train.trainer"):
+        t.fit()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch.compile:")]
+    assert len(logged) == 1 and "in step 1" in logged[0]
+    assert evaluations[0] > 0 and evaluations[1:] == [0.0] * (len(evaluations) - 1)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["compile_s"] == pytest.approx(t.compile_s) and summary["compile_s"] > evaluations[0]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    assert tokens_per_s[0] > 0.2 * statistics.median(tokens_per_s[1:])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,stage", [("residual", 2), ("hc", 0), ("hc", 2), ("mhc", 0), ("mhc", 2), ("v4", 0),
-                                           ("v4", 2)])
+@pytest.mark.parametrize("variant,stage", [("residual", 2), ("hc", 0), ("hc", 2), ("mhc", 0), ("mhc", 2),
+                                           ("v4-mtp-warmup", 0), ("v4", 2), ("mhc-probes-checkpointing", 1)])
 def test_compiled_training_equals_eager(variant, stage, tmp_path, data_cache):
     """Every variant at ZeRO 0 and 2 (the fast case is residual at ZeRO-0); residual at ZeRO-2 with
     activation checkpointing (which calls the compiled block again in backward); hc and mhc: the
-    fused kernels as custom ops inside the graph; v4:
-    CSA (sparse from the first step) and HCA attention with their window part, hashed and routed
-    MoE through the grouped-matmul op, in mHC blocks. V4 caught a wrong gradient: Inductor's
-    backward of the window's overlapping `unfold`."""
+    fused kernels as custom ops inside the graph, and mhc at ZeRO-1 with probes and activation
+    checkpointing together; v4: CSA (sparse from the first step) and HCA attention with their
+    window part, hashed and routed MoE through the grouped-matmul op, in mHC blocks; at ZeRO-0 also
+    the MTP block, and the indexer's warm-up (dense CSA, only the indexer training) for two steps:
+    step 3, the first sparse one, compiles again, and nothing after it. V4 caught a wrong gradient:
+    Inductor's backward of the window's overlapping `unfold`."""
     overrides = {"residual": [*TINY, "model.activation_checkpointing=true"],
                  "hc": [*TINY, "model.residual=hc"],
                  "mhc": [*TINY, "model.residual=mhc"],
+                 "mhc-probes-checkpointing": [*TINY, "model.residual=mhc", "probes.every=2",
+                                              "model.activation_checkpointing=true"],
                  # CSA and HCA each run the window attention too; two distinct block graphs (the
-                 # trunk's four and the MTP block's window layer double the compile time, ~6 min cold)
+                 # MTP block's window layer is a third)
                  "v4": [*V4_RUN, "model.n_layers=2", "model.attn.layers=[csa,hca]", "model.mtp_depth=0",
-                        "model.attn.indexer_warmup_steps=0"]}[variant]
-    check_compiled_equals_eager([*overrides, f"deepspeed.zero_stage={stage}"], tmp_path, data_cache)
+                        "model.attn.indexer_warmup_steps=0"],
+                 "v4-mtp-warmup": [*V4_RUN, "model.n_layers=2", "model.attn.layers=[csa,hca]", "model.mtp_depth=1",
+                                   "model.attn.indexer_warmup_steps=2"]}[variant]
+    check_compiled_equals_eager([*overrides, f"deepspeed.zero_stage={stage}"], tmp_path, data_cache,
+                                settle=3 if variant == "v4-mtp-warmup" else 2)
 
 
 @pytest.mark.slow
-def test_compiled_zero3_run_resumes_onto_the_uninterrupted_eager_run(tmp_path, data_cache, caplog):
-    """At ZeRO-3 (DeepSpeed's parameter hooks break the blocks' graphs: the trainer warns), a
-    compiled run killed after step 3 (checkpoint at 2) resumes onto the uninterrupted eager run,
-    and its checkpoint names the weights as the eager run's does."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compiled_run_resumes_onto_the_uninterrupted_eager_run(stage, tmp_path, data_cache, caplog):
+    """A compiled run killed after step 3 (checkpoint at 2) resumes onto the uninterrupted eager
+    run, and its checkpoint names the weights as the eager run's does: at ZeRO-2 with whole graphs,
+    at ZeRO-3 where DeepSpeed's parameter hooks break the blocks' graphs (the trainer warns)."""
     import json
 
     from tests.conftest import interrupted_run
 
-    common = [*TINY, "deepspeed.zero_stage=3", "trainer.max_steps=5", "trainer.eval_every=0",
+    common = [*TINY, f"deepspeed.zero_stage={stage}", "trainer.max_steps=5", "trainer.eval_every=0",
               "trainer.checkpoint_every=2"]
 
     def losses(out):
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     def saved_names(run):
-        path = tmp_path / run / "checkpoints" / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+        name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+        path = tmp_path / run / "checkpoints" / "step_00000004" / name
         return torch.load(path, weights_only=False)["module"].keys()
 
     Trainer(compose_config(common, out_dir=tmp_path / "ref", cache_dir=data_cache)).fit()
     assert "trainer.compile with ZeRO-3" not in caplog.text
     resumed = [*common, "trainer.compile=true"]
     interrupted_run(compose_config(resumed, out_dir=tmp_path / "resumed", cache_dir=data_cache), after_step=3)
-    assert "trainer.compile with ZeRO-3" in caplog.text
+    assert ("trainer.compile with ZeRO-3" in caplog.text) == (stage == 3)
     Trainer(compose_config(resumed, out_dir=tmp_path / "resumed", cache_dir=data_cache)).fit()
     starts = json.loads((tmp_path / "resumed" / "environment.json").read_text())
     assert [s["from_step"] for s in starts] == [0, 2]  # it resumed, rather than started again

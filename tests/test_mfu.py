@@ -36,3 +36,17 @@ def test_mfu_is_null_without_a_peak_or_a_speed():
     assert u.mfu(1e9) == pytest.approx(1000 * 1e9 / 2e12)
     u.total_tflops = None  # an unknown GPU without trainer.peak_tflops
     assert u.metrics(1e9)["mfu"] is None and u.metrics(1e9)["mem/peak_gb"] > 0
+
+
+def test_progress_bar_shows_mfu():
+    from types import SimpleNamespace
+
+    from train.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar.on_train_start(SimpleNamespace(max_steps=4, step=0))
+    bar.on_step_end(None, {"step": 1, "loss": 2.5, "tokens_per_s": 1234.0, "mfu": 0.4321})
+    assert "mfu=43.2%" in bar.bar.postfix and "tok/s=1,234" in bar.bar.postfix
+    bar.on_step_end(None, {"step": 2, "loss": 2.4, "tokens_per_s": 1234.0, "mfu": None})  # no known peak
+    assert "mfu" not in bar.bar.postfix
+    bar.on_train_end(None, {})

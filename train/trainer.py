@@ -284,10 +284,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        compile_start = compile_seconds()  # the first evaluation compiles the blocks' no-grad graphs
         self.engine.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.val_batches:
             total += self.engine(x.to(self.device), y.to(self.device)).float()
+        self.compile_s += compile_seconds() - compile_start
         return mean_over_ranks(total / len(self.val_batches)).item()
 
     # -- state ------------------------------------------------------------------------------
