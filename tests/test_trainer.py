@@ -148,3 +148,14 @@ def test_profile_writes_a_trace_of_the_chosen_steps_with_block_ranges(tiny_confi
     assert {"step 2", "step 3"} <= names and not {"step 1", "step 4"} & names
     assert {f"blocks.{i}{part}" for i in (0, 1) for part in ("", ".attn", ".ffn")} <= names
     assert any(n and n.startswith("aten::") for n in names)  # the operators inside the ranges
+
+
+def test_profile_of_compiled_blocks_names_the_compiled_regions(tiny_config):
+    """Compiled blocks have no ranges of ours (the compiler fuses across them): the trace shows
+    the compiler's regions and graphs, forward and backward, inside the chosen steps."""
+    cfg = tiny_config("trainer.max_steps=3", "trainer.eval_every=0", "trainer.profile=2:3", "trainer.compile=true")
+    Trainer(cfg).fit()
+    (trace,) = (Path(cfg.out_dir) / "profile").iterdir()
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"step 2", "step 3", "CompiledFunction", "CompiledFunctionBackward"} <= names
+    assert any(n and n.startswith("Torch-Compiled Region") for n in names)
