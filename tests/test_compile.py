@@ -162,12 +162,14 @@ def test_compile_time_is_logged_once_counted_in_the_summary_and_kept_out_of_toke
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,stage", [("residual", 2), ("hc", 0), ("hc", 2), ("mhc", 0), ("mhc", 2),
-                                           ("v4-mtp-warmup", 0), ("v4", 2), ("mhc-probes-checkpointing", 1)])
+                                           ("v4-mtp-warmup", 0), ("v4", 2), ("mhc-probes-checkpointing", 1),
+                                           ("mhc-unfused", 0)])
 def test_compiled_training_equals_eager(variant, stage, tmp_path, data_cache):
     """Every variant at ZeRO 0 and 2 (the fast case is residual at ZeRO-0); residual at ZeRO-2 with
     activation checkpointing (which calls the compiled block again in backward); hc and mhc: the
     fused kernels as custom ops inside the graph, and mhc at ZeRO-1 with probes and activation
-    checkpointing together; v4: CSA (sparse from the first step) and HCA attention with their
+    checkpointing together; mhc-unfused: the PyTorch path a GPU compiles (Inductor → Triton there)
+    in place of the kernels; v4: CSA (sparse from the first step) and HCA attention with their
     window part, hashed and routed MoE through the grouped-matmul op, in mHC blocks; at ZeRO-0 also
     the MTP block, and the indexer's warm-up (dense CSA, only the indexer training) for two steps:
     step 3, the first sparse one, compiles again, and nothing after it. V4 caught a wrong gradient:
@@ -177,6 +179,7 @@ def test_compiled_training_equals_eager(variant, stage, tmp_path, data_cache):
                  "mhc": [*TINY, "model.residual=mhc"],
                  "mhc-probes-checkpointing": [*TINY, "model.residual=mhc", "probes.every=2",
                                               "model.activation_checkpointing=true"],
+                 "mhc-unfused": [*TINY, "model.residual=mhc", "model.fused_hc=false"],
                  # CSA and HCA each run the window attention too; two distinct block graphs (the
                  # MTP block's window layer is a third)
                  "v4": [*V4_RUN, "model.n_layers=2", "model.attn.layers=[csa,hca]", "model.mtp_depth=0",
