@@ -77,14 +77,28 @@ def peak_memory_bytes(run, device: torch.device) -> int:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    # "Total Allocated" counts from the profiler's start: the running total of what run() holds
-    return max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not memory:
+        return 0
+    # "Total Allocated" is a running total that does not start at 0 with each profiler: it holds
+    # what earlier ones saw allocated and not freed. What run() adds is measured from the total
+    # before its first event.
+    base = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - base
 
 
 def training_step(layer, x: torch.Tensor, cos, sin, *extra):
-    """One training forward + backward of `layer` on x (which requires grad), gradients dropped."""
+    """One training forward + backward of `layer` on x (which requires grad), gradients dropped.
+    The auxiliary losses the layer keeps (CSA's indexer KL, the MoE's balance) join the backward,
+    as in the model's loss, and are dropped with it: kept, they would hold their graphs into the
+    next measurement."""
     def run():
-        layer.train()(x, cos, sin, *extra).sum().backward()
+        loss = layer.train()(x, cos, sin, *extra).sum()
+        for module in layer.modules():
+            if getattr(module, "aux_loss", None) is not None:
+                loss = loss + module.aux_loss
+                module.aux_loss = None
+        loss.backward()
         layer.zero_grad(set_to_none=True)
         x.grad = None
     return run
@@ -150,7 +164,7 @@ def main() -> None:
     cos, sin = (t.to(device) for t in rope_tables(top, cfg.d_model // cfg.n_heads, cfg.rope_theta))
     if args.measure in ("memory", "both"):
         memory_table(layers, cfg.d_model, lengths, cos, sin, device)
-        memory_table(v4_blocks(cfg, top, device), cfg.d_model, lengths, *v4_tables(cfg, top, device), device,
+        memory_table(v4_blocks(cfg, top, device), cfg.d_model, lengths, cos, sin, device,
                      what="V4 layer (mHC, attention, MoE)", n_streams=cfg.n_streams)
     if args.measure == "memory":
         return
@@ -158,25 +172,18 @@ def main() -> None:
 
 
 def v4_blocks(cfg, seq_len: int, device) -> dict:
-    """One V4 layer of each attention kind (a routed MoE, not the hashed first layer), built and
-    initialised as the model builds them; CSA past the indexer's warm-up."""
+    """One layer of each attention kind from the model as built and initialised for `seq_len`
+    tokens: the first with a routed MoE, else the first (hash-routed); CSA past the indexer's
+    warm-up."""
+    cfg = copy.deepcopy(cfg)
+    cfg.max_seq_len, cfg.mtp_depth = seq_len, 0
+    model = build_model(cfg, 256)
     blocks = {}
-    for kind in ("window", "csa", "hca"):
-        layer_cfg = copy.deepcopy(cfg)
-        layer_cfg.n_layers, layer_cfg.attn.layers, layer_cfg.mtp_depth = 1, [kind], 0
-        layer_cfg.max_seq_len, layer_cfg.moe.hash_layers = seq_len, 0
-        block = build_model(layer_cfg, 256).blocks[0]
+    for i in sorted(range(cfg.n_layers), key=lambda i: i < cfg.moe.hash_layers):  # routed first
+        blocks.setdefault(model.kinds[i], model.blocks[i])
+    for block in blocks.values():
         block.attn.sparse = True
-        blocks[kind] = block.to(device)
-    return blocks
-
-
-def v4_tables(cfg, seq_len: int, device):
-    """The rotary tables the model hands its blocks."""
-    layer_cfg = copy.deepcopy(cfg)
-    layer_cfg.n_layers, layer_cfg.attn.layers, layer_cfg.mtp_depth, layer_cfg.max_seq_len = 1, ["window"], 0, seq_len
-    model = build_model(layer_cfg, 256)
-    return model.rope_cos.to(device), model.rope_sin.to(device)
+    return {k: blocks[k].to(device) for k in ("window", "csa", "hca") if k in blocks}
 
 
 def time_table(layers: dict, d_model: int, lengths: list[int], cos, sin, device, rounds: int, backward: bool) -> None:
