@@ -63,6 +63,14 @@ def compose_config(overrides=(), out_dir=None, cache_dir=None) -> Config:
     return OmegaConf.to_object(cfg)
 
 
+@pytest.fixture
+def fresh_compiler():
+    """A test that compiles starts from an empty dynamo cache, as a fresh run does: code compiled
+    by earlier tests in this worker is not reused, and their recompilations do not count against
+    dynamo's limit per function (past it, it runs the code eagerly, silently)."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One prepared-data cache for the whole session: each corpus is tokenized once."""

@@ -34,13 +34,14 @@ RUNS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
-def test_benchmark_script_runs_and_prints_its_ratios(name, data_cache):
+def test_benchmark_script_runs_and_prints_its_ratios(name, data_cache, tmp_path):
     args, pattern = RUNS[name]
     takes_overrides = args[0] not in ("attention", "sampling", "data", "distributed")  # these set their own data
     cmd = [sys.executable, "-m", f"benchmarks.{args[0]}", *args[1:]]
     if takes_overrides:
         cmd.append(f"data.cache_dir={data_cache}")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+    # the scripts' temporary run directories (checkpoints included) go where pytest cleans up
+    env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     match = re.search(pattern, done.stdout)
@@ -48,3 +49,16 @@ def test_benchmark_script_runs_and_prints_its_ratios(name, data_cache):
     for ratio in match.groups():
         value = float(ratio.replace(",", ""))
         assert math.isfinite(value) and value > 0, f"{name} printed {ratio}"
+
+
+def test_peak_memory_counts_only_what_the_run_allocates():
+    """The CPU profiler's allocation total carries what earlier profiles saw allocated and not
+    freed; the measurement starts from the total before the run."""
+    import torch
+
+    from benchmarks.attention import peak_memory_bytes
+
+    kept = []
+    peak_memory_bytes(lambda: kept.append(torch.ones(4 << 20)), torch.device("cpu"))  # 16 MiB, kept
+    peak = peak_memory_bytes(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))  # 4 MiB, freed
+    assert 4 << 20 <= peak < 5 << 20

@@ -150,7 +150,7 @@ def test_profile_writes_a_trace_of_the_chosen_steps_with_block_ranges(tiny_confi
     assert any(n and n.startswith("aten::") for n in names)  # the operators inside the ranges
 
 
-def test_profile_of_compiled_blocks_names_the_compiled_regions(tiny_config):
+def test_profile_of_compiled_blocks_names_the_compiled_regions(tiny_config, fresh_compiler):
     """Compiled blocks have no ranges of ours (the compiler fuses across them): the trace shows
     the compiler's regions and graphs, forward and backward, inside the chosen steps."""
     cfg = tiny_config("trainer.max_steps=3", "trainer.eval_every=0", "trainer.profile=2:3", "trainer.compile=true")

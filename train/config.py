@@ -38,9 +38,10 @@ class AttentionConfig:
     indexer_warmup: str = "indexer_only"  # what trains during those steps: indexer_only (V3.2/V4) | all
     indexer_kl_weight: float = 1.0
     # Sequences longer than this are attended a chunk of this many queries (rounded down to a
-    # multiple of the window attention's chunk, window/2 for an even window) at a time; in training each chunk's scores are recomputed in backward
-    # instead of kept: memory linear in T, for one more attention forward. 0: never. 2048: on
-    # the CPU one pass is faster at 2K and chunks are faster from 4K (benchmarks/attention.py).
+    # multiple of the window attention's chunk, window/2 for an even window) at a time; in
+    # training each chunk's scores are recomputed in backward instead of kept: memory linear in
+    # T, for one more attention forward. 0: never. 2048: on the CPU one pass is faster at 2K and
+    # chunks are faster from 4K (benchmarks/attention.py).
     query_chunk: int = 2048
 
 
