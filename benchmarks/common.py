@@ -1,6 +1,8 @@
 """Shared helpers for benchmark scripts: compose a config as `launch.py` would, time alternately."""
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -13,6 +15,13 @@ from train.config import Config, register_configs
 from train.host import reuse_freed_memory
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory for a benchmark's runs and data, removed when the script exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def load_config(overrides: list[str]) -> Config:
@@ -32,7 +41,7 @@ def benchmark_trainer(overrides: list[str], start_callbacks: bool = False):
     from train.trainer import Trainer
 
     cfg = load_config(["trainer.max_steps=1000000", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-                       "trainer.progress=false", f"out_dir={tempfile.mkdtemp(prefix='bench-')}", *overrides])
+                       "trainer.progress=false", f"out_dir={scratch_dir('bench-')}", *overrides])
     trainer = Trainer(cfg)
     if start_callbacks:  # the metrics file and wandb, as in a real run
         for cb in trainer.callbacks.values():

@@ -8,10 +8,9 @@ Targets: loader ≥ 50× training consumption; BPE preparation of the full corpu
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
-from benchmarks.common import benchmark_trainer, load_config
+from benchmarks.common import benchmark_trainer, load_config, scratch_dir
 from data.loader import TokenLoader
 from data.shards import load_manifest, prepare
 from train.batch import micro_batch_size
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=10, help="training steps to time (after 3 warm-up)")
     args = ap.parse_args()
 
-    cache = tempfile.mkdtemp(prefix="bench-data-")
+    cache = scratch_dir("bench-data-")
     rows = []
     for tokenizer in ("byte", "bpe"):
         cfg = load_config(["data=pycode", f"data.cache_dir={cache}", f"data.tokenizer={tokenizer}",

@@ -15,11 +15,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import benchmark_trainer, median
+from benchmarks.common import benchmark_trainer, median, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,7 @@ def checkpoint_cost(optim: str, reps: int) -> dict:
 
 
 def throughput(ranks: int, steps: int, cache: Path) -> float:
-    out = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+    out = scratch_dir("bench-ranks-")
     cmd = [sys.executable, str(ROOT / "launch.py"), f"launcher.nproc_per_node={ranks}", f"trainer.max_steps={steps}",
            f"trainer.micro_batch_size={16 // ranks}",  # global batch 16 either way
            "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress=false", "logger.wandb.mode=disabled",
@@ -71,7 +70,7 @@ def main() -> None:
         print(f"  optim={optim:<6} {c['params']:,} parameters  {c['bytes'] / 2**20:6.2f} MiB on disk  "
               f"save {1e3 * c['save_s']:7.1f} ms  load {1e3 * c['load_s']:7.1f} ms")
 
-    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    cache = scratch_dir("bench-cache-")
     throughput(1, 2, cache)  # prepares the data once, outside the measurement
     rates: dict[int, list[float]] = {1: [], 2: []}
     for r in range(args.rounds):
