@@ -170,23 +170,23 @@ def test_compiled_training_equals_eager(variant, stage, tmp_path, data_cache, fr
     the MTP block, and the indexer's warm-up (dense CSA, only the indexer training) for two steps:
     step 3, the first sparse one, compiles again, and nothing after it. V4 caught a wrong gradient:
     Inductor's backward of the window's overlapping `unfold`."""
-    overrides = {"residual": [*TINY, "model.activation_checkpointing=true"],
-                 "hc": [*TINY, "model.residual=hc"],
-                 "mhc": [*TINY, "model.residual=mhc"],
-                 "mhc-probes-checkpointing": [*TINY, "model.residual=mhc", "probes.every=2",
-                                              "model.activation_checkpointing=true"],
-                 "mhc-unfused": [*TINY, "model.residual=mhc", "model.fused_hc=false"],
-                 # CSA and HCA each run the window attention too; two distinct block graphs (the
-                 # MTP block's window layer is a third)
-                 "v4": [*V4_RUN, "model.n_layers=2", "model.attn.layers=[csa,hca]", "model.mtp_depth=0",
-                        "model.attn.indexer_warmup_steps=0"],
-                 "v4-mtp-warmup": [*V4_RUN, "model.n_layers=2", "model.attn.layers=[csa,hca]", "model.mtp_depth=1",
-                                   "model.attn.indexer_warmup_steps=2"]}[variant]
-    warmup = variant == "v4-mtp-warmup"
+    # CSA and HCA each run the window attention too; two distinct block graphs (the MTP block's
+    # window layer is a third)
+    v4 = [*V4_RUN, "model.n_layers=2", "model.attn.layers=[csa,hca]"]
+    # (overrides, the steps after the first two that must compile again)
+    overrides, recompiling = {
+        "residual": ([*TINY, "model.activation_checkpointing=true"], ()),
+        "hc": ([*TINY, "model.residual=hc"], ()),
+        "mhc": ([*TINY, "model.residual=mhc"], ()),
+        "mhc-probes-checkpointing": ([*TINY, "model.residual=mhc", "probes.every=2",
+                                      "model.activation_checkpointing=true"], ()),
+        "mhc-unfused": ([*TINY, "model.residual=mhc", "model.fused_hc=false"], ()),
+        "v4": ([*v4, "model.mtp_depth=0", "model.attn.indexer_warmup_steps=0"], ()),
+        "v4-mtp-warmup": ([*v4, "model.mtp_depth=1", "model.attn.indexer_warmup_steps=2"], (3,)),
+    }[variant]
     frames = check_compiled_equals_eager([*overrides, f"deepspeed.zero_stage={stage}"], tmp_path, data_cache,
-                                         compiling_steps=(1, 2, 3) if warmup else (1, 2))
-    if warmup:
-        assert frames[2] > 0, "the first sparse step ran the warm-up's graphs"
+                                         compiling_steps=(1, 2, *recompiling))
+    assert all(frames[step - 1] > 0 for step in recompiling), f"frames compiled per step: {frames}"
 
 
 @pytest.mark.slow
