@@ -12,20 +12,21 @@ import pytest
 from tests.conftest import ROOT
 
 NUMBER = r"([0-9][0-9.,]*|nan|inf)"
+CACHE = "data.cache_dir={data_cache}"  # the session's prepared data (attention, sampling, data, distributed set their own)
 
 # (script and arguments, a pattern each of whose groups is a printed ratio)
 RUNS = {
-    "minimal_gpt": (["minimal_gpt", "--steps", "1", "--rounds", "1", "model=tiny"],
+    "minimal_gpt": (["minimal_gpt", "--steps", "1", "--rounds", "1", "model=tiny", CACHE],
                     rf"ours-plain / minimal = {NUMBER}; ours / minimal = {NUMBER}"),
-    "overhead": (["overhead", "--steps", "1", "--rounds", "1", "model=tiny"], rf"ours / plain = {NUMBER}"),
+    "overhead": (["overhead", "--steps", "1", "--rounds", "1", "model=tiny", CACHE], rf"ours / plain = {NUMBER}"),
     "compile-pair": (["compile", "--steps", "1", "--rounds", "1", "--eager", "--pair", "model.residual=residual",
-                      "model.residual=mhc", "model=tiny"], rf"step time .* = {NUMBER}"),
+                      "model.residual=mhc", "model=tiny", CACHE], rf"step time .* = {NUMBER}"),
     "attention": (["attention", "--model", "v4_tiny", "--lengths", "256,512", "--rounds", "1", "--measure", "both"],
                   rf"512 .* {NUMBER}x, {NUMBER}x, {NUMBER}x(?s:.*)T=512 / T=256: window {NUMBER}x, csa {NUMBER}x, "
                   rf"hca {NUMBER}x"),
-    "residual": (["residual", "--steps", "1", "--rounds", "1", "model=tiny"], rf"mhc-eager .* {NUMBER}x"),
+    "residual": (["residual", "--steps", "1", "--rounds", "1", "model=tiny", CACHE], rf"mhc-eager .* {NUMBER}x"),
     "sampling": (["sampling", "--tokens", "8", "--rounds", "1"], rf"cache / no cache: {NUMBER}x"),
-    "probes": (["probes", "--every", "2", "--rounds", "1", "model=tiny"], rf"probes every 2 +{NUMBER} ms/step"),
+    "probes": (["probes", "--every", "2", "--rounds", "1", "model=tiny", CACHE], rf"probes every 2 +{NUMBER} ms/step"),
     "data": (["data", "--vocab", "300", "--batches", "20", "--train-steps", "1"],
              rf"ratio loader / training = {NUMBER}x"),
     "distributed": (["distributed", "--reps", "1", "--steps", "2", "--rounds", "1"], rf"2 ranks / 1 rank: {NUMBER}x"),
@@ -36,10 +37,7 @@ RUNS = {
 @pytest.mark.parametrize("name", list(RUNS))
 def test_benchmark_script_runs_and_prints_its_ratios(name, data_cache, tmp_path):
     args, pattern = RUNS[name]
-    takes_overrides = args[0] not in ("attention", "sampling", "data", "distributed")  # these set their own data
-    cmd = [sys.executable, "-m", f"benchmarks.{args[0]}", *args[1:]]
-    if takes_overrides:
-        cmd.append(f"data.cache_dir={data_cache}")
+    cmd = [sys.executable, "-m", f"benchmarks.{args[0]}", *(a.format(data_cache=data_cache) for a in args[1:])]
     # the scripts' temporary run directories (checkpoints included) go where pytest cleans up
     env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
