@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import ROOT
 
 NUMBER = r"([0-9][0-9.,]*|nan|inf)"
-CACHE = "data.cache_dir={data_cache}"  # the session's prepared data (attention, sampling, data, distributed set their own)
+# the session's prepared data (attention, sampling, data and distributed set their own)
+CACHE = "data.cache_dir={data_cache}"
 
 # (script and arguments, a pattern each of whose groups is a printed ratio)
 RUNS = {

@@ -133,7 +133,8 @@ def test_compile_time_is_logged_once_counted_in_the_summary_and_kept_out_of_toke
     import logging
 
     cfg = compose_config([*TINY, "trainer.compile=true", "trainer.max_steps=5", "trainer.eval_every=2",
-                          "trainer.checkpoint_every=0", "trainer.precision=fp32"], out_dir=tmp_path, cache_dir=data_cache)
+                          "trainer.checkpoint_every=0", "trainer.precision=fp32"],
+                         out_dir=tmp_path, cache_dir=data_cache)
     t = Trainer(cfg)
     evaluate, evaluations = t.evaluate, []
 
