@@ -11,8 +11,8 @@
 //            iteration on its comb layout [input, output]; res is output x input);
 //            x_in = sum_i pre_i X_i.                        (without mix: the final stream reduce)
 //   mix:     X' [j] = sum_i res[j, i] X_i + post_j y.
-// The phi products are BLAS calls. The other parameter gradients go to a fixed number of token chunks
-// summed in order, so they do not depend on the thread count.
+// The phi products happen in the same pass, on the row in L1. The parameter gradients go to a fixed
+// number of token chunks summed in order, so they do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -221,6 +221,118 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t len) {
   return s;
 }
 
+// The sum of a vector's lanes, halving the vector: each step is one vector add.
+template <typename acc_t, int W>
+inline acc_t sum_halves(const acc_t* h) {
+  if constexpr (W == 1) {
+    return h[0];
+  } else {
+    typedef acc_t Half __attribute__((vector_size(W / 2 * sizeof(acc_t))));
+    Half lo, hi;
+    std::memcpy(&lo, h, sizeof lo);
+    std::memcpy(&hi, h + W / 2, sizeof hi);
+    lo += hi;
+    acc_t r[W / 2];
+    std::memcpy(r, &lo, sizeof lo);
+    return sum_halves<acc_t, W / 2>(r);
+  }
+}
+
+template <typename acc_t>
+inline acc_t sum_lanes(typename Lanes<acc_t>::type a) {
+  acc_t h[V];
+  std::memcpy(h, &a, sizeof a);
+  return sum_halves<acc_t, V>(h);
+}
+
+// m[k][v] = phi_k . x_v (lane layout [K][V]) for the block's tokens x_v = X + v*S, v < cnt. These
+// projections were GEMM calls over the whole state before the kernel's pass: that read the n-times-wide
+// state once more per sublayer, and BLAS is slow on a matrix K = n*n+2n wide; here the rows are in L1
+// already. A tile of TT tokens by KT rows of phi shares each load.
+template <typename acc_t, int TT, int KT>
+inline void project_tile(const acc_t* X, const acc_t* phi, int64_t S, int64_t v0, int64_t k0, acc_t* m) {
+  using L = typename Lanes<acc_t>::type;
+  L acc[TT][KT];
+  for (int a = 0; a < TT; ++a)
+    for (int b = 0; b < KT; ++b) acc[a][b] = L{};
+  int64_t s = 0;
+  for (; s + V <= S; s += V) {
+    L xv[TT];
+    for (int a = 0; a < TT; ++a) xv[a] = load_lanes(X + (v0 + a) * S + s);
+    for (int b = 0; b < KT; ++b) {
+      const L p = load_lanes(phi + (k0 + b) * S + s);
+      for (int a = 0; a < TT; ++a) acc[a][b] += xv[a] * p;
+    }
+  }
+  for (int a = 0; a < TT; ++a)
+    for (int b = 0; b < KT; ++b) {
+      acc_t t = sum_lanes<acc_t>(acc[a][b]);
+      for (int64_t r = s; r < S; ++r) t += X[(v0 + a) * S + r] * phi[(k0 + b) * S + r];
+      m[(k0 + b) * V + v0 + a] = t;
+    }
+}
+
+template <typename acc_t, int TT>
+inline void project_tokens(const acc_t* X, const acc_t* phi, int64_t S, int64_t K, int64_t v0, acc_t* m) {
+  int64_t k = 0;
+  if (K % 6 == 0)  // mHC's n*n+2n rows at n = 4
+    for (; k < K; k += 6) project_tile<acc_t, TT, 6>(X, phi, S, v0, k, m);
+  for (; k + 4 <= K; k += 4) project_tile<acc_t, TT, 4>(X, phi, S, v0, k, m);
+  for (; k < K; ++k) project_tile<acc_t, TT, 1>(X, phi, S, v0, k, m);
+}
+
+template <typename acc_t>
+inline void project(const acc_t* X, int64_t cnt, const acc_t* phi, int64_t S, int64_t K, acc_t* m) {
+  int64_t v = 0;
+  for (; v + 4 <= cnt; v += 4) project_tokens<acc_t, 4>(X, phi, S, K, v, m);
+  for (; v < cnt; ++v) project_tokens<acc_t, 1>(X, phi, S, K, v, m);
+  for (int64_t k = 0; k < K; ++k)  // padded lanes repeat the last token, as its RMS does
+    for (v = cnt; v < V; ++v) m[k * V + v] = m[k * V + cnt - 1];
+}
+
+// C_a += sum_{r < R} A(r, a) B_r for rows a < rows, where A(r, a) = A[r*ra + a*aa], B_r = B + r*S and
+// C_a = C + a*S, all S long: the backward's two phi products on one block, on rows in L1/L2. As the
+// lane matrix dm [K][V] is A either way round, one routine gives X's gradient (a: tokens, r: phi's
+// rows) and phi's (a: phi's rows, r: tokens). A tile of TA rows by TS vectors stays in registers
+// over the whole sum; each step loads TS vectors and TA scalars for TA*TS products.
+template <typename acc_t, int TA, int TS>
+inline void gemm_tile(acc_t* C, const acc_t* A, int64_t ra, int64_t aa, const acc_t* B, int64_t R, int64_t S,
+                      int64_t a0, int64_t s0) {
+  using L = typename Lanes<acc_t>::type;
+  L acc[TA][TS];
+  for (int a = 0; a < TA; ++a)
+    for (int j = 0; j < TS; ++j) acc[a][j] = load_lanes(C + (a0 + a) * S + s0 + j * V);
+  for (int64_t r = 0; r < R; ++r) {
+    L b[TS];
+    for (int j = 0; j < TS; ++j) b[j] = load_lanes(B + r * S + s0 + j * V);
+    for (int a = 0; a < TA; ++a) {
+      const acc_t w = A[r * ra + (a0 + a) * aa];
+      for (int j = 0; j < TS; ++j) acc[a][j] += w * b[j];
+    }
+  }
+  for (int a = 0; a < TA; ++a)
+    for (int j = 0; j < TS; ++j) std::memcpy(C + (a0 + a) * S + s0 + j * V, &acc[a][j], sizeof acc[a][j]);
+}
+
+template <typename acc_t, int TA>
+inline void gemm_rows(acc_t* C, const acc_t* A, int64_t ra, int64_t aa, const acc_t* B, int64_t R, int64_t S,
+                      int64_t a0) {
+  int64_t s = 0;
+  for (; s + 4 * V <= S; s += 4 * V) gemm_tile<acc_t, TA, 4>(C, A, ra, aa, B, R, S, a0, s);
+  for (; s + V <= S; s += V) gemm_tile<acc_t, TA, 1>(C, A, ra, aa, B, R, S, a0, s);
+  for (; s < S; ++s)
+    for (int a = 0; a < TA; ++a)
+      for (int64_t r = 0; r < R; ++r) C[(a0 + a) * S + s] += A[r * ra + (a0 + a) * aa] * B[r * S + s];
+}
+
+template <typename acc_t>
+inline void gemm_accumulate(acc_t* C, int64_t rows, const acc_t* A, int64_t ra, int64_t aa, const acc_t* B,
+                            int64_t R, int64_t S) {
+  int64_t a = 0;
+  for (; a + 4 <= rows; a += 4) gemm_rows<acc_t, 4>(C, A, ra, aa, B, R, S, a);
+  for (; a < rows; ++a) gemm_rows<acc_t, 1>(C, A, ra, aa, B, R, S, a);
+}
+
 // The wide state in the accumulation type: the projections are GEMMs (BLAS), which need one dtype.
 inline at::Tensor in_acc(at::Tensor x, const at::Tensor& like) {
   return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
@@ -258,7 +370,7 @@ std::vector<at::Tensor> mhc_in_forward(at::Tensor x, at::Tensor phi, at::Tensor 
   const bool mix = K > n;
   auto acc_opts = phi.options();
   auto xa = in_acc(x, phi);
-  auto mp = at::mm(xa, phi.t());  // [T, K]: phi X, before the RMS scale
+  auto mp = at::empty({T, K}, acc_opts);  // phi X, before the RMS scale
   auto x_in = at::empty({T, C}, x.options());
   auto pre = at::empty({T, n}, acc_opts);
   auto post = at::empty({T, mix ? n : 0}, acc_opts);
@@ -272,6 +384,7 @@ std::vector<at::Tensor> mhc_in_forward(at::Tensor x, at::Tensor phi, at::Tensor 
     const acc_t* bq = mix ? b_post.data_ptr<acc_t>() : nullptr;
     const acc_t* br = mix ? b_res.data_ptr<acc_t>() : nullptr;
     scalar_t* OUT = x_in.data_ptr<scalar_t>();
+    const acc_t* PHI = phi.data_ptr<acc_t>();
     acc_t *PRE = pre.data_ptr<acc_t>(), *POST = mix ? post.data_ptr<acc_t>() : nullptr,
           *RES = mix ? res.data_ptr<acc_t>() : nullptr, *MP = mp.data_ptr<acc_t>(), *RI = rinv.data_ptr<acc_t>();
     const int64_t blocks = (T + V - 1) / V;
@@ -287,7 +400,8 @@ std::vector<at::Tensor> mhc_in_forward(at::Tensor x, at::Tensor phi, at::Tensor 
           const acc_t* xs = X + (t0 + std::min(v, cnt - 1)) * S;
           r[v] = acc_t(1) / std::sqrt(dot(xs, xs, S) / acc_t(S) + acc_t(eps_norm));
         }
-        load_transposed(MP + t0 * K, cnt, K, m.data());
+        project(X + t0 * S, cnt, PHI, S, K, m.data());
+        store_transposed(m.data(), cnt, K, MP + t0 * K);
         for (int64_t i = 0; i < n; ++i)
           for (int64_t v = 0; v < V; ++v) pre_[i * V + v] = sigmoid(a[0] * m[i * V + v] * r[v] + bp[i]) + acc_t(eps_hc);
         if (mix) {
@@ -344,7 +458,7 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
   const int64_t per = (blocks + chunks - 1) / chunks;
   auto xa = in_acc(x, phi);
   auto dx = at::empty_like(xa);
-  auto dmp = at::empty({T, K}, phi.options());
+  auto dphi_parts = at::zeros({chunks, K, S}, phi.options());
   auto dsmall_parts = at::zeros({chunks, P}, phi.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mhc_in_backward", [&] {
     using acc_t = acc_type_t<scalar_t>;
@@ -356,8 +470,8 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
     const acc_t* br = mix ? b_res.data_ptr<acc_t>() : nullptr;
     const acc_t *PRE = pre.data_ptr<acc_t>(), *POST = mix ? post.data_ptr<acc_t>() : nullptr;
     const acc_t *GP = mix ? g_post.data_ptr<acc_t>() : nullptr, *GR = mix ? g_res.data_ptr<acc_t>() : nullptr;
-    const acc_t *MP = mp.data_ptr<acc_t>(), *RI = rinv.data_ptr<acc_t>();
-    acc_t *DX = dx.data_ptr<acc_t>(), *DMP = dmp.data_ptr<acc_t>();
+    const acc_t *MP = mp.data_ptr<acc_t>(), *RI = rinv.data_ptr<acc_t>(), *PHI = phi.data_ptr<acc_t>();
+    acc_t* DX = dx.data_ptr<acc_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       DenormalsAreZero daz;
       std::vector<acc_t> gb(C), mb(S), m(K * V), dm(K * V), pre_(n * V), post_(n * V), z(n * n * V), gz(n * n * V),
@@ -368,6 +482,7 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
       std::vector<acc_t> lanes(P * V);
       SinkhornBlock<acc_t> sk(n, iters, eps_hc);
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
+        acc_t* dphi = dphi_parts.data_ptr<acc_t>() + chunk * K * S;
         std::fill(lanes.begin(), lanes.end(), acc_t(0));
         acc_t *da = lanes.data(), *dbp = da + 3 * V, *dbq = dbp + n * V, *dbr = dbq + n * V;
         for (int64_t b = chunk * per; b < std::min(blocks, (chunk + 1) * per); ++b) {
@@ -418,15 +533,15 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
           for (int64_t k = 0; k < K; ++k)
             for (int64_t v = 0; v < V; ++v) cx[v] += dm[k * V + v] * m[k * V + v];
           for (int64_t k = 0; k < K; ++k)
-            for (int64_t v = 0; v < V; ++v) dm[k * V + v] *= r[v];
-          store_transposed(dm.data(), cnt, K, DMP + t0 * K);
+            for (int64_t v = 0; v < V; ++v) dm[k * V + v] *= r[v];  // now mp's gradient
+          gemm_accumulate(dphi, K, dm.data(), 1, V, X + t0 * S, cnt, S);  // dphi_k += sum_v dm[k][v] X_v
           for (int64_t v = 0; v < cnt; ++v) {
             const acc_t c3 = -cx[v] * r[v] * r[v] * r[v] / acc_t(S);
             const acc_t* xs = X + (t0 + v) * S;
             const acc_t* gs = load(G + (t0 + v) * C, C, gb);
             const acc_t* gm = add ? load(GM + (t0 + v) * S, S, mb) : nullptr;
             acc_t* d = DX + (t0 + v) * S;
-            // dX_i = pre_i g_in + c3 X_i (+ sum_j res_ji G_j)
+            // dX_i = pre_i g_in + c3 X_i (+ sum_j res_ji G_j); below, + sum_k dmp_k phi_k,i
             src[0] = gs;
             if (add)
               for (int64_t j = 0; j < n; ++j) src[2 + j] = gm + j * C;
@@ -438,6 +553,7 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
               combine(d + i * C, src.data(), w.data(), add ? 2 + n : 2, C);
             }
           }
+          gemm_accumulate(DX + t0 * S, cnt, dm.data(), V, 1, PHI, K, S);  // dX_v += sum_k dm[k][v] phi_k
         }
         acc_t* ds = dsmall_parts.data_ptr<acc_t>() + chunk * P;
         for (int64_t k = 0; k < P; ++k)
@@ -445,8 +561,7 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
       }
     });
   });
-  dx.addmm_(dmp, phi);
-  auto dphi = at::mm(dmp.t(), xa);
+  auto dphi = dphi_parts.sum(0);
   auto dsmall = dsmall_parts.sum(0);
   auto dalpha = dsmall.narrow(0, 0, 3), dbp = dsmall.narrow(0, 3, n);
   auto dbq = dsmall.narrow(0, 3 + n, n), dbr = dsmall.narrow(0, 3 + 2 * n, n * n);
