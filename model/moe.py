@@ -12,10 +12,11 @@ experts, top-k routing on sqrt(softplus) affinities.
 - expert weights are stacked [E, out, in], so Muon orthogonalises each expert on its own.
 
 The experts run without a Python loop: token-expert pairs sorted by expert go through one grouped
-matmul per projection (`grouped_linear`). Off CUDA that is a batched matmul over the groups padded
-to the largest, whose size is read from the routing: a `torch.library` custom op with a fake
-kernel and its own backward, so that torch.compile sees one node of a fixed output shape instead
-of breaking the block's graph there.
+matmul per projection (`grouped_linear`): `torch._grouped_mm` where it takes the operands (CUDA and
+CPU, fp32/bf16/fp16, 16-byte rows), else a batched matmul over the groups padded to the largest,
+whose size is read from the routing. Both are `torch.library` custom ops with a fake kernel and a
+shared backward, so that torch.compile sees one node of a fixed output shape instead of breaking
+the block's graph there (and `_grouped_mm`'s own fake kernel accepts bf16 only).
 """
 from __future__ import annotations
 
@@ -113,10 +114,11 @@ class MoE(nn.Module):
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes these operands: fp32/bf16/fp16 (not fp64) with rows of
-    both matrices a multiple of 16 bytes. On CPU (torch 2.13) it exists but runs no faster than the
-    padded batched matmul (README, performance), so it is used on CUDA only."""
-    if x.device.type != "cuda" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """Whether `torch._grouped_mm` takes these operands: CUDA or CPU, fp32/bf16/fp16 (not fp64),
+    rows of both matrices a multiple of 16 bytes. On the CPU it runs one BLAS matmul per group; the
+    padded batched matmul multiplies every group at the largest one's size, and routing is rarely
+    even (`python -m benchmarks.moe`)."""
+    if x.device.type not in ("cuda", "cpu") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     row = 16 // x.element_size()
     return weight.size(1) % row == 0 and weight.size(2) % row == 0
@@ -127,14 +129,31 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, 
     """Rows x [P, in] sorted by `expert` [P] (counts [E] rows each) times their expert's
     weight [E, out, in] transposed → [P, out], in one grouped matmul: `torch._grouped_mm` where it
     is supported, else one batched matmul over the groups padded to the largest."""
-    if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_supported(x, weight)
-    if use_grouped_mm:
-        offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
     # autocast does not reach into a custom op: cast here as it would cast the matmul
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return padded_grouped_linear(x.to(dtype), weight.to(dtype), expert, counts)
+    x, weight = x.to(dtype), weight.to(dtype)
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_supported(x, weight)
+    return (grouped_mm_linear if use_grouped_mm else padded_grouped_linear)(x, weight, expert, counts)
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return counts.cumsum(0).to(torch.int32)  # each group's end row, as _grouped_mm reads them
+
+
+@torch.library.custom_op("v4lab::grouped_mm_linear", mutates_args=())
+def grouped_mm_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor,
+                      counts: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=_offsets(counts))
+
+
+@torch.library.custom_op("v4lab::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torch.Tensor,
+                           counts: torch.Tensor) -> torch.Tensor:
+    """Σ over each expert's rows of grad[p]ᵀ x[p] → [E, out, in] (zero for an idle expert)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch._grouped_mm(grad.t(), x, offs=_offsets(counts))
 
 
 def _by_expert(expert: torch.Tensor, counts: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -162,11 +181,6 @@ def padded_grouped_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.T
     return out.view(-1, out.size(-1)).index_select(0, position)
 
 
-@padded_grouped_linear.register_fake
-def _(x, weight, expert, counts):
-    return x.new_empty(x.size(0), weight.size(1))
-
-
 @torch.library.custom_op("v4lab::padded_grouped_weight_grad", mutates_args=())
 def padded_grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torch.Tensor,
                                counts: torch.Tensor) -> torch.Tensor:
@@ -179,8 +193,15 @@ def padded_grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torc
         return torch.bmm(grads.transpose(1, 2), xs)
 
 
-@padded_grouped_weight_grad.register_fake
-def _(grad, x, expert, counts):
+# The two forms share their fake kernels and their backward: (linear, weight gradient) pairs.
+_PAIRS = {grouped_mm_linear: grouped_mm_weight_grad, padded_grouped_linear: padded_grouped_weight_grad}
+
+
+def _fake_linear(x, weight, expert, counts):
+    return x.new_empty(x.size(0), weight.size(1))
+
+
+def _fake_weight_grad(grad, x, expert, counts):
     return x.new_empty(counts.size(0), grad.size(1), x.size(1))
 
 
@@ -188,12 +209,18 @@ def _save(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad):
-    x, weight, expert, counts = ctx.saved_tensors
-    dx = padded_grouped_linear(grad, weight.transpose(1, 2), expert, counts) \
-        if ctx.needs_input_grad[0] else None
-    dw = padded_grouped_weight_grad(grad, x, expert, counts) if ctx.needs_input_grad[1] else None
-    return dx, dw, None, None
+def _backward_of(linear, weight_grad):
+    def backward(ctx, grad):
+        x, weight, expert, counts = ctx.saved_tensors
+        grad = grad.contiguous()  # _grouped_mm refuses an expanded one (a sum's)
+        dx = linear(grad, weight.transpose(1, 2), expert, counts) if ctx.needs_input_grad[0] else None
+        dw = weight_grad(grad, x, expert, counts) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+    return backward
 
 
-padded_grouped_linear.register_autograd(_backward, setup_context=_save)
+for _linear, _weight_grad in _PAIRS.items():
+    _linear.register_fake(_fake_linear)
+    _weight_grad.register_fake(_fake_weight_grad)
+    _linear.register_autograd(_backward_of(_linear, _weight_grad), setup_context=_save)

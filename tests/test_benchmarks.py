@@ -27,6 +27,7 @@ RUNS = {
                   rf"hca {NUMBER}x"),
     "residual": (["residual", "--steps", "1", "--rounds", "1", "model=tiny", CACHE], rf"mhc-eager .* {NUMBER}x"),
     "sampling": (["sampling", "--tokens", "8", "--rounds", "1"], rf"cache / no cache: {NUMBER}x"),
+    "moe": (["moe", "--tokens", "64", "--rounds", "1"], rf"skewed .* padded / grouped_mm = {NUMBER}x"),
     "probes": (["probes", "--every", "2", "--rounds", "1", "model=tiny", CACHE], rf"probes every 2 +{NUMBER} ms/step"),
     "data": (["data", "--vocab", "300", "--batches", "20", "--train-steps", "1"],
              rf"ratio loader / training = {NUMBER}x"),

@@ -37,8 +37,8 @@ MOE_CASES = [(grouped_mm, hashed) for grouped_mm in (False, True) for hashed in 
 @pytest.mark.parametrize("grouped_mm,hashed", MOE_CASES,
                          ids=[f"{'grouped_mm' if g else 'padded_bmm'}-{'hash' if h else 'score'}" for g, h in MOE_CASES])
 def test_grouped_moe_equals_the_per_expert_loop(grouped_mm, hashed, monkeypatch):
-    """Outputs and every gradient to 1e-6 in fp32, through torch._grouped_mm (forced on: on CPU it
-    is not the default) and through the padded batched matmul, with an expert that gets no token."""
+    """Outputs and every gradient to 1e-6 in fp32, through torch._grouped_mm and through the padded
+    batched matmul (each forced), with an expert that gets no token."""
     monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda x, w: grouped_mm)
     torch.manual_seed(0)
     cfg = MoEConfig(n_experts=5, top_k=2, n_shared=1, expert_hidden=8, hash_layers=1 if hashed else 0, clamp=1.5)
@@ -76,13 +76,15 @@ def routed_rows(seed: int = 0, experts: int = 5, rows: int = 13, d_in: int = 6, 
             torch.randn(experts, d_out, d_in, generator=gen, requires_grad=True), expert, counts)
 
 
-def test_padded_grouped_ops_pass_opcheck():
-    """The padded grouped matmul is a custom op (so a compiled block keeps it as one node of a known
-    shape); its fake kernel, autograd registration and its weight-gradient op pass opcheck."""
-    x, weight, expert, counts = routed_rows()
-    torch.library.opcheck(moe_module.padded_grouped_linear, (x, weight, expert, counts))
+@pytest.mark.parametrize("linear", [moe_module.grouped_mm_linear, moe_module.padded_grouped_linear],
+                         ids=["grouped_mm", "padded_bmm"])
+def test_grouped_ops_pass_opcheck(linear):
+    """Both grouped matmuls are custom ops (so a compiled block keeps each as one node of a known
+    shape); their fake kernels, autograd registrations and weight-gradient ops pass opcheck."""
+    x, weight, expert, counts = routed_rows(d_in=8, d_out=4)  # 16-byte rows, as _grouped_mm needs
+    torch.library.opcheck(linear, (x, weight, expert, counts))
     grad = torch.randn(x.size(0), weight.size(1))
-    torch.library.opcheck(moe_module.padded_grouped_weight_grad, (grad, x.detach(), expert, counts))
+    torch.library.opcheck(moe_module._PAIRS[linear], (grad, x.detach(), expert, counts))
 
 
 def test_a_non_finite_row_stays_in_its_own_experts_weight_gradient():
@@ -100,9 +102,12 @@ def test_a_non_finite_row_stays_in_its_own_experts_weight_gradient():
         torch.testing.assert_close(dw[e], grad[rows].T @ x[rows], rtol=0, atol=1e-5)
 
 
-def test_compiled_moe_is_one_graph_with_the_eager_outputs():
+@pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "padded_bmm"])
+def test_compiled_moe_is_one_graph_with_the_eager_outputs(grouped_mm, monkeypatch):
     """torch.compile(fullgraph=True) raises at any graph break (the padded groups' size is read
-    from the routing). Output and gradients equal the eager module's, for two routings."""
+    from the routing; _grouped_mm's own fake kernel refuses fp32). Output and gradients equal the
+    eager module's, for two routings."""
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda x, w: grouped_mm)
     torch.manual_seed(0)
     m = MoE(D, MoEConfig(n_experts=5, top_k=2, n_shared=1, expert_hidden=8, clamp=1.5), layer=0, vocab_size=32)
     m.init_weights(0.5, 1.0)
