@@ -34,6 +34,7 @@ class MoE(nn.Module):
         e, h = cfg.n_experts, cfg.expert_hidden
         self.n_experts, self.top_k, self.route_scale, self.clamp = e, cfg.top_k, cfg.route_scale, cfg.clamp
         self.gamma, self.balance_weight = cfg.bias_gamma, cfg.balance_weight
+        self.use_grouped_mm = None if cfg.grouped_matmul == "auto" else False  # None: where it takes the operands
         self.router = nn.Parameter(torch.empty(e, d_model))
         self.gate_up = nn.Parameter(torch.empty(e, 2 * h, d_model))
         self.gate_up.row_blocks = 2  # each expert's gate and up are separate matrices for Muon
@@ -78,8 +79,8 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
             0, pair_expert, torch.ones_like(pair_expert))
         # index_select, not flat[token]: its backward is an index-add, 6x faster on CPU than indexing's accumulating put
-        hidden = grouped_linear(flat.index_select(0, token), self.gate_up, pair_expert, counts)
-        routed = grouped_linear(swiglu(hidden, self.clamp), self.down, pair_expert, counts)
+        hidden = grouped_linear(flat.index_select(0, token), self.gate_up, pair_expert, counts, self.use_grouped_mm)
+        routed = grouped_linear(swiglu(hidden, self.clamp), self.down, pair_expert, counts, self.use_grouped_mm)
         routed = routed * weights.flatten()[order, None].to(flat.dtype)
         out = torch.zeros_like(flat).index_add_(0, token, routed)
         if self.shared is not None:

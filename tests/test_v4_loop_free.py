@@ -67,6 +67,20 @@ def test_grouped_moe_equals_the_per_expert_loop(grouped_mm, hashed, monkeypatch)
     assert ours[2][4].abs().sum() == 0  # the idle expert gets no gradient
 
 
+@pytest.mark.parametrize("choice,op", [("auto", "grouped_mm_linear"), ("padded", "padded_grouped_linear")])
+def test_model_moe_grouped_matmul_picks_the_op(choice, op, monkeypatch):
+    """model.moe.grouped_matmul: auto takes _grouped_mm where it can (fp32 on the CPU, 16-byte
+    rows), padded the batched matmul over padded groups, for both projections."""
+    calls = []
+    for name in ("grouped_mm_linear", "padded_grouped_linear"):
+        real = getattr(moe_module, name)
+        monkeypatch.setattr(moe_module, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
+    m = MoE(D, MoEConfig(n_experts=4, top_k=2, expert_hidden=8, grouped_matmul=choice), layer=1, vocab_size=32)
+    m.init_weights(0.5, 1.0)
+    m(torch.randn(2, 5, D), torch.randint(0, 32, (2, 5)))
+    assert calls == [op, op]
+
+
 def routed_rows(seed: int = 0, experts: int = 5, rows: int = 13, d_in: int = 6, d_out: int = 4):
     """Rows sorted by expert, with expert 3 idle: (x, weight, expert, counts)."""
     gen = torch.Generator().manual_seed(seed)

@@ -32,6 +32,7 @@ BAD = [
     (["optim=muon", "deepspeed.zero_stage=3"], "deepspeed.zero_stage", "0, 1 or 2"),
     (["model.n_heads=3"], "model.n_heads", "divisor"),
     (["experiment=v4", "model.attn.query_chunk=-1"], "model.attn.query_chunk", "non-negative"),
+    (["experiment=v4", "model.moe.grouped_matmul=loop"], "model.moe.grouped_matmul", "auto, padded"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "0, 1, 2, 3"),
     (["logger.wandb.mode=loud"], "logger.wandb.mode", "offline"),
     (["trainer.precision=fp8"], "trainer.precision", "bf16"),

@@ -102,6 +102,7 @@ def _v4_parts(cfg: Config) -> None:
             _positive(f"model.moe.{key}", getattr(e, key), integer=False)
         for key in ("bias_gamma", "balance_weight"):
             _positive(f"model.moe.{key}", getattr(e, key), integer=False, allow_zero=True)
+        _choice("model.moe.grouped_matmul", e.grouped_matmul, ("auto", "padded"))
     v4 = [k for k, on in (("model.attention=v4", m.attention == "v4"), ("model.ffn=moe", m.ffn == "moe"),
                           ("model.mtp_depth=1", m.mtp_depth == 1)) if on]
     if v4 and m.activation_checkpointing:
