@@ -1,6 +1,6 @@
-"""The MoE's two grouped matmuls: `torch._grouped_mm` (one matmul per expert group) ÷ the batched
-matmul over groups padded to the largest, forward + backward of one expert projection, alternating
-in one process. Routing is rarely even (early in training above all, before the loss-free bias has
+"""The MoE's two grouped matmuls, `torch._grouped_mm` (one matmul per expert group) and the batched
+matmul over groups padded to the largest: forward + backward of an expert's two projections
+(gate_up, then down on the SwiGLU's width of its output), alternating in one process. Routing is rarely even (early in training above all, before the loss-free bias has
 balanced it), and the padded form multiplies every group at the largest one's size: the skewed
 routing gives its experts 2, 1.7, 1.5, ... times the mean share down to a few rows.
 
@@ -49,7 +49,7 @@ def main() -> None:
         def step(grouped: bool):
             def run():
                 hidden = grouped_linear(x, gate_up, expert, counts, use_grouped_mm=grouped)
-                out = grouped_linear(hidden[:, :h], down, expert, counts, use_grouped_mm=grouped)
+                out = grouped_linear(hidden[:, :h].contiguous(), down, expert, counts, use_grouped_mm=grouped)
                 out.backward(torch.ones_like(out))
             return run
 

@@ -34,6 +34,8 @@ class MoE(nn.Module):
         e, h = cfg.n_experts, cfg.expert_hidden
         self.n_experts, self.top_k, self.route_scale, self.clamp = e, cfg.top_k, cfg.route_scale, cfg.clamp
         self.gamma, self.balance_weight = cfg.bias_gamma, cfg.balance_weight
+        if cfg.grouped_matmul not in ("auto", "padded"):
+            raise ValueError(f"model.moe.grouped_matmul={cfg.grouped_matmul!r}: accepted auto, padded")
         self.use_grouped_mm = None if cfg.grouped_matmul == "auto" else False  # None: where it takes the operands
         self.router = nn.Parameter(torch.empty(e, d_model))
         self.gate_up = nn.Parameter(torch.empty(e, 2 * h, d_model))

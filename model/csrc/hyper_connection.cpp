@@ -11,8 +11,9 @@
 //            iteration on its comb layout [input, output]; res is output x input);
 //            x_in = sum_i pre_i X_i.                        (without mix: the final stream reduce)
 //   mix:     X' [j] = sum_i res[j, i] X_i + post_j y.
-// The phi products happen in the same pass, on the row in L1. The parameter gradients go to a fixed
-// number of token chunks summed in order, so they do not depend on the thread count.
+// The phi products happen in the same passes, as register tiles over the block's rows while they are
+// in cache. The parameter gradients go to a fixed number of token chunks summed in order, so they do
+// not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,6 +28,9 @@
 namespace {
 
 constexpr int64_t kChunks = 32;  // token chunks for parameter-gradient sums
+// Blocks whose mp gradients feed one pass over phi's gradient sum (K x S, in L2 at best): one pass
+// per block read and wrote it 3x the state's bytes, and the backward at d_model = 1024 lost time.
+constexpr int64_t kRun = 4;
 constexpr int64_t V = 16;        // lanes: tokens per block (per-token math runs across them), channels per step of combine()
 
 // Sinkhorn's backward through converged iterations leaves gradients that shrink towards zero and
@@ -333,7 +337,7 @@ inline void gemm_accumulate(acc_t* C, int64_t rows, const acc_t* A, int64_t ra, 
   for (; a < rows; ++a) gemm_rows<acc_t, 1>(C, A, ra, aa, B, R, S, a);
 }
 
-// The wide state in the accumulation type: the projections are GEMMs (BLAS), which need one dtype.
+// The wide state in the accumulation type, as the projections' tiles read it.
 inline at::Tensor in_acc(at::Tensor x, const at::Tensor& like) {
   return x.scalar_type() == like.scalar_type() ? x : x.to(like.scalar_type());
 }
@@ -454,8 +458,9 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
   }
   const int64_t P = 3 + 2 * n + n * n;  // alpha, b_pre, b_post, b_res
   const int64_t blocks = (T + V - 1) / V;
-  const int64_t chunks = std::min<int64_t>(kChunks, std::max<int64_t>(blocks, 1));
+  int64_t chunks = std::min<int64_t>(kChunks, std::max<int64_t>(blocks, 1));
   const int64_t per = (blocks + chunks - 1) / chunks;
+  if (per > 0) chunks = (blocks + per - 1) / per;  // none left empty (33 blocks: 17 chunks of 2)
   auto xa = in_acc(x, phi);
   auto dx = at::empty_like(xa);
   auto dphi_parts = at::zeros({chunks, K, S}, phi.options());
@@ -480,6 +485,12 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
       // Per-lane partial sums of the small parameters' gradients: a sum straight into one scalar
       // would be a chain of dependent adds through memory.
       std::vector<acc_t> lanes(P * V);
+      std::vector<acc_t> run(K * kRun * V);  // mp's gradient of up to kRun consecutive blocks, [K][kRun*V]
+      int64_t run_t0 = 0, run_len = 0;
+      auto flush = [&](acc_t* dphi) {  // dphi_k += sum_v run[k][v] X_v over the run's tokens
+        if (run_len) gemm_accumulate(dphi, K, run.data(), 1, kRun * V, X + run_t0 * S, run_len, S);
+        run_len = 0;
+      };
       SinkhornBlock<acc_t> sk(n, iters, eps_hc);
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         acc_t* dphi = dphi_parts.data_ptr<acc_t>() + chunk * K * S;
@@ -534,7 +545,11 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
             for (int64_t v = 0; v < V; ++v) cx[v] += dm[k * V + v] * m[k * V + v];
           for (int64_t k = 0; k < K; ++k)
             for (int64_t v = 0; v < V; ++v) dm[k * V + v] *= r[v];  // now mp's gradient
-          gemm_accumulate(dphi, K, dm.data(), 1, V, X + t0 * S, cnt, S);  // dphi_k += sum_v dm[k][v] X_v
+          if (run_len == 0) run_t0 = t0;
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t v = 0; v < cnt; ++v) run[k * kRun * V + run_len + v] = dm[k * V + v];
+          run_len += cnt;
+          if (run_len == kRun * V) flush(dphi);
           for (int64_t v = 0; v < cnt; ++v) {
             const acc_t c3 = -cx[v] * r[v] * r[v] * r[v] / acc_t(S);
             const acc_t* xs = X + (t0 + v) * S;
@@ -555,6 +570,7 @@ std::vector<at::Tensor> mhc_in_backward(at::Tensor x, at::Tensor phi, at::Tensor
           }
           gemm_accumulate(DX + t0 * S, cnt, dm.data(), V, 1, PHI, K, S);  // dX_v += sum_k dm[k][v] phi_k
         }
+        flush(dphi);  // the chunk's last blocks (a short one ends the tokens: a run never has a gap)
         acc_t* ds = dsmall_parts.data_ptr<acc_t>() + chunk * P;
         for (int64_t k = 0; k < P; ++k)
           for (int64_t v = 0; v < V; ++v) ds[k] += lanes[k * V + v];
