@@ -147,6 +147,9 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("v4lab::grouped_mm_linear", mutates_args=())
 def grouped_mm_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor,
                       counts: torch.Tensor) -> torch.Tensor:
+    """Each group's rows of x [P, in] times its weight[e]ᵀ → [P, out], by `torch._grouped_mm` (on the
+    CPU one matmul per group). `expert` goes unread: the signature is the padded op's, whose
+    backward this op shares."""
     with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=_offsets(counts))
 
