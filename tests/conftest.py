@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,11 @@ MEASURED = frozenset({"tokens_per_s", "mfu", "mem/peak_gb"})
 
 def without_measured(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in MEASURED} for r in rows]
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """A run's metrics.jsonl, one dict per step."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # Small enough that a step takes milliseconds; shared by most tests.

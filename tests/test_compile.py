@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import hc_kernel
-from tests.conftest import TINY, V4_RUN, compose_config
+from tests.conftest import TINY, V4_RUN, compose_config, metrics_rows
 from train.compile import frames_compiled, graph_breaks
 from train.trainer import Trainer
 
@@ -152,7 +152,7 @@ def test_compile_time_is_logged_once_counted_in_the_summary_and_kept_out_of_toke
     assert evaluations[0] > 0 and evaluations[1:] == [0.0] * (len(evaluations) - 1)
     step1_compile_s = json.loads((tmp_path / "summary.json").read_text())["compile_s"] - evaluations[0]
     assert step1_compile_s > 0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     step1_s = t.tokens_per_step / rows[0]["tokens_per_s"]
     assert step1_s < 0.5 * step1_compile_s
 
@@ -204,7 +204,7 @@ def test_compiled_run_resumes_onto_the_uninterrupted_eager_run(stage, tmp_path, 
               "trainer.checkpoint_every=2"]
 
     def losses(out):
-        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in metrics_rows(out)]
 
     def saved_names(run):
         name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"

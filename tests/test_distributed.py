@@ -1,13 +1,12 @@
 """2 ranks (gloo) against 1 rank with the same global batch, at every supported ZeRO stage, for
 AdamW and Muon; and exact resume of sharded Muon state. The 2-rank side runs in one torchrun."""
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_config, without_measured
+from tests.conftest import ROOT, compose_config, metrics_rows, without_measured
 from tests.distributed_runs import COMBOS, overrides
 from train.trainer import Trainer
 
@@ -39,7 +38,7 @@ def test_a_partition_boundary_cuts_a_matrix(optim, stage, two_rank_runs):
 
 
 def losses(run) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in metrics_rows(run)]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +89,7 @@ def test_sharded_muon_resumes_exactly(stage, two_rank_runs):
     out, _ = two_rank_runs
 
     def rows(run):
-        lines = (out / run / "metrics.jsonl").read_text().splitlines()
-        return without_measured([json.loads(line) for line in lines])
+        return without_measured(metrics_rows(out / run))
 
     assert rows(f"muon{stage}_resumed") == rows(f"muon{stage}")
     assert len(rows(f"muon{stage}")) == 10

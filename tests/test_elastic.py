@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_config, drop_recorded_configs, launch_env
+from tests.conftest import ROOT, compose_config, drop_recorded_configs, launch_env, metrics_rows
 from tests.elastic_runs import CASES, CUT, STEPS, V4_CASE, overrides, stopped_copy
 from train import reshard
 from train.checkpoint import CheckpointError
@@ -46,8 +46,7 @@ def environ(**values):
 
 
 def rows(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics_rows(run)]
 
 
 def ckpt(run: Path, step: int) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Crash, drop_recorded_configs, interrupted_run, without_measured
+from tests.conftest import Crash, drop_recorded_configs, interrupted_run, metrics_rows, without_measured
 from train.checkpoint import CheckpointError
 from train.trainer import Diverged, Trainer
 
@@ -14,8 +14,7 @@ COMMON = ("trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_eve
 
 
 def rows(out_dir):
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return without_measured([json.loads(line) for line in lines])
+    return without_measured(metrics_rows(out_dir))
 
 
 def poison(trainer, bad_steps):

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import launch
+from tests.conftest import launch, metrics_rows
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ SUMMARY_KEYS = {"final_val_loss", "steps", "tokens", "tokens_per_s", "wall_s", "
 def check_run_files(out, steps):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["out_dir"] == str(out) and "${" not in (out / "config.yaml").read_text()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(STEP_KEYS <= r.keys() for r in rows)
     assert all(("val_loss" in r) == (r["step"] % 3 == 0) for r in rows)
@@ -86,5 +86,5 @@ def test_multirun_gives_each_job_its_own_out_dir(tmp_path, data_cache):
         job_overrides = [*named, f"data.cache_dir={data_cache}"]
         assert cfg["logger"]["wandb"]["group"] == "sweep" and cfg["logger"]["wandb"]["name"] == ",".join(named)
         assert summary["overrides"] == job_overrides
-        rows = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics_rows(sweep / job)
         assert all(r["overrides"] == job_overrides for r in rows)

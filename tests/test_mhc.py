@@ -1,7 +1,5 @@
 """Hyper-connections: reduction to the plain residual, doubly stochastic mixing, exact gradients,
 the probe hook, parameter routing, and training with both optimizers."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from model.sinkhorn import sinkhorn
 from tests.reference import hyper_connections as zhu
 from tests.reference import sinkhorn as reference
 from optim import build_optimizer
-from tests.conftest import compose_config
+from tests.conftest import compose_config, metrics_rows
 from train.trainer import Trainer
 from train.validate import validate
 
@@ -270,7 +268,7 @@ def test_hyper_connections_train(residual, optim, tiny_config):
     cfg = tiny_config(f"model.residual={residual}", "model.n_streams=4", f"optim={optim}", "optim.lr=1e-2",
                       "trainer.max_steps=30", "trainer.eval_every=0", "trainer.checkpoint_every=0")
     Trainer(cfg).fit()
-    losses = [json.loads(line)["loss"] for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in metrics_rows(cfg.out_dir)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 

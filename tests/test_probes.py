@@ -1,18 +1,12 @@
 """Stability probes: Amax Gain against hand computation, identity for the plain residual, no
 effect on training, spike counting, state across resume."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import V4_RUN, interrupted_run, without_measured
+from tests.conftest import V4_RUN, interrupted_run, metrics_rows, without_measured
 from train.probes import SpikeDetector, amax_gains, spectral_norm
 from train.trainer import Trainer
-
-
-def rows(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # Mixing matrices (X ← H·X, output × input) of the four sublayers of a 2-layer model, in depth
@@ -47,7 +41,7 @@ def test_logged_amax_is_the_hand_computed_composite_in_depth_order(tiny_config):
                 hc.alpha.zero_()
                 hc.b_res.copy_(torch.tensor(h))
     summary = trainer.fit()
-    (r,) = rows(cfg.out_dir)
+    (r,) = metrics_rows(cfg.out_dir)
     assert r["probe/amax_fwd"] == 16.0 and r["probe/amax_bwd"] == 18.0
     assert [r[f"probe/amax_fwd_depth/sublayer{i}"] for i in range(4)] == DEPTH_FWD
     assert [r[f"probe/amax_bwd_depth/sublayer{i}"] for i in range(4)] == DEPTH_BWD
@@ -70,7 +64,7 @@ def test_spike_detector_counts_a_jump():
 def test_gain_is_one_for_residual_and_near_one_for_mhc(residual, exact_one, tiny_config):
     cfg = tiny_config(f"model.residual={residual}", "model.n_streams=4", "probes.every=2", "trainer.max_steps=4")
     summary = Trainer(cfg).fit()
-    probed = [r for r in rows(cfg.out_dir) if "probe/amax_fwd" in r]
+    probed = [r for r in metrics_rows(cfg.out_dir) if "probe/amax_fwd" in r]
     assert [r["step"] for r in probed] == [2, 4]
     for r in probed:
         if exact_one:
@@ -90,7 +84,7 @@ def test_probes_do_not_perturb_training(tiny_config, tmp_path):
         cfg = tiny_config(*common, f"probes.every={every}")
         cfg.out_dir = str(tmp_path / f"p{every}")
         Trainer(cfg).fit()
-        runs.append([(r["loss"], r["grad_norm"], r.get("val_loss")) for r in rows(cfg.out_dir)])
+        runs.append([(r["loss"], r["grad_norm"], r.get("val_loss")) for r in metrics_rows(cfg.out_dir)])
     assert runs[0] == runs[1]
 
 
@@ -103,7 +97,7 @@ def test_probe_state_survives_resume(tiny_config, tmp_path):
     cfg.out_dir = str(tmp_path / "cut")
     interrupted_run(cfg, after_step=5)
     summary = Trainer(cfg).fit()
-    assert without_measured(rows(cfg.out_dir)) == without_measured(rows(ref.out_dir))
+    assert without_measured(metrics_rows(cfg.out_dir)) == without_measured(metrics_rows(ref.out_dir))
     assert summary["probe/amax_fwd"] == ref_summary["probe/amax_fwd"]
 
 
@@ -113,7 +107,7 @@ def test_v4_runs_log_the_max_attention_logit(tiny_config):
     hyper-connections, runs in training only and is left out of the probes)."""
     cfg = tiny_config(*V4_RUN, "probes.every=2", "trainer.max_steps=2")
     Trainer(cfg).fit()
-    (r,) = [r for r in rows(cfg.out_dir) if "probe/amax_fwd" in r]
+    (r,) = [r for r in metrics_rows(cfg.out_dir) if "probe/amax_fwd" in r]
     per_layer = [r[f"probe/max_logit/layer{i}"] for i in range(cfg.model.n_layers)]
     assert f"probe/max_logit/layer{cfg.model.n_layers}" not in r
     assert r["probe/max_logit"] == max(per_layer) > 0

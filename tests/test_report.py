@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import launch
+from tests.conftest import launch, metrics_rows
 from train.report import load_runs, write_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("report")]  # one worker trains the module's runs once
@@ -63,7 +63,7 @@ def test_report_numbers_are_the_runs_own(sweep):
         assert row["val loss"] == f"{s['final_val_loss']:.4f}"
         assert [row["max Amax fwd"], row["max Amax bwd"]] == amax
         group = cells(text, f"{r.group} |")
-        tps = [json.loads(line)["tokens_per_s"] for line in (r.path / "metrics.jsonl").read_text().splitlines()]
+        tps = [row["tokens_per_s"] for row in metrics_rows(r.path)]
         assert group[1] == "1" and group[2] == f"{s['final_val_loss']:.4f}"
         assert group[4:6] == amax and group[7] == f"{sum(tps) / len(tps):,.0f}"
 

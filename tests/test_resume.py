@@ -4,7 +4,6 @@ SLURM's one-task-per-rank layout through submitit's local executor. Every resume
 run must log exactly what the uninterrupted run logged (fp32 on CPU: bitwise). Dropout is on, so
 each rank's own RNG state must come back from its checkpoint as well."""
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, launch, launch_env, without_measured
+from tests.conftest import ROOT, launch, launch_env, metrics_rows, without_measured
 from train.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -37,9 +36,8 @@ TERMINATED = [(1, "adamw"), (2, "muon")]
 
 
 def rows(out: Path) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
     # the job's overrides differ between a killed run, its resume and the reference sweep
-    return without_measured([{k: v for k, v in json.loads(line).items() if k != "overrides"} for line in lines])
+    return without_measured([{k: v for k, v in r.items() if k != "overrides"} for r in metrics_rows(out)])
 
 
 def run(*args, **kw):

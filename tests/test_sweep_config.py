@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, compose_config, interrupted_run, launch, without_measured
+from tests.conftest import compose_config, interrupted_run, launch, metrics_rows, without_measured
 from train.batch import micro_batch_size
 from train.checkpoint import CheckpointError
 from train.config import TrainerConfig
@@ -125,10 +125,6 @@ def test_auto_micro_batch_is_the_largest_divisor_under_the_cap():
 
 
 # -- spike policy ----------------------------------------------------------------------------------
-def _rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_spike_policy_that_never_fires_is_bit_identical_to_off(tiny_config, tmp_path):
     from train.trainer import Trainer
 
@@ -140,7 +136,7 @@ def test_spike_policy_that_never_fires_is_bit_identical_to_off(tiny_config, tmp_
         cfg.out_dir = str(tmp_path / name)
         trainer = Trainer(cfg)
         trainer.fit()
-        runs[name] = ([{k: v for k, v in r.items() if k != "spike_skipped"} for r in without_measured(_rows(cfg.out_dir))],
+        runs[name] = ([{k: v for k, v in r.items() if k != "spike_skipped"} for r in without_measured(metrics_rows(cfg.out_dir))],
                       trainer.full_state_dict())
     for name in ("off", "skip"):
         assert runs[name][0] == runs["absent"][0]
@@ -164,7 +160,7 @@ def test_an_injected_spike_is_skipped(tiny_config):
         return metrics
     trainer.train_step = watched
     summary = trainer.fit()
-    rows = _rows(cfg.out_dir)
+    rows = metrics_rows(cfg.out_dir)
     assert [r["spike_skipped"] for r in rows] == [False] * 6 + [True, False]
     assert seen == {s: s == 7 for s in range(1, 9)}  # only step 7 left the parameters alone
     assert summary["skipped_steps"] == 1 and rows[-1]["skipped_steps"] == 1

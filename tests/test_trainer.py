@@ -5,12 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, V4_RUN, compose_config, interrupted_run, without_measured
+from tests.conftest import CONFIGS, V4_RUN, compose_config, interrupted_run, metrics_rows, without_measured
 from train.trainer import Diverged, Trainer
-
-
-def read_metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
@@ -18,7 +14,7 @@ def test_loss_decreases_over_30_steps(tiny_config, optim):
     cfg = tiny_config(f"optim={optim}", "trainer.max_steps=30", "trainer.eval_every=0", "optim.lr=1e-2",
                       "optim.warmup_steps=2")
     summary = Trainer(cfg).fit()
-    losses = [m["loss"] for m in read_metrics(cfg.out_dir)]
+    losses = [m["loss"] for m in metrics_rows(cfg.out_dir)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert summary["final_val_loss"] < losses[0]
@@ -27,7 +23,7 @@ def test_loss_decreases_over_30_steps(tiny_config, optim):
 def test_metrics_keys_and_token_count(tiny_config):
     cfg = tiny_config("trainer.max_steps=4", "trainer.eval_every=2")
     Trainer(cfg).fit()
-    rows = read_metrics(cfg.out_dir)
+    rows = metrics_rows(cfg.out_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys() for r in rows)
     assert ["val_loss" in r for r in rows] == [False, True, False, True]
@@ -43,7 +39,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
         cfg.out_dir = str(tmp_path / f"acc{i}")
         # Same windows in the same order: the loader's order depends on window count per step only.
         Trainer(cfg).fit()
-        runs.append(read_metrics(cfg.out_dir))
+        runs.append(metrics_rows(cfg.out_dir))
     for a, b in zip(*runs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
@@ -74,9 +70,9 @@ def test_resume_continues_exactly(tiny_config, tmp_path, model):
     cfg = tiny_config(*common)
     cfg.out_dir = str(tmp_path / "resumed")
     interrupted_run(cfg, after_step=7)
-    assert len(read_metrics(cfg.out_dir)) == 7
+    assert len(metrics_rows(cfg.out_dir)) == 7
     Trainer(cfg).fit()
-    assert without_measured(read_metrics(cfg.out_dir)) == without_measured(read_metrics(ref.out_dir))
+    assert without_measured(metrics_rows(cfg.out_dir)) == without_measured(metrics_rows(ref.out_dir))
 
 
 def test_non_finite_loss_stops_with_error(tiny_config):
@@ -100,7 +96,7 @@ def test_bf16_autocast_follows_fp32(tiny_config, tmp_path):
         cfg.out_dir = str(tmp_path / precision)
         t = Trainer(cfg)
         summaries[precision] = t.fit()
-        losses[precision] = [r["loss"] for r in read_metrics(cfg.out_dir)]
+        losses[precision] = [r["loss"] for r in metrics_rows(cfg.out_dir)]
     assert summaries["bf16"]["precision"] == "bf16"
     assert all(p.dtype == torch.float32 for p in t.engine.module.parameters())
     gaps = [abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"])]
@@ -116,7 +112,7 @@ def test_metrics_carry_mfu_and_peak_memory(tiny_config):
     cfg = tiny_config("trainer.max_steps=2", "trainer.eval_every=0", "trainer.peak_tflops=0.5")
     t = Trainer(cfg)
     summary = t.fit()
-    rows = read_metrics(cfg.out_dir)
+    rows = metrics_rows(cfg.out_dir)
     for r in rows:
         assert r["mfu"] == pytest.approx(t.flops_per_token * r["tokens_per_s"] / 0.5e12, rel=1e-12)
         assert 0.01 < r["mem/peak_gb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
@@ -136,7 +132,7 @@ def test_cpu_peak_is_measured_once_at_the_runs_precision(tiny_config):
     assert peak["peak_source"].startswith("measured: float32")
     tflops, n = measured_matmul_tflops(torch.float32, torch.get_num_threads())
     assert peak["peak_tflops_per_device"] == tflops and peak["peak_source"].startswith(f"measured: float32 {n}x{n}")
-    assert 0 < read_metrics(cfg.out_dir)[0]["mfu"] < 1
+    assert 0 < metrics_rows(cfg.out_dir)[0]["mfu"] < 1
 
 
 def test_profile_writes_a_trace_of_the_chosen_steps_with_block_ranges(tiny_config):

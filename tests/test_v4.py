@@ -1,8 +1,6 @@
 """V4's architecture: attention (window, CSA, HCA), compressor, indexer, MoE, MTP, and the
 V4-tiny preset training end to end."""
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from model.indexer import kl_to_attention, select_topk
 from model.layers import clamped_swiglu
 from model.moe import MoE
 from optim.params import classify_parameters
-from tests.conftest import V4_RUN, compose_config
+from tests.conftest import V4_RUN, compose_config, metrics_rows
 from train.config import AttentionConfig, MoEConfig
 from train.trainer import Trainer
 
@@ -305,15 +303,11 @@ def test_v4_parameters_are_routed_to_the_right_optimizer():
     assert model.num_active_params() < model.num_params()
 
 
-def read(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_v4_tiny_trains_with_muon(tiny_config):
     # 30 steps: 20 dense (the indexer warm-up), 10 sparse; the mean loss drops by ~1.6 (measured)
     cfg = tiny_config(*V4_RUN, "trainer.max_steps=30", "trainer.eval_every=15")
     summary = Trainer(cfg).fit()
-    rows = read(cfg.out_dir)
+    rows = metrics_rows(cfg.out_dir)
     losses = [r["loss"] for r in rows]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert {"loss/mtp", "loss/indexer_kl", "loss/moe_balance", "loss/total", "moe/load_max_over_mean",
@@ -333,7 +327,7 @@ def test_v4_tiny_bf16_autocast_follows_fp32(tiny_config, tmp_path):
         cfg.out_dir = str(tmp_path / precision)
         summary = Trainer(cfg).fit()
         assert summary["precision"] == precision and summary["status"] == "completed"
-        losses[precision] = [r["loss"] for r in read(cfg.out_dir)]
+        losses[precision] = [r["loss"] for r in metrics_rows(cfg.out_dir)]
     gaps = [abs(a - b) for a, b in zip(losses["fp32"], losses["bf16"])]
     assert len(gaps) == 6 and min(gaps) > 0 and max(gaps) < 0.05, gaps
 
