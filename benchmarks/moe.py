@@ -1,8 +1,9 @@
 """The MoE's two grouped matmuls, `torch._grouped_mm` (one matmul per expert group) and the batched
 matmul over groups padded to the largest: forward + backward of an expert's two projections
-(gate_up, then down on the SwiGLU's width of its output), alternating in one process. Routing is rarely even (early in training above all, before the loss-free bias has
-balanced it), and the padded form multiplies every group at the largest one's size: the skewed
-routing gives its experts 2, 1.7, 1.5, ... times the mean share down to a few rows.
+(gate_up, the model's clamped SwiGLU, down), alternating in one process. Routing is rarely even
+(early in training above all, before the loss-free bias has balanced it), and the padded form
+multiplies every group at the largest one's size: the skewed routing gives its experts 2, 1.7,
+1.5, ... times the mean share down to a few rows.
 
     python -m benchmarks.moe [--model v4_tiny] [--tokens 4096 --rounds 20]
 
@@ -15,6 +16,7 @@ import argparse
 import torch
 
 from benchmarks.common import alternate, load_config, median
+from model.layers import swiglu
 from model.moe import grouped_linear
 
 SKEW = (2.0, 1.7, 1.5, 1.0, 0.9, 0.6, 0.25, 0.05)  # multiples of the mean share, cycled over the experts
@@ -49,7 +51,7 @@ def main() -> None:
         def step(grouped: bool):
             def run():
                 hidden = grouped_linear(x, gate_up, expert, counts, use_grouped_mm=grouped)
-                out = grouped_linear(hidden[:, :h].contiguous(), down, expert, counts, use_grouped_mm=grouped)
+                out = grouped_linear(swiglu(hidden, m.moe.clamp), down, expert, counts, use_grouped_mm=grouped)
                 out.backward(torch.ones_like(out))
             return run
 
