@@ -12,9 +12,9 @@ experts, top-k routing on sqrt(softplus) affinities.
 - expert weights are stacked [E, out, in], so Muon orthogonalises each expert on its own.
 
 The experts run without a Python loop: token-expert pairs sorted by expert go through one grouped
-matmul per projection (`grouped_linear`): `torch._grouped_mm` where it takes the operands (CUDA and
-CPU, fp32/bf16/fp16, 16-byte rows), else a batched matmul over the groups padded to the largest,
-whose size is read from the routing. Both are `torch.library` custom ops with a fake kernel and a
+matmul per projection (`grouped_linear`): `torch._grouped_mm` where it takes the operands in one
+kernel (CPU; CUDA bf16 on Hopper/Blackwell; 16-byte rows), else a batched matmul over the groups
+padded to the largest, whose size is read from the routing. Both are `torch.library` custom ops with a fake kernel and a
 shared backward, so that torch.compile sees one node of a fixed output shape instead of breaking
 the block's graph there (and `_grouped_mm`'s own fake kernel accepts bf16 only).
 """
@@ -117,11 +117,16 @@ class MoE(nn.Module):
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes these operands: CUDA or CPU, fp32/bf16/fp16 (not fp64),
-    rows of both matrices a multiple of 16 bytes. On the CPU it runs one BLAS matmul per group; the
-    padded batched matmul multiplies every group at the largest one's size, and routing is rarely
-    even (`python -m benchmarks.moe`)."""
-    if x.device.type not in ("cuda", "cpu") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """Whether `torch._grouped_mm` takes these operands and is the faster form: on the CPU fp32,
+    bf16 or fp16 (it runs one BLAS matmul per group, where the padded batched matmul multiplies
+    every group at the largest one's size, and routing is rarely even: `python -m benchmarks.moe`);
+    on CUDA bf16 on compute capability 9.x or 10.x, the only operands its grouped kernel takes
+    (elsewhere it copies the group offsets to the host, a synchronisation per call, and loops over
+    the groups). Rows of both matrices a multiple of 16 bytes."""
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     row = 16 // x.element_size()
     return weight.size(1) % row == 0 and weight.size(2) % row == 0

@@ -2,6 +2,7 @@
 the grouped-matmul MoE against the per-expert loop, and sparse CSA over gathered top-k entries
 against attention over all entries with a dense [T, T] window mask and a [T, N] top-k mask."""
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,6 +80,23 @@ def test_model_moe_grouped_matmul_picks_the_op(choice, op, monkeypatch):
     m.init_weights(0.5, 1.0)
     m(torch.randn(2, 5, D), torch.randint(0, 32, (2, 5)))
     assert calls == [op, op]
+
+
+@pytest.mark.parametrize("device,dtype,capability,rows,expected", [
+    ("cpu", torch.float32, None, 8, True), ("cpu", torch.bfloat16, None, 8, True),
+    ("cpu", torch.float64, None, 8, False), ("cpu", torch.float32, None, 6, False),  # 24-byte rows
+    ("cuda", torch.bfloat16, (9, 0), 8, True), ("cuda", torch.bfloat16, (10, 0), 8, True),
+    ("cuda", torch.bfloat16, (8, 0), 8, False), ("cuda", torch.bfloat16, (12, 0), 8, False),
+    ("cuda", torch.float32, (9, 0), 8, False), ("cuda", torch.bfloat16, (9, 0), 12, False),
+    ("mps", torch.float32, None, 8, False)])
+def test_auto_takes_grouped_mm_only_where_it_is_one_kernel(device, dtype, capability, rows, expected, monkeypatch):
+    """On CUDA, `_grouped_mm` outside bf16 on compute capability 9/10 copies the offsets to the host
+    and loops over the groups: auto takes the padded batched matmul there. Stand-in operands (no GPU
+    in the suite): only device, dtype and sizes are read."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    x = SimpleNamespace(device=torch.device(device), dtype=dtype, element_size=lambda: dtype.itemsize)
+    weight = SimpleNamespace(size=lambda i: {1: rows, 2: 16}[i])
+    assert moe_module.grouped_mm_supported(x, weight) is expected
 
 
 def routed_rows(seed: int = 0, experts: int = 5, rows: int = 13, d_in: int = 6, d_out: int = 4):
