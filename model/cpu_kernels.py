@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import platform
+import re
 import time
 import warnings
 from pathlib import Path
@@ -71,6 +72,14 @@ def clear_stale_lock(name: str) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _text_with_headers(path: Path) -> bytes:
+    """The file's bytes and those of the csrc/ headers it includes (`#include "name.h"`), which its
+    version covers: an edited header makes a new build as an edited file does."""
+    text = path.read_bytes()
+    headers = re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE)
+    return text + b"".join((path.parent / h.decode()).read_bytes() for h in headers)
+
+
 @functools.cache
 def extension(source: str):
     """The kernels of model/csrc/<source>.cpp, or None where they cannot be built."""
@@ -79,7 +88,7 @@ def extension(source: str):
     path = CSRC / f"{source}.cpp"
     # The operators' namespace names this version of the file: a process that loads an edited file
     # again (a notebook) gets a new library, and registering a namespace twice would abort it.
-    version = hashlib.sha1(path.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:10]
+    version = hashlib.sha1(_text_with_headers(path) + " ".join(CFLAGS).encode()).hexdigest()[:10]
     name, namespace = f"v4lab_{source}_{_isa_tag()}", f"v4lab_{source}_{version}"
     clear_stale_lock(name)
     log.info(f"loading the fused CPU kernels of {source}.cpp (the first use on a machine compiles them, ~10 s)")

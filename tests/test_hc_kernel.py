@@ -304,3 +304,21 @@ def test_a_lock_left_by_a_killed_build_is_removed_a_live_one_kept(age_s, kept, t
     os.utime(lock, (time.time() - age_s,) * 2)
     cpu_kernels.clear_stale_lock("v4lab_hc_x")
     assert lock.exists() == kept
+
+
+def test_an_edited_header_gives_the_kernels_a_new_version(tmp_path, monkeypatch):
+    """The operators' namespace names the file's version: it must cover the csrc/ headers the file
+    includes, or a process would load an edited header's build under the old name (and torch would
+    keep the old build)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
+    (tmp_path / "k.cpp").write_text('#include <vector>\n#include "tiles.h"\nint f();\n')
+    (tmp_path / "tiles.h").write_text("constexpr int W = 16;\n")
+    namespaces = []
+    monkeypatch.setattr(cpu_kernels, "CSRC", tmp_path)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: namespaces.append(kw["extra_cflags"][-1]))
+    for header in ("constexpr int W = 16;\n", "constexpr int W = 16;\n", "constexpr int W = 8;\n"):
+        (tmp_path / "tiles.h").write_text(header)
+        cpu_kernels.extension.__wrapped__("k")
+    assert namespaces[0] == namespaces[1] != namespaces[2]
