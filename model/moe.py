@@ -124,7 +124,8 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     (elsewhere it copies the group offsets to the host, a synchronisation per call, and loops over
     the groups). Rows of both matrices a multiple of 16 bytes."""
     if x.device.type == "cuda":
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+        # get_device_properties, not get_device_capability: torch.compile folds the former to a constant
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_properties(x.device).major not in (9, 10):
             return False
     elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False

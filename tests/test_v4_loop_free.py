@@ -93,7 +93,7 @@ def test_auto_takes_grouped_mm_only_where_it_is_one_kernel(device, dtype, capabi
     """On CUDA, `_grouped_mm` outside bf16 on compute capability 9/10 copies the offsets to the host
     and loops over the groups: auto takes the padded batched matmul there. Stand-in operands (no GPU
     in the suite): only device, dtype and sizes are read."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(major=capability[0]))
     x = SimpleNamespace(device=torch.device(device), dtype=dtype, element_size=lambda: dtype.itemsize)
     weight = SimpleNamespace(size=lambda i: {1: rows, 2: 16}[i])
     assert moe_module.grouped_mm_supported(x, weight) is expected
