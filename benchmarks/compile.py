@@ -1,7 +1,9 @@
 """trainer.compile's worth: tokens/s of the trainer's step compiled ÷ eager for one configuration,
 or (`--pair`) two configurations both compiled (both eager with `--eager`), e.g. mHC ÷ residual
 step time, or V4 ÷ the dense default. Contenders train alternately in one process after a warm-up
-that holds the compilation (its time is printed apart).
+that holds the compilation (its time is printed apart). Compiled against eager, both train on the
+same batches from the same initialisation, and the largest relative difference of their losses at
+equal steps is printed too: on a new backend, the one run checks both speed and agreement.
 
     python -m benchmarks.compile [--steps 5 --rounds 4] [hydra overrides ...]
     python -m benchmarks.compile --pair model.residual=residual model.residual=mhc [overrides ...]
@@ -31,15 +33,18 @@ def main() -> None:
         runs = {o: [o, f"trainer.compile={str(not args.eager).lower()}"] for o in args.pair}
     else:
         runs = {"eager": ["trainer.compile=false"], "compiled": ["trainer.compile=true"]}
-    trainers = {}
+    # every contender's loss at each step: without --pair, the compiled run against the eager one on the
+    # same batches (both trainers start from the same seed and data position)
+    trainers, losses = {}, {}
     for name, extra in runs.items():
         trainer = benchmark_trainer([*args.overrides, *extra])
         start, compiling = time.perf_counter(), compile_seconds()
-        trainer.train_step()  # the first step compiles (and warms the allocator)
+        losses[name] = [trainer.train_step()["loss"]]  # the first step compiles (and warms the allocator)
         print(f"{name}: first step {time.perf_counter() - start:.1f} s, of which compiling "
               f"{compile_seconds() - compiling:.1f} s", flush=True)
         trainers[name] = trainer
-    times = alternate({n: t.train_step for n, t in trainers.items()}, args.steps, args.rounds)
+    steps = {n: lambda n=n: losses[n].append(trainers[n].train_step()["loss"]) for n in trainers}
+    times = alternate(steps, args.steps, args.rounds)
     tokens = next(iter(trainers.values())).tokens_per_step
     tps = {n: tokens / median(ts) for n, ts in times.items()}
     print(f"overrides: {' '.join(args.overrides) or '(defaults)'}; {tokens} tokens/step, {args.rounds} rounds × "
@@ -50,6 +55,9 @@ def main() -> None:
               f"{', '.join(f'{1e3 * s:.0f}' for s in times[n])} ms)")
     print(f"peak: {next(iter(trainers.values())).utilisation.describe()}")
     a, b = list(tps)
+    if not args.pair:
+        worst = max(abs(x - y) / abs(y) for x, y in zip(losses[b], losses[a]))
+        print(f"losses at the same {len(losses[a])} steps: largest |{b} - {a}| / |{a}| = {worst:.2e}")
     print(f" ratio tokens/s {b} ÷ {a} = {tps[b] / tps[a]:.3f}; step time {b} ÷ {a} = "
           f"{median(times[b]) / median(times[a]):.3f}")
 
