@@ -214,7 +214,7 @@ class V4Attention(nn.Module):
         wide = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             out = self._attend(q.to(wide), kv.to(wide), None if entries is None else entries.to(wide),
-                               index, cos, sin)
+                               None if index is None else index.to(wide), cos, sin)
         return self.project_out(out, x.dtype)
 
     def _attend(self, q, kv, entries, index, cos, sin) -> torch.Tensor:

@@ -64,6 +64,11 @@ class IndexQueries(NamedTuple):
     w: torch.Tensor
     keys: torch.Tensor
 
+    def to(self, dtype: torch.dtype) -> "IndexQueries":
+        """In one dtype: under CUDA's autocast the keys' RMSNorm returns float32 while the queries'
+        and head weights' projections return bf16, and the scores are taken with autocast off."""
+        return IndexQueries(*(t.to(dtype) for t in self))
+
     def scores(self, start: int = 0, stop: int | None = None, n_keys: int | None = None) -> torch.Tensor:
         """I(t, s) of queries start..stop-1 against the first n_keys keys (all by default):
         [B, stop - start, n_keys]."""

@@ -82,6 +82,7 @@ def attend_cached(attn, x: torch.Tensor, cache: V4Cache) -> torch.Tensor:
     cache.length = p + t
 
     wide = torch.promote_types(q.dtype, torch.float32)
+    index = None if index is None else index.to(wide)  # under CUDA's autocast: bf16 queries, fp32 keys
     with torch.autocast(x.device.type, enabled=False):
         q = q.to(wide) * attn.head_dim ** -0.5
         keys = keys.to(wide)

@@ -359,3 +359,49 @@ def test_indexer_warmup_trains_only_the_indexers(tiny_config, mode, stage):
     trainer.train_step()
     after = trainer.full_state_dict()
     assert all(not torch.equal(warm[k], after[k]) for k in start if k.endswith((".q_up.weight", ".router")))
+
+
+@pytest.fixture
+def cuda_autocast_rules(monkeypatch):
+    """CPU autocast with CUDA's rule for rms_norm (CUDA's autocast runs it in float32 and returns
+    float32; the CPU's has no rule for it), and the PyTorch paths that run on a GPU instead of the
+    CPU kernels, so that CUDA's mixes of dtypes happen on this CPU."""
+    from model import cpu_kernels, layers
+
+    monkeypatch.setattr(cpu_kernels, "available", lambda source: False)
+    monkeypatch.setattr(cpu_kernels, "extension", lambda source: None)
+
+    def widened(norm):
+        def call(x, *args, **kwargs):
+            if not torch.is_autocast_enabled("cpu"):
+                return norm(x, *args, **kwargs)
+            with torch.autocast("cpu", enabled=False):
+                return norm(x.float(), *(a.float() if torch.is_tensor(a) else a for a in args), **kwargs)
+        return call
+
+    monkeypatch.setattr(layers, "rms_norm", widened(layers.rms_norm))
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", widened(torch.nn.functional.rms_norm))
+
+
+@pytest.mark.parametrize("overrides,step", [(["model=v4_tiny"], 0), (["model=v4_tiny"], 10_000),
+                                            (["model.residual=mhc"], 0), (["model.residual=hc"], 0)],
+                         ids=["v4-warm-up", "v4-sparse", "mhc", "hc"])
+def test_models_train_and_sample_under_cudas_autocast_rules(overrides, step, cuda_autocast_rules):
+    """Under CUDA's bf16 autocast the norms' outputs are float32 next to bf16 projections: V4's
+    fp32 regions (attention, the indexer's scores and its KL, the decoding cache) and the
+    hyper-connections' must take both."""
+    from model import build_model
+    from model.generate import Sampling, generate
+
+    cfg = compose_config([*overrides, "model.attn.window=8", "model.attn.csa_topk=2"]).model
+    model = build_model(cfg, 64).train()
+    model.on_step_start(step, lr_decaying=False)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, ids)
+        loss.backward()
+        model.eval()
+        steps = list(generate(model, ids[:, :9], 4, Sampling(temperature=0), context=24,
+                              use_cache=model.supports_cache))
+    assert torch.isfinite(loss) and len(steps) == 4
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
