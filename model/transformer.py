@@ -204,7 +204,7 @@ class Transformer(nn.Module):
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(values)
                 values /= dist.get_world_size()
-            metrics.update({f"loss/{k}": float(v) for k, v in zip(keys, values)})
+            metrics.update(zip((f"loss/{k}" for k in keys), values.tolist()))  # one device sync
             if self.mtp is not None:
                 metrics["mtp_weight"] = self.mtp_weight
         self.loss_sums, self.loss_count = {}, 0

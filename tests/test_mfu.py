@@ -12,6 +12,7 @@ from train.mfu import Utilisation, measured_matmul_tflops, table_peak_tflops
     ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
     ("NVIDIA GH200 480GB", 989.0), ("NVIDIA B200", 2250.0), ("NVIDIA GB200", 2500.0), ("NVIDIA L4", 121.0),
     ("NVIDIA L40S", 362.0), ("AMD Instinct MI300X", 1307.4), ("NVIDIA GeForce GTX 1080", None),
+    ("NVIDIA H800", 989.0), ("NVIDIA H800 PCIe", 756.0),
 ])
 def test_known_accelerators_by_name(name, tflops):
     assert table_peak_tflops(name) == tflops

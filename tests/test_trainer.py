@@ -155,3 +155,28 @@ def test_profile_of_compiled_blocks_names_the_compiled_regions(tiny_config, fres
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"step 2", "step 3", "CompiledFunction", "CompiledFunctionBackward"} <= names
     assert any(n and n.startswith("Torch-Compiled Region") for n in names)
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_bf16_units(native, expected, monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulated bf16 (V100, T4) by default: slower than fp32."""
+    from train.trainer import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+@pytest.mark.parametrize("device,tf32,expected", [("cuda", True, "high"), ("cuda", False, "highest"),
+                                                  ("cpu", True, "highest")])
+def test_tf32_is_set_for_cuda_only(device, tf32, expected):
+    from train.trainer import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        set_matmul_precision(torch.device(device), tf32)
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)

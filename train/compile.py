@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 from model.block import Block
@@ -21,13 +22,14 @@ from model.block import Block
 _PHASES = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 
 
-def compile_blocks(model: nn.Module) -> list[nn.Module]:
-    """Compile every Block of `model` in place; returns them."""
+def compile_blocks(model: nn.Module, device: torch.device) -> list[nn.Module]:
+    """Compile every Block of `model` (to train on `device`) in place; returns them."""
     from model import gathered, hc_kernel, indexer
 
-    hc_kernel.available()  # build or load the fused kernels now, outside any traced frame
-    indexer.kernel_available()
-    gathered.kernels_available()
+    if device.type == "cpu":  # build or load the fused CPU kernels now, outside any traced frame
+        hc_kernel.available()
+        indexer.kernel_available()
+        gathered.kernels_available()
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile()

@@ -79,9 +79,10 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def sum_over_ranks(n: int) -> int:
+def sum_over_ranks(n: int, device: torch.device) -> int:
+    """n summed over ranks, through the training device (NCCL reduces CUDA tensors only)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        x = torch.tensor(n, dtype=torch.int64)
+        x = torch.tensor(n, dtype=torch.int64, device=device)
         dist.all_reduce(x)
         return int(x)
     return n

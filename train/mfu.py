@@ -33,7 +33,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"H200 NVL", 835.0),      # NVIDIA H200 NVL datasheet: BF16 Tensor Core 1,671 TFLOPS*
     (r"H200", 989.0),          # NVIDIA H200 SXM datasheet: BF16 Tensor Core 1,979 TFLOPS* (also GH200)
     (r"H100 NVL", 835.0),      # NVIDIA H100 NVL datasheet: 1,671 TFLOPS*
-    (r"H100 PCIe", 756.0),     # NVIDIA H100 PCIe datasheet: 1,513 TFLOPS*
+    (r"H[18]00 PCIe", 756.0),  # NVIDIA H100 PCIe datasheet: 1,513 TFLOPS* (H800 PCIe: H100 PCIe's compute)
     (r"H100|H800", 989.0),     # NVIDIA H100 SXM datasheet: 1,979 TFLOPS*
     (r"H20\b", 148.0),         # NVIDIA H20: 296 TFLOPS*
     (r"A100|A800", 312.0),     # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS | 624 TFLOPS*

@@ -50,7 +50,15 @@ class Diverged(RuntimeError):
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    # not bf16 that is emulated (V100, T4: the default of is_bf16_supported counts it)
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+
+
+def set_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """trainer.tf32 on CUDA: float32 matmuls on TF32 tensor cores. Only there: the setting is
+    process-wide and reaches oneDNN's CPU matmuls too, which stay IEEE float32."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
@@ -105,6 +113,7 @@ class Trainer:
         self.accum = accumulation_steps(t, self.world_size)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.precision = resolve_precision(t.precision, self.device)
+        set_matmul_precision(self.device, t.tf32)
 
         d = cfg.data
         if self.rank == 0:  # one rank prepares, the others wait and reuse the cache
@@ -123,7 +132,7 @@ class Trainer:
         self.n_active_params = model.num_active_params()
         self.flops_per_token = model.flops_per_token(d.seq_len)
         # in place, before DeepSpeed wraps the model: names and checkpoints stay the eager run's
-        self.compiled = compile_blocks(model) if t.compile else []
+        self.compiled = compile_blocks(model, self.device) if t.compile else []
         if self.compiled and cfg.deepspeed.zero_stage == 3:
             log.warning("trainer.compile with ZeRO-3: DeepSpeed's parameter-gathering hooks are kept out of "
                         "graphs, so each submodule of a block breaks its graph; training is the eager run's, "
@@ -228,7 +237,7 @@ class Trainer:
             metrics["spike_skipped"] = spike
         digest = self.loader.take_digest()
         if digest is not None:  # V4LAB_BATCH_DIGEST=1: which windows the step trained on, whatever the layout
-            metrics["data/digest"] = sum_over_ranks(digest)
+            metrics["data/digest"] = sum_over_ranks(digest, self.device)
         return metrics
 
     def _set_model_phase(self) -> None:
