@@ -183,8 +183,10 @@ class Muon(torch.optim.Optimizer):
             elif math.prod(shape) <= BATCH_MAX_ELEMENTS:
                 results = orthogonalize(torch.cat([wide[i] for i in indices]), schedule, **kwargs)
                 place(indices, results.split([wide[i].size(0) for i in indices]))
-            else:  # big matrices keep the matmul units busy alone; stacking them would only copy
+            elif wide[indices[0]].device.type == "cpu":  # big matrices keep a CPU busy alone: stacking only copies
                 place(indices, [torch.stack([orthogonalize(w, schedule, **kwargs) for w in wide[i]]) for i in indices])
+            else:  # an accelerator: each parameter's stack in one call, not ~3 kernel launches per matrix and iteration
+                place(indices, [orthogonalize(wide[i], schedule, **kwargs) for i in indices])
         for shapes in small.values():
             stacks = []
             for shape in shapes:

@@ -223,3 +223,17 @@ def test_qk_clip_brings_each_offending_head_back_to_tau():
     first = attention_modules(model)[0]
     expected = torch.where(before[0] > tau, torch.full_like(before[0], tau), before[0])
     assert (before[0] > tau).any() and torch.allclose(first.max_logits, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,calls", [("cpu", [(600, 640)] * 3), ("meta", [(3, 600, 640)])])
+def test_big_matrices_go_one_by_one_on_a_cpu_and_as_one_stack_elsewhere(device, calls, monkeypatch):
+    """Above the batching size a CPU's matmuls are busy with one matrix; a GPU's are not, and each
+    matrix would cost its own kernel launches per iteration. (The meta device stands in for a GPU.)"""
+    import optim.muon as muon_module
+
+    seen = []
+    monkeypatch.setattr(muon_module, "orthogonalize", lambda g, *a, **k: seen.append(tuple(g.shape)) or g)
+    opt = Muon([torch.nn.Parameter(torch.zeros(600, 640))])
+    stack = torch.zeros(3, 600, 640, device=device)  # 3 matrices above BATCH_MAX_ELEMENTS
+    out = opt._orthogonalize_all([stack], opt.param_groups[0])
+    assert seen == calls and out[0].shape == stack.shape
