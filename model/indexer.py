@@ -89,6 +89,13 @@ class IndexQueries(NamedTuple):
 SELECT_CHUNK_ELEMENTS = 1 << 22
 
 
+def _sorts_every_row(device: torch.device) -> bool:
+    """Whether the selection sorts every row (stably: the same picks). A compiled graph cannot
+    branch on the data, and off the CPU reading it (the rows' visible range, whether a row has a
+    tie at the cut) would make the host wait for the device, several times per layer."""
+    return torch.compiler.is_compiling() or device.type != "cpu"
+
+
 def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best visible entries per query: indices [B, T, k'] (a set: in no particular order)
     and whether each pick is a visible entry [B, T, k'] (early queries see fewer than k),
@@ -113,7 +120,7 @@ def select_topk(index: "IndexQueries | torch.Tensor", n_visible: torch.Tensor, k
     with torch.no_grad():
         for start in range(0, n_visible.size(0), chunk):  # chunks of queries, one at small T
             stop = min(start + chunk, n_visible.size(0))
-            if torch.compiler.is_compiling():  # a graph cannot branch on the data: sort every row
+            if _sorts_every_row(n_visible.device):
                 hidden = torch.arange(n, device=n_visible.device) >= n_visible[start:stop, None]
                 values, order = rows(start, stop, n).masked_fill(hidden, float("-inf")).sort(
                     dim=-1, descending=True, stable=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.attention import SoftmaxOverParts, V4Attention, layer_kinds, window_mask
+import model.indexer as indexer_module
 from model.compressor import Compressor, visible_entries
 from model.indexer import kl_to_attention, select_topk
 from model.layers import clamped_swiglu
@@ -113,7 +114,9 @@ def test_softmax_over_parts_is_one_masked_softmax_forward_and_backward():
         torch.autograd.grad(probs[0].square().sum(), win, create_graph=True)
 
 
-def test_indexer_topk_is_the_brute_force_ranking():
+@pytest.mark.parametrize("sorting", [False, True], ids=["cpu", "sorting"])
+def test_indexer_topk_is_the_brute_force_ranking(sorting, monkeypatch):
+    monkeypatch.setattr(indexer_module, "_sorts_every_row", lambda device: sorting)
     torch.manual_seed(0)
     scores = torch.randn(2, 12, 6)
     visible = visible_entries(12, 2)
@@ -126,12 +129,16 @@ def test_indexer_topk_is_the_brute_force_ranking():
             assert sorted(index[b, t][valid[b, t]].tolist()) == sorted(ranked)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_indexer_ties_go_to_the_earliest_entry_whatever_the_row_length(compiled):
+@pytest.mark.parametrize("mode", ["eager", "compiled", "sorting"])
+def test_indexer_ties_go_to_the_earliest_entry_whatever_the_row_length(mode, monkeypatch):
     """Entries tied at the k-th score (ReLU-zero index heads: exactly 0) are picked earliest first,
     and rows with more not-yet-visible entries pick the same: a decoding cache, which holds only
     the entries made so far, then selects what the full sequence selects. torch.topk does not.
-    Compiled (fullgraph: no graph break), the selection sorts every row instead: the same picks."""
+    Compiled (fullgraph: no graph break) and off the CPU (`sorting`), the selection sorts every
+    row instead: the same picks."""
+    compiled = mode == "compiled"
+    if mode == "sorting":
+        monkeypatch.setattr(indexer_module, "_sorts_every_row", lambda device: True)
     select = torch.compile(select_topk, fullgraph=True, dynamic=False) if compiled else select_topk
     scores = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0] + [0.0] * 30])
     for n in (42,) if compiled else (12, 20, 42):  # compiled: one shape, one compilation
