@@ -47,7 +47,9 @@ class MoE(nn.Module):
         self.hashed = layer < cfg.hash_layers
         if self.hashed:  # top_k distinct experts per token id, fixed by the layer index
             g = torch.Generator().manual_seed(1000 + layer)
-            self.register_buffer("hash_table", torch.rand(vocab_size, e, generator=g).argsort(-1)[:, : cfg.top_k])
+            # its own storage, not a view of the whole ranking: safetensors refuses to save a slice of a larger one
+            table = torch.rand(vocab_size, e, generator=g).argsort(-1)[:, : cfg.top_k].contiguous()
+            self.register_buffer("hash_table", table)
         self.aux_loss: torch.Tensor | None = None
 
     def init_weights(self, std: float, out_scale: float) -> None:

@@ -110,31 +110,39 @@ def test_zero3_and_two_rank_checkpoints_export_the_weights_of_one_rank_zero0(tmp
     assert manifest["world_size"] == 2
 
 
-def fake_run(root, overrides, model):
-    """A run directory in the trainer's layout (config.yaml, one ZeRO-0 checkpoint of `model`)."""
+def fake_run(root, overrides, model, step=1):
+    """A run directory in the trainer's layout (config.yaml, one ZeRO-0 checkpoint of `model` at `step`)."""
     from omegaconf import OmegaConf
 
-    ckpt = root / "checkpoints" / "step_00000001"
+    ckpt = root / "checkpoints" / f"step_{step:08d}"
     ckpt.mkdir(parents=True)
     (root / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose_config(overrides))))
     torch.save({"module": model.state_dict()}, ckpt / "mp_rank_00_model_states.pt")
     files = {f.name: f.stat().st_size for f in ckpt.iterdir()}
-    (ckpt / "manifest.json").write_text(json.dumps({"step": 1, "world_size": 1, "files": files}))
+    (ckpt / "manifest.json").write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
     return root
 
 
-def test_v4_run_exports_to_deepseek_v4(tmp_path):
+@pytest.mark.parametrize("step", [1, 500], ids=["warm-up", "sparse"])
+def test_v4_run_exports_to_deepseek_v4(step, tmp_path):
     """--format hf on a V4 run goes through model/hf_v4.py: transformers' DeepseekV4ForCausalLM
-    loads it with every weight and computes our logits."""
-    overrides = ["model=v4_tiny", "model.attn.window=8", "model.max_seq_len=64"]
+    loads it with every weight and computes our logits, with CSA as the checkpoint's step trained
+    it: dense in the indexer's warm-up (100 steps), top-2 past it (of 10 entries at 40 tokens);
+    the safetensors export comes back the same way."""
+    overrides = ["model=v4_tiny", "model.attn.window=8", "model.max_seq_len=64", "model.attn.csa_topk=2"]
     torch.manual_seed(0)
     ours = build_model(compose_config(overrides).model, 256).eval()
-    run = fake_run(tmp_path / "run", overrides, ours)
+    ours.on_step_start(step, lr_decaying=False)
+    run = fake_run(tmp_path / "run", overrides, ours, step)
     assert export.main([str(run), "--format", "hf"]) == 0
     out = run / "export" / "hf-fp32"
+    assert json.loads((out / "config.json").read_text())["index_topk"] == (16 if step == 1 else 2)
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert type(hf).__name__ == "DeepseekV4ForCausalLM" and not info["missing_keys"]
     ids = torch.randint(1, 256, (1, 40))
+    assert export.main([str(run), "--format", "safetensors"]) == 0
+    rebuilt = from_exported(run / "export" / "safetensors-fp32")
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=0)
+        assert torch.equal(rebuilt(ids), ours(ids))
     assert transformers.AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == list(b"the cat")

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from train.cli import fail
-from train.load import (EXIT_CONFIG, LoadError, build_from_state, consolidated_state_dict, locate, run_config,
-                        run_tokenizer)
+from train.load import (EXIT_CONFIG, LoadError, at_step, build_from_state, checkpoint_step, consolidated_state_dict,
+                        locate, run_config, run_tokenizer)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         out = (args.out or run_dir / "export" / f"{args.format}-{args.dtype}").expanduser().resolve()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise LoadError(f"--out {out} exists and is not empty; choose a new directory or empty it", EXIT_CONFIG)
-        model = build_from_state(cfg, consolidated_state_dict(ckpt), ckpt)
+        step = checkpoint_step(ckpt)
+        model = at_step(build_from_state(cfg, consolidated_state_dict(ckpt), ckpt), step)
         tokenizer = run_tokenizer(cfg, run_dir)
     except LoadError as e:
         return fail(str(e), e.code)
@@ -106,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_hf_llama(model, cfg, out, dtype, args.dtype, tokenizer.eos_id)
     save_for_transformers(tokenizer, out, cfg.data.seq_len)
-    step = json.loads((ckpt / "manifest.json").read_text()).get("step")
     (out / "export.json").write_text(json.dumps({"checkpoint": str(ckpt), "step": step, "format": args.format,
                                                  "dtype": args.dtype}, indent=2))
     print(f"exported {ckpt} (step {step}) as {args.format} {args.dtype} -> {out}", flush=True)

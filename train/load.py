@@ -171,14 +171,26 @@ def run_tokenizer(cfg: Config, run_dir: Path):
         raise LoadError(f"the run's tokenizer {spec!r} cannot be loaded: {e}", EXIT_DATA) from None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    return json.loads((ckpt / "manifest.json").read_text()).get("step", 0)
+
+
+def at_step(model: torch.nn.Module, step: int) -> torch.nn.Module:
+    """The model as it trained at optimizer step `step`: V4's CSA attends to its top-k entries once
+    past the indexer's warm-up (densely before), so sampling, evaluation and exports compute what
+    training computed."""
+    if hasattr(model, "on_step_start"):
+        model.on_step_start(step, lr_decaying=False)
+    return model
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True) -> Loaded:
     """Everything the after-training commands need from a run or checkpoint directory."""
     run_dir, ckpt = locate(path)
     cfg = run_config(run_dir)
     model = build_from_state(cfg, consolidated_state_dict(ckpt), ckpt)
-    step = json.loads((ckpt / "manifest.json").read_text()).get("step", 0)
-    if hasattr(model, "on_step_start"):  # V4: CSA is sparse once past the indexer's warm-up, as trained
-        model.on_step_start(step, lr_decaying=False)
+    step = checkpoint_step(ckpt)
+    at_step(model, step)
     device = pick_device(device) if isinstance(device, str) else device
     return Loaded(model.to(device), cfg, run_dir, ckpt, step, run_tokenizer(cfg, run_dir) if tokenizer else None)
 
@@ -201,4 +213,6 @@ def from_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
         vocab, dtype = embed.get_shape()[0], {"F32": torch.float32, "BF16": torch.bfloat16}[embed.get_dtype()]
     model = build_model(cfg.model, vocab).to(dtype)
     load_model(model, str(weights), strict=True, device="cpu")
+    exported = directory / "export.json"  # the checkpoint's step (train.export writes it)
+    at_step(model, json.loads(exported.read_text())["step"] if exported.is_file() else 0)
     return model.eval().to(device)
