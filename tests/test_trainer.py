@@ -104,6 +104,16 @@ def test_bf16_autocast_follows_fp32(tiny_config, tmp_path):
     assert abs(summaries["bf16"]["final_val_loss"] - summaries["fp32"]["final_val_loss"]) < 0.01
 
 
+def test_bf16_gradients_are_reduced_in_fp32_at_zero_2(tiny_config):
+    """DeepSpeed's torch_autocast tags nn.Linear weights to have their gradients reduced in bf16 at
+    ZeRO-1/2 (on one rank too): rounded, where every other parameter's stay fp32. No tag here."""
+    from deepspeed.runtime.torch_autocast import get_comm_dtype
+
+    t = Trainer(tiny_config("trainer.precision=bf16", "deepspeed.zero_stage=2", "trainer.max_steps=1"))
+    assert t.precision == "bf16"
+    assert {get_comm_dtype(p) for p in t.engine.module.parameters()} == {torch.float32}
+
+
 def test_metrics_carry_mfu_and_peak_memory(tiny_config):
     """mfu = FLOPs/token × tokens/s ÷ peak, with the peak given; memory is the process's peak RSS
     on CPU; the summary carries both, environment.json the peak."""

@@ -72,8 +72,10 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
         # bf16 as autocast over fp32 parameters: the optimizer (Muon included) sees whole fp32
-        # matrices at ZeRO-0, where DeepSpeed's bf16 mode would hand it flat fragments.
-        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+        # matrices at ZeRO-0, where DeepSpeed's bf16 mode would hand it flat fragments. No "lower
+        # precision safe modules": by default DeepSpeed reduces nn.Linear weights' gradients in bf16
+        # at ZeRO-1/2 (even on one rank), rounding them where every other gradient stays fp32.
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
