@@ -190,3 +190,12 @@ def test_tf32_is_set_for_cuda_only(device, tf32, expected):
         assert torch.get_float32_matmul_precision() == expected
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_the_engine_takes_the_gpu_this_rank_picked():
+    """DeepSpeed would set_device(LOCAL_RANK): an invalid ordinal where a SLURM task sees only its own GPU."""
+    from train.trainer import engine_device_args
+
+    assert engine_device_args(torch.device("cuda", 0)).device_rank == 0
+    assert engine_device_args(torch.device("cuda", 3)).device_rank == 3
+    assert engine_device_args(torch.device("cpu")) is None

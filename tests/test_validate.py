@@ -97,3 +97,24 @@ def test_launch_reports_bad_data_naming_it(tmp_path):
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: ") and "text_field='text'" in err and "body" in err
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("rank", [None, "0"], ids=["launcher", "rank"])
+def test_more_ranks_than_gpus_on_a_node_is_refused_before_launch(rank, tmp_path, monkeypatch):
+    """Checked where the ranks are launched from; inside a rank (SLURM: a task that may see only its
+    own GPU) there is nothing to compare."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("RANK", raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    validate(compose_config(["launcher.nproc_per_node=2"], out_dir=tmp_path / "two"))
+    cfg = compose_config(["launcher.nproc_per_node=4"], out_dir=tmp_path / "four")
+    if rank is not None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == "launcher.nproc_per_node" and "at most 2" in str(err.value)

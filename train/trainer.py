@@ -6,6 +6,7 @@ evaluation, checkpoints and the callbacks around it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -82,6 +83,12 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     }
 
 
+def engine_device_args(device: torch.device) -> argparse.Namespace | None:
+    """DeepSpeed's engine takes GPU LOCAL_RANK unless told otherwise; ours wraps it around the GPUs
+    this rank sees (a SLURM task may see only its own GPU, index 0, whatever its LOCAL_RANK)."""
+    return argparse.Namespace(device_rank=device.index) if device.type == "cuda" else None
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -145,7 +152,8 @@ class Trainer:
         ds_config = deepspeed_config(cfg, self.world_size, self.precision)
         self.manual_clip = ds_config["gradient_clipping"] == 0.0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.to(self.device), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            args=engine_device_args(self.device), model=model.to(self.device), optimizer=optimizer,
+            lr_scheduler=scheduler, config=ds_config,
         )
         bind_zero_partitions(self.engine)
         self.utilisation = Utilisation(self.flops_per_token, self.device, self.precision, t.peak_tflops)

@@ -48,6 +48,13 @@ def _launcher(cfg: Config) -> None:
         raise ConfigError("launcher.master_addr", lc.master_addr,
                           "node 0's host name or IP address, reachable from every node (required with launcher.nnodes > 1)")
     _positive("launcher.collective_timeout_s", lc.collective_timeout_s)
+    if "RANK" not in os.environ:  # the launching process: the ranks on this node will share its GPUs
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and lc.nproc_per_node > gpus:
+            raise ConfigError("launcher.nproc_per_node", lc.nproc_per_node,
+                              f"at most {gpus}, the GPUs of this node (one rank per GPU; NCCL refuses two on one)")
     if lc.hostfile is not None and "RANK" not in os.environ:  # ranks on other hosts need not have the file
         if not Path(lc.hostfile).expanduser().is_file():
             raise ConfigError("launcher.hostfile", lc.hostfile, "the path of an existing DeepSpeed hostfile")
