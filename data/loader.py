@@ -154,10 +154,13 @@ def _window_hash(tokens: np.ndarray) -> int:
 
 
 def validation_batches(prepared: Path, seq_len: int, micro_batch: int, n_batches: int, rank: int = 0, world_size: int = 1):
-    """A fixed list of validation batches: the first windows of the split, striped over ranks."""
+    """A fixed list of validation batches: the first windows of the split, striped over ranks. Every
+    rank gets as many batches, of the same sizes (a short split: the last one partial on every
+    rank): under ZeRO-3 each forward is a collective, and the ranks' means are averaged."""
     windows = Windows(prepared, "val", seq_len)
     if len(windows) < world_size:
         raise DataError(f"the validation split of {prepared} has {len(windows)} windows of {seq_len + 1} tokens, "
                         f"fewer than one per rank ({world_size})")
-    idx = np.arange(rank, len(windows), world_size)[: n_batches * micro_batch]
+    per_rank = min(n_batches * micro_batch, len(windows) // world_size)
+    idx = np.arange(rank, per_rank * world_size, world_size)
     return [windows.batch(idx[i : i + micro_batch]) for i in range(0, len(idx), micro_batch)]

@@ -194,6 +194,22 @@ def test_validation_batches_are_fixed(prepared):
     assert len(a) == 3 and all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_same_validation_batches_when_windows_run_short(prepared, world):
+    """With fewer windows than eval_batches x micro x ranks, every rank still gets the same number of
+    batches of the same sizes (under ZeRO-3 each forward is a collective: one rank's extra batch
+    would wait for the others forever), disjoint, as many windows as the split holds for each."""
+    from data.loader import Windows
+
+    n = len(Windows(prepared, "val", 16))
+    micro = max(1, n // (2 * world) - 1)  # leaves a remainder of windows per rank past whole batches
+    ranks = [validation_batches(prepared, 16, micro, 1000, rank, world) for rank in range(world)]
+    sizes = [[len(x) for x, _ in batches] for batches in ranks]
+    assert all(s == sizes[0] for s in sizes) and sum(sizes[0]) == n // world, sizes
+    rows = [tuple(r.tolist()) for batches in ranks for x, _ in batches for r in x]
+    assert len(rows) == len(set(rows))
+
+
 @pytest.mark.parametrize("damage,words", [
     (lambda b: b[:-3], "truncated"),
     (lambda b: b"NOTMAGIC" + b[8:], "magic"),

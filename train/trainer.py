@@ -305,11 +305,13 @@ class Trainer:
     def evaluate(self) -> float:
         compile_start = compile_seconds()  # the first evaluation compiles the blocks' no-grad graphs
         self.engine.eval()
-        total = torch.zeros((), device=self.device)
+        total, weight = torch.zeros((), device=self.device), 0.0
         for x, y in self.val_batches:
-            total += self.engine(x.to(self.device), y.to(self.device)).float()
+            share = x.size(0) / self.micro_batch  # a short split's last batch counts for its windows
+            total += self.engine(x.to(self.device), y.to(self.device)).float() * share
+            weight += share
         self.compile_s += compile_seconds() - compile_start
-        return mean_over_ranks(total / len(self.val_batches)).item()
+        return mean_over_ranks(total / weight).item()
 
     # -- state ------------------------------------------------------------------------------
     def optimizer_state_bytes(self) -> int:
