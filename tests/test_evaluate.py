@@ -98,3 +98,17 @@ def test_bad_arguments_are_refused(run_copy, capsys, args, what, code):
     err = capsys.readouterr().err
     assert what in err and err.startswith("error: ") and err.count("\n") == 1
     assert not (run_copy / "eval").exists()
+
+
+def test_precision_is_the_runs_not_the_scoring_devices(tmp_path):
+    """A run trained on a CPU (precision=auto: fp32) and scored on a GPU is scored in fp32, as it
+    validated; without a summary (a run still going), the config resolves on the scoring device."""
+    from train.evaluate import run_precision
+
+    cfg = compose_config([])
+    assert cfg.trainer.precision == "auto"
+    assert run_precision(tmp_path, cfg, torch.device("cpu")) == "fp32"
+    (tmp_path / "summary.json").write_text(json.dumps({"precision": "fp32"}))
+    assert run_precision(tmp_path, cfg, torch.device("cuda")) == "fp32"
+    (tmp_path / "summary.json").write_text(json.dumps({"precision": "bf16"}))
+    assert run_precision(tmp_path, cfg, torch.device("cpu")) == "bf16"

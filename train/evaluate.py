@@ -59,6 +59,16 @@ def default_name(data, split: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}_{split}")
 
 
+def run_precision(run_dir: Path, cfg, device: torch.device) -> str:
+    """The precision the run validated in (its summary's, resolved where it trained: precision=auto
+    is fp32 on a CPU and bf16 on a GPU), else the config's resolved on `device`."""
+    from train.trainer import resolve_precision
+
+    summary = run_dir / "summary.json"
+    recorded = json.loads(summary.read_text()).get("precision") if summary.is_file() else None
+    return recorded or resolve_precision(cfg.trainer.precision, device)
+
+
 @torch.no_grad()
 def score(model, windows: list, micro_batch: int, max_batches: int, byte_lengths: np.ndarray | None,
           autocast_dtype: torch.dtype | None = None, progress: bool = True) -> dict:
@@ -97,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     from data.loader import Windows
     from data.shards import prepare
     from data.sources import DataError
-    from train.trainer import resolve_precision
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         return fail(str(e), EXIT_DATA)
     device = loaded.model.embed.weight.device
-    bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16"  # as the run validated
+    bf16 = run_precision(loaded.run_dir, cfg, device) == "bf16"
     micro = args.micro_batch_size or cfg.trainer.micro_batch_size
     start = time.perf_counter()
     try:

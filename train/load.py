@@ -192,6 +192,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", tokenizer: bo
     step = checkpoint_step(ckpt)
     at_step(model, step)
     device = pick_device(device) if isinstance(device, str) else device
+    from train.trainer import set_matmul_precision
+
+    set_matmul_precision(device, cfg.trainer.tf32)  # TF32 on CUDA as the run trained (trainer.tf32)
     return Loaded(model.to(device), cfg, run_dir, ckpt, step, run_tokenizer(cfg, run_dir) if tokenizer else None)
 
 
