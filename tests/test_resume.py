@@ -230,3 +230,31 @@ def test_live_run_directory_is_guarded_and_ranks_die_with_torchrun(tmp_path, cac
     Trainer(compose_config([*COMMON, "optim=adamw", f"trainer.max_steps={last + 3}"], out_dir=out,
                            cache_dir=cache)).fit()
     assert [r["step"] for r in rows(out)] == list(range(1, last + 4))
+
+
+RANK0_WORKS_LONG = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from train.distributed import init_distributed, shutdown_distributed, wait_for_rank0
+rank, _, _ = init_distributed(timeout_s=2)
+if rank == 0:
+    time.sleep(6)  # preparing a corpus, converting a checkpoint: three collective timeouts
+news = ["prepared"] if rank == 0 else [None]
+wait_for_rank0(news)
+wait_for_rank0()
+print(f"rank {rank}: {news[0]}", flush=True)
+shutdown_distributed()
+"""
+
+
+def test_ranks_wait_for_rank_0s_host_work_beyond_the_collective_timeout(tmp_path):
+    """The other ranks wait for rank 0's preparation or checkpoint conversion in a gloo group of
+    their own: past launcher.collective_timeout_s (2 s here), where a barrier on the training
+    group fails (and NCCL's watchdog would abort the job)."""
+    script = tmp_path / "rank0_works_long.py"
+    script.write_text(RANK0_WORKS_LONG)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(ROOT)], cwd=tmp_path, env=launch_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0: prepared" in done.stdout and "rank 1: prepared" in done.stdout

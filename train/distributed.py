@@ -63,12 +63,37 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int, torch.device]:
         else:  # launched: the launcher's rendezvous, with our timeout (DeepSpeed's CPU path drops it)
             dist.init_process_group(backend, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        open_host_group()
     return dist.get_rank(), dist.get_world_size(), device_for(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+# Rank 0's work on the host that the other ranks wait for (preparing a corpus, converting a
+# checkpoint) can outlast a collective's timeout (launcher.collective_timeout_s, 10 min by
+# default), after which NCCL's watchdog would abort the job: they wait in a gloo group of their own
+# with a long one. A rank that dies still ends the wait at once (its sockets close).
+HOST_WORK_TIMEOUT = datetime.timedelta(hours=12)
+_host_group = None
+
+
+def open_host_group() -> None:
+    """Called by every rank in step, after the world group is up."""
+    global _host_group
+    _host_group = dist.new_group(backend="gloo", timeout=HOST_WORK_TIMEOUT) if dist.get_world_size() > 1 else None
+
+
+def wait_for_rank0(objects: list | None = None) -> None:
+    """Wait until rank 0 arrives here, however long its host work takes; with `objects`, every rank
+    gets rank 0's (broadcast_object_list)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if objects is None:
+            dist.barrier(group=_host_group)
+        else:
+            dist.broadcast_object_list(objects, src=0, group=_host_group)
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -96,4 +121,6 @@ def shutdown_distributed(wait_for_peers: bool = True) -> None:
     if dist.is_initialized():
         if wait_for_peers and dist.get_world_size() > 1:
             dist.barrier()
+        global _host_group
+        _host_group = None
         dist.destroy_process_group()

@@ -30,8 +30,8 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.distributed as dist
 
+from train.distributed import wait_for_rank0
 from train.manifest import fsync_path, problems, seal
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ def load(engine, ckpt: Path, manifest: dict, rank: int) -> None:
             ensure_universal(ckpt)
         except Exception as e:  # every rank must hear of it, or the others wait in the load below
             error[0] = f"converting checkpoint {ckpt} to DeepSpeed's universal format failed: {type(e).__name__}: {e}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
+    wait_for_rank0(error)  # the conversion can outlast a collective's timeout
     if error[0]:
         raise ReshardError(error[0])
     with _load_universal(engine):

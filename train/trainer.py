@@ -30,7 +30,7 @@ from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import Checkpointer
 from train.compile import compile_blocks, compile_seconds, eager
 from train.config import Config
-from train.distributed import barrier, init_distributed, mean_over_ranks, sum_over_ranks
+from train.distributed import barrier, init_distributed, mean_over_ranks, sum_over_ranks, wait_for_rank0
 from train.host import reuse_freed_memory
 from train.log_setup import build_output_to_log
 from train.mfu import Utilisation
@@ -127,7 +127,7 @@ class Trainer:
         d = cfg.data
         if self.rank == 0:  # one rank prepares, the others wait and reuse the cache
             self.prepared = prepare(d)
-        barrier()
+        wait_for_rank0()
         if self.rank != 0:
             self.prepared = prepare(d)
         self.loader = TokenLoader(self.prepared, d.seq_len, self.micro_batch, cfg.seed, self.rank, self.world_size,
