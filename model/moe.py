@@ -105,9 +105,10 @@ class MoE(nn.Module):
         return (f * p).sum(-1).mean()
 
     @torch.no_grad()
-    def update_bias(self, applied: bool = True) -> dict[str, float]:
+    def update_bias(self, applied: bool = True) -> dict[str, torch.Tensor]:
         """After an optimizer step: move the selection bias toward balance (identically on every
-        rank: loads are summed over ranks first); returns this step's load statistics."""
+        rank: loads are summed over ranks first); returns this step's load statistics (0-d tensors:
+        the caller reads all layers' at once, one wait for a GPU instead of one per layer)."""
         load = self.load.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load)
@@ -115,7 +116,7 @@ class MoE(nn.Module):
         mean = load.mean()
         if applied and not self.hashed:
             self.bias -= self.gamma * torch.sign(load - mean)
-        return {"load_max_over_mean": float(load.max() / mean.clamp_min(1e-9))}
+        return {"load_max_over_mean": load.max() / mean.clamp_min(1e-9)}
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -211,13 +211,13 @@ class Transformer(nn.Module):
         moes = [(f"layer{i}", b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]
         if self.mtp is not None and isinstance(self.mtp.block.ffn, MoE):
             moes.append(("mtp", self.mtp.block.ffn))
-        for name, moe in moes:
-            load = moe.update_bias(applied and not self.trunk_frozen)["load_max_over_mean"]
-            metrics[f"moe/{name}/load_max_over_mean"] = load
         if moes:
-            metrics["moe/load_max_over_mean"] = max(v for k, v in metrics.items() if k.endswith("load_max_over_mean"))
+            loads = [moe.update_bias(applied and not self.trunk_frozen)["load_max_over_mean"] for _, moe in moes]
             biases = torch.cat([m.bias for _, m in moes])
-            metrics["moe/bias_min"], metrics["moe/bias_max"] = float(biases.min()), float(biases.max())
+            *loads, low, high = torch.stack([*loads, biases.min(), biases.max()]).tolist()  # one device sync
+            metrics.update({f"moe/{name}/load_max_over_mean": v for (name, _), v in zip(moes, loads)})
+            metrics["moe/load_max_over_mean"] = max(loads)
+            metrics["moe/bias_min"], metrics["moe/bias_max"] = low, high
         return metrics
 
     def num_params(self) -> int:
