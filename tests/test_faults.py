@@ -1,7 +1,9 @@
 """Faults inside one process: non-finite steps (stop and skip), a corrupt or half-written newest
 checkpoint, and a checkpoint from a model of other shapes."""
 import json
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -176,5 +178,13 @@ def test_a_swap_cut_short_keeps_the_old_copy_findable(tiny_config, reference):
     ckpts = Path(cfg.out_dir) / "checkpoints"
     trainer.save_checkpoint()  # step 8 again: swapped in, the old copy removed
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000004", "step_00000008"]
-    (ckpts / "step_00000008").rename(ckpts / ".replaced-step_00000008")  # as if killed mid-swap
+    real_rename = os.rename
+
+    def killed_mid_swap(src, dst):  # the new copy never takes the name
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    with mock.patch("train.checkpoint.os.rename", killed_mid_swap), pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
     assert Trainer(cfg).checkpointer.newest_valid() == ckpts / ".replaced-step_00000008"

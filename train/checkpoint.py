@@ -82,10 +82,12 @@ class Checkpointer:
         if self.rank == 0:
             seal(tmp, step=step, world_size=self.world_size, zero_stage=engine.zero_optimization_stage(),
                  param_shapes=param_shapes(engine.module))
-            if final.exists():  # a re-run of the same step after a resume: replace it
-                shutil.rmtree(final)
+            replaced = self.dir / f"{REPLACED}{final.name}"
+            if final.exists():  # a re-run of the same step after a resume: swap, a whole copy at every moment
+                os.rename(final, replaced)
             os.rename(tmp, final)
             fsync_path(self.dir)
+            shutil.rmtree(replaced, ignore_errors=True)
             atomic_write(self.dir / "latest", final.name + "\n")
             self._prune()
         barrier()
