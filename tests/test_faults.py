@@ -108,6 +108,25 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, refer
     assert [r["loss"] for r in rows(cfg.out_dir)] == [r["loss"] for r in reference]
 
 
+def test_a_run_whose_every_checkpoint_is_unusable_is_refused_not_restarted(tiny_config, tmp_path):
+    """resume=auto found checkpoints but no usable one: starting afresh would replace the run's
+    metrics with a new run's. Refused before anything is written, by launch.py and by the Trainer;
+    what is there stays as it was."""
+    from tests.conftest import TINY, launch
+
+    cfg = tiny_config(*COMMON, "trainer.keep_last=1")
+    Trainer(cfg).fit()
+    out = Path(cfg.out_dir)
+    state = out / "checkpoints" / "step_00000008" / "trainer_state_rank0.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated, as by a full disk
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="none is usable.*step_00000008"):
+        Trainer(cfg).fit()
+    proc = launch(*TINY, *COMMON, "trainer.keep_last=1", f"out_dir={out}", f"data.cache_dir={cfg.data.cache_dir}")
+    assert proc.returncode == 5 and "none is usable" in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_config, reference, monkeypatch):
     """A run dying while it writes step 8 leaves a temporary directory only; resume uses step 4
     and the next save removes the leftover."""

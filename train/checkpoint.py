@@ -99,13 +99,22 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def newest_valid(self) -> Path | None:
-        """The newest checkpoint whose files match its manifest; broken newer ones are reported."""
+        """The newest checkpoint whose files match its manifest; broken newer ones are reported.
+        None where there is none at all; where there are checkpoints and none is usable, an error:
+        starting afresh would overwrite the run's metrics with a new run's."""
         found = [*self.dir.glob(f"{PREFIX}*"), *self.dir.glob(f"{REPLACED}{PREFIX}*")]
-        for ckpt in sorted(found, key=lambda p: p.name.removeprefix(REPLACED), reverse=True):
+        found = sorted((p for p in found if p.is_dir()), key=lambda p: p.name.removeprefix(REPLACED), reverse=True)
+        reasons = []
+        for ckpt in found:
             why = problems(ckpt)
             if why is None:
                 return ckpt
             log.warning("checkpoint %s is unusable (%s); trying the previous one", ckpt, why)
+            reasons.append(f"{ckpt.name}: {why}")
+        if found:
+            raise CheckpointError(
+                f"{self.dir} holds checkpoints and none is usable ({'; '.join(reasons)}); nothing was changed. "
+                f"Resume from a repaired one with trainer.resume=PATH, or start afresh in a new out_dir")
         return None
 
     def load(self, engine, ckpt: Path) -> dict:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.checkpoint import PREFIX, Checkpointer, problems
+from train.checkpoint import PREFIX, CheckpointError, Checkpointer, problems
 from train.config import Config
 from train.run import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
 
@@ -69,7 +69,10 @@ def locate(path: str | Path) -> tuple[Path, Path]:
     if not ckpts.is_dir():
         raise LoadError(f"{p} holds no checkpoints/ directory: not a run directory (a finished run writes "
                         f"checkpoints/{PREFIX}NNNNNNNN there)")
-    newest = Checkpointer(ckpts, keep_last=0, rank=0, world_size=1).newest_valid()
+    try:
+        newest = Checkpointer(ckpts, keep_last=0, rank=0, world_size=1).newest_valid()
+    except CheckpointError:  # checkpoints, none usable: the message below says so
+        newest = None
     if newest is None:
         raise LoadError(f"{ckpts} holds no valid checkpoint (none whose files match its manifest.json)")
     return ckpts.parent, newest

@@ -27,7 +27,7 @@ from optim.qk_clip import qk_clip, track_max_logits
 from optim.zero import bind_zero_partitions
 from train.batch import accumulation_steps, micro_batch_size
 from train.callbacks import MetricsFile, ProgressBar, WandbLogger
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError, Checkpointer
 from train.compile import compile_blocks, compile_seconds, eager
 from train.config import Config
 from train.distributed import barrier, init_distributed, mean_over_ranks, sum_over_ranks, wait_for_rank0
@@ -366,10 +366,17 @@ class Trainer:
         resume = self.cfg.trainer.resume
         if resume == "never":
             return
-        if resume == "auto":  # rank 0 decides, so that every rank loads the same step
-            choice = [self.checkpointer.newest_valid() if self.rank == 0 else None]
+        if resume == "auto":  # rank 0 decides, so that every rank loads the same step (or refuses)
+            choice = [None]
+            if self.rank == 0:
+                try:
+                    choice = [self.checkpointer.newest_valid()]
+                except CheckpointError as e:
+                    choice = [str(e)]
             if self.world_size > 1:
                 torch.distributed.broadcast_object_list(choice, src=0)
+            if isinstance(choice[0], str):
+                raise CheckpointError(choice[0])
             ckpt = choice[0]
         else:
             ckpt = Path(resume).expanduser()
