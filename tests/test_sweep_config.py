@@ -76,6 +76,25 @@ def test_resume_with_changed_model_shape_is_refused(tiny_config):
         Trainer(cfg).fit()
 
 
+@pytest.mark.parametrize("change,frozen", [
+    ("optim.decay_embeddings=true", True), ("model.attn.indexer_warmup=all", True),
+    ("model.attn.indexer_warmup_steps=0", True), ("model.attn.indexer_warmup_steps=200", False),
+    ("trainer.peak_tflops=1.0", False)])
+def test_resume_refuses_changes_of_the_optimizers_parameter_groups(change, frozen):
+    """A checkpoint's optimizer state is one entry per parameter group: what moves parameters between
+    groups (decayed embeddings, an indexer-only warm-up splitting every group) cannot change under
+    it, the warm-up's length can."""
+    from dataclasses import asdict
+
+    from train.run_config import resume_changes
+
+    base = ["model=v4_tiny", "optim=muon"]
+    found, trajectory, neutral = resume_changes(asdict(compose_config(base)), compose_config([*base, change]),
+                                                1, 1, None, 1)
+    key = change.split("=")[0]
+    assert (key in found) == frozen and (key in {**trajectory, **neutral}) != frozen
+
+
 def test_resume_at_another_world_size_and_micro_batch_is_not_refused(tiny_config, caplog):
     """The world size and the micro-batch are not frozen under a checkpoint (it is resharded:
     tests/test_elastic.py): both differences are logged, and neither counts as a trajectory change."""

@@ -7,7 +7,7 @@ run (train/variants.py) carry the comment `# inert`. On resume the checkpoint's 
 launch's are compared key by key:
 
 - FROZEN keys cannot change under a checkpoint (model shape, vocabulary and data identity, seed,
-  optimizer kind, ZeRO stage): the resume is refused with the list of them. The world size and the
+  optimizer kind and parameter groups, ZeRO stage): the resume is refused with the list of them. The world size and the
   micro-batch may change: the checkpoint is resharded (train/reshard.py) and the data position is
   global (data/loader.py);
 - NEUTRAL keys change nothing the model sees (where files go, logging, intervals);
@@ -41,8 +41,11 @@ FROZEN = (
     *[f"data.{k}" for k in ("source", "path", "name", "config_name", "split", "text_field", "tokenizer", "vocab_size",
                             "seq_len", "val_fraction", "shard_tokens")],
     "seed", "optim.name", "deepspeed.zero_stage",
+    # the optimizer's parameter groups (a checkpoint's optimizer state is one entry per group)
+    "optim.decay_embeddings", "model.attn.indexer_warmup",
 )
 NEUTRAL = ("out_dir", "trainer.resume", "trainer.progress", "trainer.checkpoint_every", "trainer.keep_last",
+           "trainer.peak_tflops", "trainer.profile",
            "trainer.eval_every", "trainer.eval_batches", "trainer.reuse_freed_memory", "probes.", "launcher.",
            "logger.", "data.cache_dir", "data.num_proc", "model.fused_hc", "model.activation_checkpointing",
            "trainer.micro_batch_size", "trainer.max_micro_batch_size")  # the micro-batch: compared resolved
@@ -115,12 +118,19 @@ def resume_changes(saved: dict, cfg, saved_world: int, world: int, saved_micro: 
         a, b = old.get(key), new.get(key)
         if a == b or key in old and key in new and is_inert(key, cfg) and _inert_in_dict(key, saved):
             continue
-        (frozen if key in FROZEN else neutral if _matches(key, NEUTRAL) else trajectory)[key] = (a, b)
+        (frozen if key in FROZEN or _splits_groups(key, a, b) else neutral if _matches(key, NEUTRAL)
+         else trajectory)[key] = (a, b)
     if saved_world != world:
         neutral["world size (launcher.nnodes × launcher.nproc_per_node)"] = (saved_world, world)
     if saved_micro is not None and saved_micro != micro:
         neutral["micro-batch per rank (trainer.micro_batch_size, resolved)"] = (saved_micro, micro)
     return frozen, trajectory, neutral
+
+
+def _splits_groups(key: str, a, b) -> bool:
+    """An indexer warm-up's length may change; whether there is one may not: with one, every
+    optimizer group is split in two (optim/builder.py split_warmup)."""
+    return key == "model.attn.indexer_warmup_steps" and bool(a) != bool(b)
 
 
 def _inert_in_dict(key: str, saved: dict) -> bool:
@@ -155,8 +165,8 @@ def check_resume(cfg, ckpt: Path, world_size: int, log_changes: bool = False) ->
     if frozen:
         raise CheckpointError(
             f"cannot resume {ckpt} with changed {describe(frozen)}: these cannot change under a checkpoint "
-            f"(model shape, vocabulary, data, seed, optimizer kind, ZeRO stage). Restore them, or start a new run "
-            f"with another out_dir")
+            f"(model shape, vocabulary, data, seed, optimizer kind and parameter groups, ZeRO stage). Restore "
+            f"them, or start a new run with another out_dir")
     if log_changes and (trajectory or neutral):
         log.warning("resuming %s with changed settings:\n%s", ckpt,
                     "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in {**trajectory, **neutral}.items()))
