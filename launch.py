@@ -23,3 +23,6 @@ if __name__ == "__main__":
 
         preflight(sys.argv[1:])
     main()
+    from train.run import exit_if_jobs_failed
+
+    exit_if_jobs_failed()

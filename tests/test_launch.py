@@ -69,6 +69,20 @@ def test_launch_two_local_ranks_match_one_rank_on_the_default_batch(tmp_path, da
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+def test_a_sweep_with_a_failed_job_runs_the_others_then_exits_with_its_status(tmp_path, data_cache):
+    """Job 0's resume is refused (its out_dir holds a checkpoint of a model of another width); job 1
+    still runs, and the sweep ends with the refusal's exit status and a line naming the failed job."""
+    sweep = tmp_path / "sweep"
+    common = ["-m", *SMOKE, "trainer.max_steps=2", f"out_dir={sweep}", f"data.cache_dir={data_cache}"]
+    assert launch(*common, "seed=0").returncode == 0
+    before = (sweep / "0" / "summary.json").read_text()
+    proc = launch(*common, "seed=0,1", "model.d_model=48")
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert f"1 job(s) of the sweep failed, each with its error above: {sweep / '0'} (exit 5)" in proc.stderr
+    assert json.loads((sweep / "1" / "summary.json").read_text())["steps"] == 2
+    assert (sweep / "0" / "summary.json").read_text() == before  # the refused job's run is untouched
+
+
 def test_multirun_gives_each_job_its_own_out_dir(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
     proc = launch("-m", *SMOKE, "trainer.max_steps=3", "seed=0,1", "logger.wandb.mode=offline",

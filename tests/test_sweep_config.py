@@ -111,6 +111,22 @@ def test_resume_at_another_world_size_and_micro_batch_is_not_refused(tiny_config
     assert "launcher.nproc_per_node: 1 -> 2" in caplog.text
 
 
+def test_a_sweep_run_again_with_other_values_in_the_same_out_dir_is_refused(tmp_path):
+    """Jobs resume out_dir/<job number>: a sweep of seed=1,2 over a directory whose job 0 trained
+    seed 0 would continue that run as seed 1. Refused before anything starts; the same values, or
+    values that only extend the sweep, go ahead."""
+    from omegaconf import OmegaConf
+
+    job0 = tmp_path / "0"
+    job0.mkdir()
+    (job0 / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(compose_config(["seed=0"]))))
+    with pytest.raises(ConfigError) as err:
+        check(["-m", "seed=1,2", f"out_dir={tmp_path}"])
+    assert err.value.key == "seed" and "trained with seed=0" in str(err.value) and "\n" not in str(err.value)
+    assert check(["-m", "seed=0,2", f"out_dir={tmp_path}"]) is None
+    assert check(["-m", "seed=1,2", f"out_dir={tmp_path}", "trainer.resume=never"]) is None  # nothing is continued
+
+
 # -- strict overrides, in process ------------------------------------------------------------------
 @pytest.mark.parametrize("args,key,words", [
     (["+optim.lr=1"], "+optim.lr", "without the +"),

@@ -163,6 +163,25 @@ def typed(cfg, job_num: int | None):
     return config
 
 
+def check_job_directory(cfg: Config, job: int, swept: list[str]) -> None:
+    """A sweep's job N resumes the run in out_dir/N (trainer.resume=auto): refused where that run is
+    another job's, trained at other values of the keys this sweep varies (a sweep run again with
+    other values in the same out_dir would continue each run under another job's settings)."""
+    from train.run_config import as_dict, flatten
+
+    recorded = Path(cfg.out_dir) / "config.yaml"
+    if cfg.trainer.resume != "auto" or not swept or not recorded.is_file():
+        return
+    import yaml
+
+    old, new = flatten(yaml.safe_load(recorded.read_text()) or {}), flatten(as_dict(cfg))
+    for key in swept:
+        if key in old and old[key] != new[key]:
+            raise ConfigError(key, new[key], f"{old[key]}, the value of the run in {cfg.out_dir}, or a new out_dir "
+                              f"for this sweep", f"a sweep's job {job} continues the run in {cfg.out_dir}, which "
+                              f"was trained with {key}={old[key]}")
+
+
 def check(argv: list[str]) -> str | None:
     """Raise ConfigError for a launch that must not start; return the dry run's text, or None to
     let Hydra go ahead."""
@@ -212,6 +231,10 @@ def check(argv: list[str]) -> str | None:
                               f"it has no effect unless {needs}")
     for (job, _), cfg in zip(found, configs):
         launcher.check_multi_node_out_dir(cfg, [o for o in job if not o.startswith(("hydra.", "hydra/"))])
+    if args.multirun:
+        swept = [o.key_or_group for o in sweeps if o.key_or_group in fields]
+        for i, cfg in enumerate(configs):
+            check_job_directory(cfg, i, swept)
     if not configs or not all(c.launcher.dry_run for c in configs):
         return None
     texts = []

@@ -186,8 +186,23 @@ def run(dict_cfg: DictConfig) -> int:
     return 0
 
 
+# A sweep's failed jobs (in this process): (out_dir, exit status). A failed job does not end the
+# others; the sweep exits with the first one's status once every job has run (launch.py).
+FAILED_JOBS: list[tuple[str, int]] = []
+
+
 def main(dict_cfg: DictConfig) -> None:
     code = run(dict_cfg)
-    # In a sweep a failed job must not end the other jobs; its summary.json records the failure.
     if code and HydraConfig.get().mode != RunMode.MULTIRUN:
         sys.exit(code)
+    if code:
+        FAILED_JOBS.append((HydraConfig.get().runtime.output_dir, code))
+
+
+def exit_if_jobs_failed() -> None:
+    """After a sweep: a one-line account of its failed jobs, and the first one's exit status."""
+    if FAILED_JOBS:
+        jobs = "; ".join(f"{out} (exit {code})" for out, code in FAILED_JOBS)
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed, each with its error above: {jobs}",
+              file=sys.stderr, flush=True)
+        sys.exit(FAILED_JOBS[0][1])
