@@ -30,6 +30,19 @@ def test_validation_split_reproduces_final_val_loss_exactly(run_copy, capsys):
     assert "corpus_val: loss" in capsys.readouterr().out
 
 
+def test_the_default_auto_micro_batch_is_resolved_as_the_trainer_resolved_it(run_copy):
+    """config.yaml keeps trainer.micro_batch_size=auto (the default); the trainer resolved it at the
+    checkpoint's world size, and so does evaluate."""
+    from train.batch import micro_batch_size
+    from train.load import run_config
+
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace("micro_batch_size: 4", "micro_batch_size: auto"))
+    expected = micro_batch_size(run_config(run_copy).trainer, 1)
+    assert evaluate.main([str(run_copy), "max_batches=2", "name=auto"]) == 0
+    assert json.loads((run_copy / "eval" / "auto.json").read_text())["micro_batch_size"] == expected
+
+
 class Stream:
     """Windows of seq_len + 1 tokens at stride seq_len over one token array (data.loader.Windows)."""
 

@@ -59,6 +59,15 @@ def default_name(data, split: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}_{split}")
 
 
+def run_micro_batch(cfg, ckpt: Path) -> int:
+    """The micro-batch the run validated with: trainer.micro_batch_size (`auto` by default) resolved
+    at the checkpoint's world size, as the trainer resolved it."""
+    from train.batch import micro_batch_size
+
+    world = json.loads((ckpt / "manifest.json").read_text()).get("world_size", 1)
+    return micro_batch_size(cfg.trainer, world)
+
+
 def run_precision(run_dir: Path, cfg, device: torch.device) -> str:
     """The precision the run validated in (its summary's, resolved where it trained: precision=auto
     is fp32 on a CPU and bf16 on a GPU), else the config's resolved on `device`."""
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), EXIT_DATA)
     device = loaded.model.embed.weight.device
     bf16 = run_precision(loaded.run_dir, cfg, device) == "bf16"
-    micro = args.micro_batch_size or cfg.trainer.micro_batch_size
+    micro = args.micro_batch_size or run_micro_batch(cfg, loaded.checkpoint)
     start = time.perf_counter()
     try:
         result = score(loaded.model, windows, micro, args.max_batches, loaded.tokenizer.byte_lengths(),
