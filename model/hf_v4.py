@@ -53,6 +53,10 @@ def _check(model) -> None:
         problems.append(f"model.moe.n_shared={cfg.moe.n_shared} (needs 1: V4 has one shared expert)")
     if model.n_streams == 1 or cfg.residual != "mhc":
         problems.append(f"model.residual={cfg.residual!r} with {model.n_streams} stream(s) (needs mhc, n_streams > 1)")
+    if cfg.attention == "v4" and not cfg.attn.q_head_norm:
+        problems.append("model.attn.q_head_norm=false (V4 RMS-normalises every query head)")
+    if cfg.attention == "v4" and cfg.attn.rope_dim == 0:
+        problems.append("model.attn.rope_dim=0 (V4 rotates part of every head)")
     if cfg.attention == "v4" and cfg.attn.index_dim < cfg.attn.rope_dim:
         problems.append(f"model.attn.index_dim={cfg.attn.index_dim} < rope_dim={cfg.attn.rope_dim} "
                         "(V4 rotates rope_dim channels of the index heads)")
