@@ -3,6 +3,7 @@ other corpora with the run's tokenizer, the report's columns."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,19 @@ def test_the_default_auto_micro_batch_is_resolved_as_the_trainer_resolved_it(run
     expected = micro_batch_size(run_config(run_copy).trainer, 1)
     assert evaluate.main([str(run_copy), "max_batches=2", "name=auto"]) == 0
     assert json.loads((run_copy / "eval" / "auto.json").read_text())["micro_batch_size"] == expected
+
+
+def test_a_v4_run_ending_on_its_indexer_warm_up_is_scored_as_it_validated(tiny_config):
+    """After the warm-up's last step the checkpoint is sparse for sampling, export and evaluate
+    (train/load.py at_step); the trainer's own final validation must score it so too."""
+    from tests.conftest import V4_RUN
+    from train.trainer import Trainer
+
+    cfg = tiny_config(*V4_RUN, "model.attn.indexer_warmup_steps=3", "trainer.max_steps=3", "trainer.eval_every=3",
+                      "model.attn.csa_topk=2")
+    summary = Trainer(cfg).fit()
+    assert evaluate.main([cfg.out_dir, "max_batches=2", "name=end"]) == 0
+    assert json.loads((Path(cfg.out_dir) / "eval" / "end.json").read_text())["loss"] == summary["final_val_loss"]
 
 
 class Stream:

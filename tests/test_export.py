@@ -12,7 +12,7 @@ from model.generate import Sampling, generate
 from tests.conftest import TINY, compose_config, launch
 from train import export
 from train.export import write_hf_llama
-from train.load import consolidated_state_dict, from_exported, load_run, locate
+from train.load import LoadError, consolidated_state_dict, from_exported, load_run, locate
 from train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
@@ -141,8 +141,14 @@ def test_v4_run_exports_to_deepseek_v4(step, tmp_path):
     assert type(hf).__name__ == "DeepseekV4ForCausalLM" and not info["missing_keys"]
     ids = torch.randint(1, 256, (1, 40))
     assert export.main([str(run), "--format", "safetensors"]) == 0
-    rebuilt = from_exported(run / "export" / "safetensors-fp32")
+    st = run / "export" / "safetensors-fp32"
+    (st / "export.json").unlink()  # the weights' own metadata carry the step
+    rebuilt = from_exported(st)
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), atol=1e-5, rtol=0)
         assert torch.equal(rebuilt(ids), ours(ids))
+    from safetensors.torch import save_model
+    save_model(ours, str(st / "model.safetensors"), metadata={"format": "pt"})  # an export that does not say
+    with pytest.raises(LoadError, match="which step"):
+        from_exported(st)
     assert transformers.AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == list(b"the cat")

@@ -54,10 +54,11 @@ def hf_refusal(model_cfg) -> str | None:
     return None
 
 
-def write_safetensors(model, cfg_path: Path, out: Path, dtype: torch.dtype) -> None:
+def write_safetensors(model, cfg_path: Path, out: Path, dtype: torch.dtype, step: int) -> None:
     from safetensors.torch import save_model
 
-    save_model(model.to(dtype), str(out / WEIGHTS), metadata={"format": "pt", "v4lab": "1"})
+    # the step travels with the weights: it decides V4's phase (dense CSA in the indexer's warm-up)
+    save_model(model.to(dtype), str(out / WEIGHTS), metadata={"format": "pt", "v4lab": "1", "step": str(step)})
     shutil.copyfile(cfg_path, out / "config.yaml")
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
     if args.format == "safetensors":
-        write_safetensors(model, run_dir / "config.yaml", out, dtype)
+        write_safetensors(model, run_dir / "config.yaml", out, dtype, step)
     elif cfg.model.attention == "v4":
         from model.hf_v4 import save_hf_v4
 

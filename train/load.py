@@ -217,8 +217,15 @@ def from_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
     with safe_open(str(weights), framework="pt") as f:
         embed = f.get_slice("embed.weight")
         vocab, dtype = embed.get_shape()[0], {"F32": torch.float32, "BF16": torch.bfloat16}[embed.get_dtype()]
+        step = (f.metadata() or {}).get("step")
     model = build_model(cfg.model, vocab).to(dtype)
     load_model(model, str(weights), strict=True, device="cpu")
-    exported = directory / "export.json"  # the checkpoint's step (train.export writes it)
-    at_step(model, json.loads(exported.read_text())["step"] if exported.is_file() else 0)
+    exported = directory / "export.json"  # older exports carry the step only there
+    if step is None and exported.is_file():
+        step = json.loads(exported.read_text()).get("step")
+    if step is None and getattr(model, "indexers", lambda: [])():
+        raise LoadError(f"{weights} does not say which step it is from (neither its metadata nor an export.json "
+                        f"beside it), and this V4 model attends densely in its indexer's warm-up and sparsely "
+                        f"after it; export it again with `python -m train.export`")
+    at_step(model, int(step or 0))
     return model.eval().to(device)

@@ -304,6 +304,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         compile_start = compile_seconds()  # the first evaluation compiles the blocks' no-grad graphs
+        self._set_model_phase()  # the model as trained so far, as a resume or train.load.at_step sets it
         self.engine.eval()
         total, weight = torch.zeros((), device=self.device), 0.0
         for x, y in self.val_batches:
