@@ -93,6 +93,26 @@ class Checkpointer:
         barrier()
         return final
 
+    def set_aside_after(self, ckpt: Path) -> list[Path]:
+        """Resuming from `ckpt` in this directory while newer checkpoints are there (going back to an
+        earlier step on purpose): move those to `abandoned/`, where neither pruning (which keeps the
+        newest names) nor resume=auto (which takes the newest) would treat them as this run's.
+        Returns where they went."""
+        if ckpt.resolve().parent != self.dir.resolve():
+            return []
+        moved = []
+        for newer in sorted(p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir() and p.name > ckpt.name):
+            target = self.dir / "abandoned" / newer.name
+            n = 1
+            while target.exists():  # set aside before, by an earlier return to the past
+                target, n = self.dir / "abandoned" / f"{newer.name}.{n}", n + 1
+            target.parent.mkdir(exist_ok=True)
+            os.rename(newer, target)
+            moved.append(target)
+        if moved:
+            fsync_path(self.dir)
+        return moved
+
     def _prune(self) -> None:
         done = sorted(p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir())
         for old in done[: -self.keep_last]:

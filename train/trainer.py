@@ -169,6 +169,7 @@ class Trainer:
         self.step, self.tokens, self.train_time, self.skipped_steps = 0, 0, 0.0, 0
         self.spikes = SpikeGuard(t.spike_sigma, t.spike_window) if t.on_spike == "skip" else None
         self.resumed_changes: dict = {}
+        self.resumed_explicitly = False  # trainer.resume=PATH: metrics past its step are another branch's
         self.last_checkpoint: tuple[int, Path] | None = None
         self.val_loss: float | None = None
         self.optimizer_state_mb: float | None = None
@@ -384,6 +385,11 @@ class Trainer:
         if ckpt is None:
             return
         self.resumed_changes = check_resume(self.cfg, ckpt, self.world_size, log_changes=self.rank == 0)
+        self.resumed_explicitly = resume != "auto"
+        if self.rank == 0 and self.resumed_explicitly:
+            for moved in self.checkpointer.set_aside_after(ckpt):
+                log.warning("resuming from the earlier %s: set %s aside (kept, no longer this run's)", ckpt.name, moved)
+        barrier()
         groups = self.scheduler.optimizer.param_groups
         configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         self.load_state_dict(self.checkpointer.load(self.engine, ckpt))
