@@ -139,11 +139,19 @@ def test_a_sweep_run_again_with_other_values_in_the_same_out_dir_is_refused(tmp_
     (["optim.ns_steps=3"], "optim.ns_steps", "optim=muon"),
     (["-m", "seed=0,1", "launcher.nproc_per_node=1,3"], "trainer.global_batch_size", "a multiple of the 3"),
     (["seed=0,1"], "seed", "the sweep with -m"),
+    # jobs submitted to SLURM are checked before any is submitted, as local ones are
+    (["-m", "hydra/launcher=submitit_local", "optim.lr=-1,1e-3"], "optim.lr", "positive"),
 ])
 def test_refused_before_anything_starts(args, key, words):
     with pytest.raises(ConfigError) as err:
         check(args)
     assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_multi_node_slurm_sweep_needs_no_master_address():
+    """SLURM picks the nodes and submitit names node 0 to every task (train/launcher.py); this
+    machine's GPUs are not the job's either."""
+    assert check(["-m", "hydra/launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=2", "seed=0,1"]) is None
 
 
 def test_a_sweep_across_variants_is_accepted():

@@ -218,11 +218,12 @@ def check(argv: list[str]) -> str | None:
         found = jobs(parsed, args.overrides, args.multirun, args.config_name or "config")
     except Exception:  # e.g. a sweep without -m: Hydra's own message says what to do
         return None
-    if not all(str(cfg.hydra.launcher._target_).endswith("BasicLauncher") for _, cfg in found):
-        return None  # SLURM/submitit: train.launcher.SubmititLayout checks the layout, each job the rest
+    local = all(str(cfg.hydra.launcher._target_).endswith("BasicLauncher") for _, cfg in found)
     configs = [typed(cfg, i if args.multirun else None) for i, (_, cfg) in enumerate(found)]
-    for cfg in configs:
-        validate(cfg)
+    for cfg in configs:  # every job, submitted ones too: a bad value is refused before any job runs
+        validate(cfg, submitted=not local)
+    if not local:
+        return None  # SLURM/submitit: train.launcher.SubmititLayout checks the layout, each job its node
     for o in parsed:
         key = o.key_or_group
         if key in fields and configs and condition(key) and all(is_inert(key, c) for c in configs):

@@ -117,7 +117,7 @@ def run(dict_cfg: DictConfig) -> int:
     try:
         cfg = typed_config(dict_cfg)
         apply_study(cfg)  # the learning rate of a study's stage, before anything reads it
-        validate(cfg)
+        validate(cfg, submitted="submitit" in str(HydraConfig.get().launcher.get("_target_", "")))
         launcher.check_multi_node_out_dir(cfg, overrides)
         launcher.adopt_submitit_task(cfg)
     except ConfigError as e:

@@ -36,7 +36,7 @@ def _positive(key: str, value, integer: bool = True, allow_zero: bool = False) -
         raise ConfigError(key, value, f"a {'non-negative' if allow_zero else 'positive'} {kind}")
 
 
-def _launcher(cfg: Config) -> None:
+def _launcher(cfg: Config, submitted: bool) -> None:
     lc = cfg.launcher
     _positive("launcher.nproc_per_node", lc.nproc_per_node)
     _positive("launcher.nnodes", lc.nnodes)
@@ -44,11 +44,11 @@ def _launcher(cfg: Config) -> None:
         raise ConfigError("launcher.node_rank", lc.node_rank, f"an integer from 0 to launcher.nnodes-1={lc.nnodes - 1}")
     if not 1 <= lc.master_port <= 65535:
         raise ConfigError("launcher.master_port", lc.master_port, "a TCP port from 1 to 65535")
-    if lc.nnodes > 1 and not lc.hostfile and not lc.master_addr:
+    if lc.nnodes > 1 and not lc.hostfile and not lc.master_addr and not submitted:  # SLURM names node 0 itself
         raise ConfigError("launcher.master_addr", lc.master_addr,
                           "node 0's host name or IP address, reachable from every node (required with launcher.nnodes > 1)")
     _positive("launcher.collective_timeout_s", lc.collective_timeout_s)
-    if "RANK" not in os.environ:  # the launching process: the ranks on this node will share its GPUs
+    if "RANK" not in os.environ and not submitted:  # the launching process: this node's ranks share its GPUs
         import torch
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -120,7 +120,9 @@ def _v4_parts(cfg: Config) -> None:
                           "V4 attention normalises queries and keys with RMSNorm instead")
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, submitted: bool = False) -> None:
+    """`submitted`: the jobs go to SLURM (hydra/launcher=slurm|submitit_local), which picks the
+    nodes: this machine's GPUs and node 0's address are not the job's to check."""
     m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
 
     _choice("optim.name", o.name, OPTIMIZERS)
@@ -234,7 +236,7 @@ def validate(cfg: Config) -> None:
     if cfg.probes.every and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("probes.every", cfg.probes.every, "0 with deepspeed.zero_stage=3",
                           "the probes read whole parameters, which ZeRO-3 partitions across ranks")
-    _launcher(cfg)
+    _launcher(cfg, submitted)
     _choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _positive("seed", cfg.seed, allow_zero=True)
