@@ -12,11 +12,12 @@ experts, top-k routing on sqrt(softplus) affinities.
 - expert weights are stacked [E, out, in], so Muon orthogonalises each expert on its own.
 
 The experts run without a Python loop: token-expert pairs sorted by expert go through one grouped
-matmul per projection (`grouped_linear`): `torch._grouped_mm` where it takes the operands in one
-kernel (CPU; CUDA bf16 on Hopper/Blackwell; 16-byte rows), else a batched matmul over the groups
-padded to the largest, whose size is read from the routing. Both are `torch.library` custom ops with a fake kernel and a
-shared backward, so that torch.compile sees one node of a fixed output shape instead of breaking
-the block's graph there (and `_grouped_mm`'s own fake kernel accepts bf16 only).
+matmul per projection (`grouped_linear`): `torch._grouped_mm` where it serves (on the CPU, one
+BLAS matmul per group; on CUDA bf16 on Hopper/Blackwell, one grouped kernel; 16-byte rows), else a
+batched matmul over the groups padded to the largest, whose size is read from the routing. Both
+are `torch.library` custom ops with a fake kernel and a shared backward, so that torch.compile sees
+one node of a fixed output shape instead of breaking the block's graph there (and `_grouped_mm`'s
+own fake kernel accepts bf16 only).
 """
 from __future__ import annotations
 

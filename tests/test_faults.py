@@ -127,27 +127,42 @@ def test_a_run_whose_every_checkpoint_is_unusable_is_refused_not_restarted(tiny_
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_config):
+@pytest.mark.parametrize("later", ["step_00000008", ".replaced-step_00000008"])
+def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(later, tiny_config):
     """trainer.resume=PATH to an earlier checkpoint of the same run starts another branch: the later
     checkpoints move to checkpoints/abandoned/ (kept; pruning by name would have deleted the one
-    resumed from, and resume=auto would have gone back to the abandoned branch), the rows past the
-    checkpoint to metrics.abandoned.jsonl."""
+    resumed from, and resume=auto would have gone back to the abandoned branch), a swap's copy
+    cut short (.replaced-step_N) too, the rows past the checkpoint to metrics.abandoned.jsonl."""
     cfg = tiny_config(*COMMON)
     Trainer(cfg).fit()
     out = Path(cfg.out_dir)
     ckpts = out / "checkpoints"
+    (ckpts / "step_00000008").rename(ckpts / later)
     old_rows = rows(out)
     branch = tiny_config(*COMMON, f"trainer.resume={ckpts / 'step_00000004'}", "trainer.max_steps=6",
                          "trainer.checkpoint_every=2", "optim.lr=1e-4")
     Trainer(branch).fit()
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000006"]
-    assert [p.name for p in (ckpts / "abandoned").iterdir()] == ["step_00000008"]
+    assert [p.name for p in (ckpts / "abandoned").iterdir()] == [later]
     assert [r["step"] for r in rows(out)] == list(range(1, 7)) and rows(out)[:4] == old_rows[:4]
     abandoned = without_measured([json.loads(line) for line in (out / "metrics.abandoned.jsonl").read_text().splitlines()])
     assert abandoned == old_rows[4:]
     again = Trainer(tiny_config(*COMMON, "trainer.max_steps=6", "trainer.checkpoint_every=2", "optim.lr=1e-4"))
     again.maybe_resume()
     assert again.step == 6
+
+
+def test_a_refused_return_to_an_earlier_checkpoint_moves_nothing(tiny_config):
+    """The earlier checkpoint turns out unusable: the run stays as it was, its later checkpoints in
+    place (set aside only once the earlier one has loaded)."""
+    cfg = tiny_config(*COMMON)
+    Trainer(cfg).fit()
+    ckpts = Path(cfg.out_dir) / "checkpoints"
+    state = ckpts / "step_00000004" / "trainer_state_rank0.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unusable"):
+        Trainer(tiny_config(*COMMON, f"trainer.resume={ckpts / 'step_00000004'}")).fit()
+    assert (ckpts / "step_00000008").is_dir() and not (ckpts / "abandoned").exists()
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tiny_config, reference, monkeypatch):

@@ -127,6 +127,37 @@ def test_a_sweep_run_again_with_other_values_in_the_same_out_dir_is_refused(tmp_
     assert check(["-m", "seed=1,2", f"out_dir={tmp_path}", "trainer.resume=never"]) is None  # nothing is continued
 
 
+def record_sweep(args: list[str]) -> None:
+    """Each job's config.yaml as its run records it (after its study stage), without training."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from train.preflight import jobs, typed
+    from train.study import apply_study
+
+    for i, (_, composed) in enumerate(jobs(OverridesParser.create().parse_overrides(args), args, True, "config")):
+        cfg = typed(composed, i)
+        apply_study(cfg)
+        Path(cfg.out_dir).mkdir(parents=True)
+        (Path(cfg.out_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+@pytest.mark.parametrize("first,again,refused", [
+    (["experiment=lr_sweep", "optim.lr=1e-3,3e-3", "study.lr_grid=range(-1,2)"], None, None),  # lr set per job
+    (["optim=adamw,muon"], ["optim=muon,adamw"], "optim.name"),  # a sweep over a group
+    (["seed=0,1"], ["seed=1,2", "hydra/launcher=submitit_local"], "seed"),  # jobs submitted to SLURM too
+])
+def test_a_sweep_is_checked_against_what_its_directories_hold(first, again, refused, tmp_path):
+    record_sweep([*first, f"out_dir={tmp_path}"])
+    args = ["-m", *(again or first), f"out_dir={tmp_path}"]
+    if refused is None:  # the same sweep again: each job resumes its own run
+        assert check(args) is None
+        return
+    with pytest.raises(ConfigError) as err:
+        check(args)
+    assert err.value.key == refused and "a sweep's job 0 continues the run" in str(err.value)
+
+
 # -- strict overrides, in process ------------------------------------------------------------------
 @pytest.mark.parametrize("args,key,words", [
     (["+optim.lr=1"], "+optim.lr", "without the +"),

@@ -34,9 +34,9 @@ class MetricsFile(Callback):
 
     def on_train_start(self, trainer) -> None:
         # A resumed run re-logs the steps after its checkpoint: drop what the interrupted run wrote
-        # past that point, so the file reads as one uninterrupted run. Resumed from a checkpoint named
-        # on purpose (trainer.resume=PATH, e.g. an earlier one), those rows are another branch's:
-        # kept in metrics.abandoned.jsonl.
+        # past that point, so the file reads as one uninterrupted run. Resumed on purpose from an
+        # earlier checkpoint (trainer.resume=PATH, later ones set aside), those rows are another
+        # branch's: kept in metrics.abandoned.jsonl.
         kept, dropped = [], []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -44,7 +44,7 @@ class MetricsFile(Callback):
                     (kept if json.loads(line)["step"] <= trainer.step else dropped).append(line + "\n")
                 except (ValueError, KeyError):
                     break  # a line cut short by a kill: everything after it is unreliable
-        if dropped and getattr(trainer, "resumed_explicitly", False):
+        if dropped and getattr(trainer, "branched", False):
             with open(self.path.with_name("metrics.abandoned.jsonl"), "a") as f:
                 f.writelines(dropped)
                 f.flush()

@@ -57,6 +57,11 @@ def shape_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -
     return "; ".join(differ[:5]) + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
 
 
+def _step_of(ckpt: Path) -> int:
+    """step_N and a swap's .replaced-step_N: N."""
+    return int(ckpt.name.removeprefix(REPLACED).removeprefix(PREFIX))
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep_last: int, rank: int, world_size: int):
         self.dir, self.keep_last, self.rank, self.world_size = directory, keep_last, rank, world_size
@@ -98,10 +103,13 @@ class Checkpointer:
         earlier step on purpose): move those to `abandoned/`, where neither pruning (which keeps the
         newest names) nor resume=auto (which takes the newest) would treat them as this run's.
         Returns where they went."""
-        if ckpt.resolve().parent != self.dir.resolve():
+        ckpt = ckpt.resolve()
+        if ckpt.parent != self.dir.resolve():
             return []
+        step = _step_of(ckpt)
+        found = [*self.dir.glob(f"{PREFIX}*"), *self.dir.glob(f"{REPLACED}{PREFIX}*")]
         moved = []
-        for newer in sorted(p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir() and p.name > ckpt.name):
+        for newer in sorted((p for p in found if p.is_dir() and _step_of(p) > step), key=_step_of):
             target = self.dir / "abandoned" / newer.name
             n = 1
             while target.exists():  # set aside before, by an earlier return to the past

@@ -163,23 +163,34 @@ def typed(cfg, job_num: int | None):
     return config
 
 
-def check_job_directory(cfg: Config, job: int, swept: list[str]) -> None:
+def check_job_directories(configs: list[Config]) -> None:
     """A sweep's job N resumes the run in out_dir/N (trainer.resume=auto): refused where that run is
-    another job's, trained at other values of the keys this sweep varies (a sweep run again with
-    other values in the same out_dir would continue each run under another job's settings)."""
-    from train.run_config import as_dict, flatten
+    another job's, trained at other values of what varies between this sweep's jobs (a sweep run
+    again with other values in the same out_dir would continue each run under another job's
+    settings). Compared after each job's study stage has set its learning rate, as the run was."""
+    import copy
 
-    recorded = Path(cfg.out_dir) / "config.yaml"
-    if cfg.trainer.resume != "auto" or not swept or not recorded.is_file():
-        return
     import yaml
 
-    old, new = flatten(yaml.safe_load(recorded.read_text()) or {}), flatten(as_dict(cfg))
-    for key in swept:
-        if key in old and old[key] != new[key]:
-            raise ConfigError(key, new[key], f"{old[key]}, the value of the run in {cfg.out_dir}, or a new out_dir "
-                              f"for this sweep", f"a sweep's job {job} continues the run in {cfg.out_dir}, which "
-                              f"was trained with {key}={old[key]}")
+    from train.run_config import NEUTRAL, _matches, as_dict, flatten
+    from train.study import apply_study
+
+    studied = []
+    for cfg in configs:
+        cfg = copy.deepcopy(cfg)
+        apply_study(cfg)
+        studied.append(flatten(as_dict(cfg)))
+    varying = [k for k in studied[0] if not _matches(k, NEUTRAL) and len({repr(s.get(k)) for s in studied}) > 1]
+    for job, (cfg, new) in enumerate(zip(configs, studied)):
+        recorded = Path(cfg.out_dir) / "config.yaml"
+        if cfg.trainer.resume != "auto" or not varying or not recorded.is_file():
+            continue
+        old = flatten(yaml.safe_load(recorded.read_text()) or {})
+        for key in varying:
+            if key in old and old[key] != new[key]:
+                raise ConfigError(key, new[key], f"{old[key]}, the value of the run in {cfg.out_dir}, or a new "
+                                  f"out_dir for this sweep", f"a sweep's job {job} continues the run in "
+                                  f"{cfg.out_dir}, which was trained with {key}={old[key]}")
 
 
 def check(argv: list[str]) -> str | None:
@@ -222,6 +233,8 @@ def check(argv: list[str]) -> str | None:
     configs = [typed(cfg, i if args.multirun else None) for i, (_, cfg) in enumerate(found)]
     for cfg in configs:  # every job, submitted ones too: a bad value is refused before any job runs
         validate(cfg, submitted=not local)
+    if args.multirun:
+        check_job_directories(configs)
     if not local:
         return None  # SLURM/submitit: train.launcher.SubmititLayout checks the layout, each job its node
     for o in parsed:
@@ -232,10 +245,6 @@ def check(argv: list[str]) -> str | None:
                               f"it has no effect unless {needs}")
     for (job, _), cfg in zip(found, configs):
         launcher.check_multi_node_out_dir(cfg, [o for o in job if not o.startswith(("hydra.", "hydra/"))])
-    if args.multirun:
-        swept = [o.key_or_group for o in sweeps if o.key_or_group in fields]
-        for i, cfg in enumerate(configs):
-            check_job_directory(cfg, i, swept)
     if not configs or not all(c.launcher.dry_run for c in configs):
         return None
     texts = []

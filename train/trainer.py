@@ -169,7 +169,7 @@ class Trainer:
         self.step, self.tokens, self.train_time, self.skipped_steps = 0, 0, 0.0, 0
         self.spikes = SpikeGuard(t.spike_sigma, t.spike_window) if t.on_spike == "skip" else None
         self.resumed_changes: dict = {}
-        self.resumed_explicitly = False  # trainer.resume=PATH: metrics past its step are another branch's
+        self.branched = False  # resumed from an earlier or another run's checkpoint: later metrics are another branch's
         self.last_checkpoint: tuple[int, Path] | None = None
         self.val_loss: float | None = None
         self.optimizer_state_mb: float | None = None
@@ -385,18 +385,32 @@ class Trainer:
         if ckpt is None:
             return
         self.resumed_changes = check_resume(self.cfg, ckpt, self.world_size, log_changes=self.rank == 0)
-        self.resumed_explicitly = resume != "auto"
-        if self.rank == 0 and self.resumed_explicitly:
-            for moved in self.checkpointer.set_aside_after(ckpt):
-                log.warning("resuming from the earlier %s: set %s aside (kept, no longer this run's)", ckpt.name, moved)
-        barrier()
         groups = self.scheduler.optimizer.param_groups
         configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
         self.load_state_dict(self.checkpointer.load(self.engine, ckpt))
+        if resume != "auto":  # loaded: only now may the later checkpoints stop being this run's
+            self._branch_from(ckpt)
         self.last_checkpoint = (self.step, ckpt)
         self._apply_configured_hyperparameters(configured)
         self._set_model_phase()
         log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def _branch_from(self, ckpt: Path) -> None:
+        """trainer.resume=PATH to an earlier checkpoint of this run: rank 0 sets the later ones aside
+        (train/checkpoint.py set_aside_after); every rank hears of a failure."""
+        outcome = [None]
+        if self.rank == 0:
+            try:
+                moved = self.checkpointer.set_aside_after(ckpt)
+                outcome = [[str(m) for m in moved]]
+            except OSError as e:
+                outcome = [f"cannot set the checkpoints after {ckpt.name} aside: {e}"]
+        wait_for_rank0(outcome)
+        if isinstance(outcome[0], str):
+            raise CheckpointError(outcome[0])
+        for moved in outcome[0]:
+            log.warning("resumed from the earlier %s: set %s aside (kept, no longer this run's)", ckpt.name, moved)
+        self.branched = bool(outcome[0]) or ckpt.resolve().parent != self.checkpointer.dir.resolve()
 
     def _apply_configured_hyperparameters(self, configured: list[dict]) -> None:
         """A checkpoint restores the optimizer's hyperparameters as they were; the config of this
