@@ -83,6 +83,18 @@ def test_a_sweep_with_a_failed_job_runs_the_others_then_exits_with_its_status(tm
     assert (sweep / "0" / "summary.json").read_text() == before  # the refused job's run is untouched
 
 
+def test_a_slurm_sweep_with_a_failed_job_exits_non_zero(tmp_path, data_cache):
+    """Through submitit each job runs in a process of its own: its failure reaches the sweep through
+    Hydra, which exits non-zero once every job has run."""
+    sweep = tmp_path / "sweep"
+    common = ["-m", *SMOKE, "trainer.max_steps=2", f"out_dir={sweep}", f"data.cache_dir={data_cache}"]
+    assert launch(*common, "seed=0").returncode == 0
+    proc = launch(*common, "seed=0,1", "model.d_model=48", "hydra/launcher=submitit_local")
+    assert proc.returncode != 0 and "job 0" in proc.stderr and "failed with exit status 5" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert json.loads((sweep / "1" / "summary.json").read_text())["steps"] == 2
+
+
 def test_multirun_gives_each_job_its_own_out_dir(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
     proc = launch("-m", *SMOKE, "trainer.max_steps=3", "seed=0,1", "logger.wandb.mode=offline",

@@ -191,12 +191,21 @@ def run(dict_cfg: DictConfig) -> int:
 FAILED_JOBS: list[tuple[str, int]] = []
 
 
+class JobFailed(RuntimeError):
+    """A sweep job submitted through submitit failed: raised in its own process, Hydra hands it to
+    the sweep, which exits non-zero once the batch of jobs has run."""
+
+
 def main(dict_cfg: DictConfig) -> None:
     code = run(dict_cfg)
-    if code and HydraConfig.get().mode != RunMode.MULTIRUN:
+    hydra = HydraConfig.get()
+    if code and hydra.mode != RunMode.MULTIRUN:
         sys.exit(code)
+    if code and "submitit" in str(hydra.launcher.get("_target_", "")):
+        raise JobFailed(f"job {hydra.job.num} ({hydra.runtime.output_dir}) failed with exit status {code}; its "
+                        f"error is in its log under the sweep's .submitit/")
     if code:
-        FAILED_JOBS.append((HydraConfig.get().runtime.output_dir, code))
+        FAILED_JOBS.append((hydra.runtime.output_dir, code))
 
 
 def exit_if_jobs_failed() -> None:
