@@ -52,7 +52,9 @@ def test_a_training_step_reuses_freed_buffers():
     default = faults_per_step("default")
     if default < 2000:  # e.g. transparent huge pages "always": a fault maps 2 MB
         pytest.skip(f"this machine faults only {default} times per step without the setting")
-    assert faults_per_step("reuse") * 4 < default  # measured 300-1,400 against 8,200-10,800
+    # measured 300-1,400 against 8,200-10,800; on a VM whose kernel maps huge pages and reclaims
+    # memory by itself (12-07), 1,154 against 3,121: a broken setting faults as often as the default
+    assert faults_per_step("reuse") * 2 < default
 
 
 @pytest.mark.parametrize("on", [True, False])
