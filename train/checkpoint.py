@@ -167,7 +167,7 @@ class Checkpointer:
             return torch.load(ckpt / f"trainer_state_rank{self.rank}.pt", weights_only=False)
         log.info("resharding checkpoint %s from %d to %d rank(s)", ckpt, saved_world, self.world_size)
         try:
-            reshard.load(engine, ckpt, manifest, self.rank)
+            reshard.load(engine, ckpt, manifest)
         except reshard.ReshardError as e:
             raise CheckpointError(str(e)) from None
         state = torch.load(ckpt / "trainer_state_rank0.pt", weights_only=False)

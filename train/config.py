@@ -57,8 +57,9 @@ class MoEConfig:
     balance_weight: float = 1.0e-4  # sequence-wise balance loss
     hash_layers: int = 1  # the first layers route by a fixed token-id hash
     clamp: float = 10.0  # SwiGLU clamps: gate <= clamp, linear part in [-clamp, clamp]
-    # auto: torch._grouped_mm where it takes the operands (CUDA, CPU; fp32/bf16/fp16), else the batched
-    # matmul over groups padded to the largest | padded: always that (`python -m benchmarks.moe` compares them)
+    # auto: torch._grouped_mm where it serves (CPU fp32/bf16/fp16; CUDA bf16 on compute capability 9/10:
+    # model/moe.py grouped_mm_supported), else the batched matmul over groups padded to the largest |
+    # padded: always that (`python -m benchmarks.moe` compares them)
     grouped_matmul: str = "auto"
 
 

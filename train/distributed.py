@@ -9,9 +9,13 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -94,6 +98,23 @@ def wait_for_rank0(objects: list | None = None) -> None:
             dist.barrier(group=_host_group)
         else:
             dist.broadcast_object_list(objects, src=0, group=_host_group)
+
+
+def from_rank0(work: Callable[[], T], catch: type[Exception], error: Callable[[Exception], Exception]) -> T:
+    """`work()` on rank 0 alone, the other ranks waiting however long it takes (wait_for_rank0):
+    every rank returns its result, or raises `error(e)` where it raised `catch` (else the other ranks
+    would wait in their next collective for a rank that has left)."""
+    outcome = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome = [(work(), None)]
+        except catch as e:
+            outcome = [(None, error(e))]
+    wait_for_rank0(outcome)
+    result, failure = outcome[0]
+    if failure is not None:
+        raise failure
+    return result
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,9 @@ def run_micro_batch(cfg, ckpt: Path) -> int:
     at the checkpoint's world size, as the trainer resolved it."""
     from train.batch import micro_batch_size
 
-    world = json.loads((ckpt / "manifest.json").read_text()).get("world_size", 1)
+    from train.manifest import read
+
+    world = read(ckpt).get("world_size", 1)
     return micro_batch_size(cfg.trainer, world)
 
 

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.checkpoint import PREFIX, CheckpointError, Checkpointer, problems
+from train.manifest import read as read_manifest
 from train.config import Config
 from train.run import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
 
@@ -175,7 +176,7 @@ def run_tokenizer(cfg: Config, run_dir: Path):
 
 
 def checkpoint_step(ckpt: Path) -> int:
-    return json.loads((ckpt / "manifest.json").read_text()).get("step", 0)
+    return read_manifest(ckpt).get("step", 0)
 
 
 def at_step(model: torch.nn.Module, step: int) -> torch.nn.Module:

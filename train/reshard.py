@@ -31,7 +31,7 @@ from unittest import mock
 
 import torch
 
-from train.distributed import wait_for_rank0
+from train.distributed import from_rank0
 from train.manifest import fsync_path, problems, seal
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def is_sharded(manifest: dict) -> bool:
     return any(name.endswith("optim_states.pt") for name in manifest["files"])
 
 
-def load(engine, ckpt: Path, manifest: dict, rank: int) -> None:
+def load(engine, ckpt: Path, manifest: dict) -> None:
     """Restore `engine` from `ckpt`, written at another world size."""
     stage, saved = engine.zero_optimization_stage(), manifest.get("zero_stage")
     if saved is None:  # written before manifests recorded it: only sharded or not is known
@@ -63,15 +63,9 @@ def load(engine, ckpt: Path, manifest: dict, rank: int) -> None:
         engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
         return
-    error = [None]
-    if rank == 0:
-        try:
-            ensure_universal(ckpt)
-        except Exception as e:  # every rank must hear of it, or the others wait in the load below
-            error[0] = f"converting checkpoint {ckpt} to DeepSpeed's universal format failed: {type(e).__name__}: {e}"
-    wait_for_rank0(error)  # the conversion can outlast a collective's timeout
-    if error[0]:
-        raise ReshardError(error[0])
+    # rank 0 converts (it can outlast a collective's timeout); every rank hears of a failure
+    from_rank0(lambda: ensure_universal(ckpt), Exception, lambda e: ReshardError(
+        f"converting checkpoint {ckpt} to DeepSpeed's universal format failed: {type(e).__name__}: {e}"))
     with _load_universal(engine):
         engine.load_checkpoint(str(ckpt), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=True)
     restore_buffers(engine.module, ckpt / UNIVERSAL)

@@ -110,6 +110,12 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def submitted() -> bool:
+    """Whether Hydra runs this job through submitit (hydra/launcher=slurm|submitit_local): in a process
+    of its own, on nodes that SLURM picks."""
+    return "submitit" in str(HydraConfig.get().launcher.get("_target_", ""))
+
+
 def run(dict_cfg: DictConfig) -> int:
     from train import launcher
 
@@ -117,7 +123,7 @@ def run(dict_cfg: DictConfig) -> int:
     try:
         cfg = typed_config(dict_cfg)
         apply_study(cfg)  # the learning rate of a study's stage, before anything reads it
-        validate(cfg, submitted="submitit" in str(HydraConfig.get().launcher.get("_target_", "")))
+        validate(cfg, submitted=submitted())
         launcher.check_multi_node_out_dir(cfg, overrides)
         launcher.adopt_submitit_task(cfg)
     except ConfigError as e:
@@ -201,7 +207,7 @@ def main(dict_cfg: DictConfig) -> None:
     hydra = HydraConfig.get()
     if code and hydra.mode != RunMode.MULTIRUN:
         sys.exit(code)
-    if code and "submitit" in str(hydra.launcher.get("_target_", "")):
+    if code and submitted():
         raise JobFailed(f"job {hydra.job.num} ({hydra.runtime.output_dir}) failed with exit status {code}; its "
                         f"error is in its log under the sweep's .submitit/")
     if code:

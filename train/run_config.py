@@ -7,9 +7,9 @@ run (train/variants.py) carry the comment `# inert`. On resume the checkpoint's 
 launch's are compared key by key:
 
 - FROZEN keys cannot change under a checkpoint (model shape, vocabulary and data identity, seed,
-  optimizer kind and parameter groups, ZeRO stage): the resume is refused with the list of them. The world size and the
-  micro-batch may change: the checkpoint is resharded (train/reshard.py) and the data position is
-  global (data/loader.py);
+  optimizer kind and parameter groups, ZeRO stage): the resume is refused with the list of them.
+  The world size and the micro-batch may change: the checkpoint is resharded (train/reshard.py) and
+  the data position is global (data/loader.py);
 - NEUTRAL keys change nothing the model sees (where files go, logging, intervals);
 - every other difference changes the trajectory: allowed, printed as `key: old -> new` and
   recorded, and the report marks the run "resumed with changes".

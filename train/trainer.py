@@ -30,7 +30,8 @@ from train.callbacks import MetricsFile, ProgressBar, WandbLogger
 from train.checkpoint import CheckpointError, Checkpointer
 from train.compile import compile_blocks, compile_seconds, eager
 from train.config import Config
-from train.distributed import barrier, init_distributed, mean_over_ranks, sum_over_ranks, wait_for_rank0
+from train.distributed import (barrier, from_rank0, init_distributed, mean_over_ranks, sum_over_ranks,
+                               wait_for_rank0)
 from train.host import reuse_freed_memory
 from train.log_setup import build_output_to_log
 from train.mfu import Utilisation
@@ -369,17 +370,7 @@ class Trainer:
         if resume == "never":
             return
         if resume == "auto":  # rank 0 decides, so that every rank loads the same step (or refuses)
-            choice = [None]
-            if self.rank == 0:
-                try:
-                    choice = [self.checkpointer.newest_valid()]
-                except CheckpointError as e:
-                    choice = [str(e)]
-            if self.world_size > 1:
-                torch.distributed.broadcast_object_list(choice, src=0)
-            if isinstance(choice[0], str):
-                raise CheckpointError(choice[0])
-            ckpt = choice[0]
+            ckpt = from_rank0(self.checkpointer.newest_valid, CheckpointError, lambda e: e)
         else:
             ckpt = Path(resume).expanduser()
         if ckpt is None:
@@ -398,19 +389,11 @@ class Trainer:
     def _branch_from(self, ckpt: Path) -> None:
         """trainer.resume=PATH to an earlier checkpoint of this run: rank 0 sets the later ones aside
         (train/checkpoint.py set_aside_after); every rank hears of a failure."""
-        outcome = [None]
-        if self.rank == 0:
-            try:
-                moved = self.checkpointer.set_aside_after(ckpt)
-                outcome = [[str(m) for m in moved]]
-            except OSError as e:
-                outcome = [f"cannot set the checkpoints after {ckpt.name} aside: {e}"]
-        wait_for_rank0(outcome)
-        if isinstance(outcome[0], str):
-            raise CheckpointError(outcome[0])
-        for moved in outcome[0]:
-            log.warning("resumed from the earlier %s: set %s aside (kept, no longer this run's)", ckpt.name, moved)
-        self.branched = bool(outcome[0]) or ckpt.resolve().parent != self.checkpointer.dir.resolve()
+        moved = from_rank0(lambda: [str(m) for m in self.checkpointer.set_aside_after(ckpt)], OSError,
+                           lambda e: CheckpointError(f"cannot set the checkpoints after {ckpt.name} aside: {e}"))
+        for path in moved:
+            log.warning("resumed from the earlier %s: set %s aside (kept, no longer this run's)", ckpt.name, path)
+        self.branched = bool(moved) or ckpt.resolve().parent != self.checkpointer.dir.resolve()
 
     def _apply_configured_hyperparameters(self, configured: list[dict]) -> None:
         """A checkpoint restores the optimizer's hyperparameters as they were; the config of this
