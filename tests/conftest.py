@@ -24,6 +24,22 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_sessionstart(session):
+    """Before the workers start (xdist starts them last), build the fused CPU kernels one per core:
+    otherwise the first test to need each builds it (~10 s, ~25 s for hyper_connection) while
+    every other test that needs it waits on the build's lock."""
+    if hasattr(session.config, "workerinput"):
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from model import cpu_kernels
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        # the longest build first, while the other cores take the short ones
+        sources = sorted(cpu_kernels.CSRC.glob("*.cpp"), key=lambda p: -p.stat().st_size)
+        list(pool.map(cpu_kernels.extension, [p.stem for p in sources]))
+
+
 def pytest_collection_modifyitems(config, items):
     """Longest first: the xdist groups (each a module's runs, minutes on one worker), then the
     other end-to-end tests, then the rest, so that no long group starts when the other worker is
@@ -79,8 +95,12 @@ def fresh_compiler():
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
-    """One prepared-data cache for the whole session: each corpus is tokenized once."""
-    return tmp_path_factory.mktemp("data_cache")
+    """One prepared-data cache for the whole session, shared by the xdist workers (their base
+    directories' parent): each corpus is tokenized once, under data.prepare's lock."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "data_cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture

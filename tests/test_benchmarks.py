@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, word_corpus
 
 NUMBER = r"([0-9][0-9.,]*|nan|inf)"
-# the session's prepared data (attention, sampling, data and distributed set their own)
+# the session's prepared data (attention and sampling set their own; data prepares a small corpus of its own)
 CACHE = "data.cache_dir={data_cache}"
 
 # (script and arguments, a pattern each of whose groups is a printed ratio)
@@ -29,9 +29,10 @@ RUNS = {
     "sampling": (["sampling", "--tokens", "8", "--rounds", "1"], rf"cache / no cache: {NUMBER}x"),
     "moe": (["moe", "--tokens", "64", "--rounds", "1"], rf"skewed .* padded / grouped_mm = {NUMBER}x"),
     "probes": (["probes", "--every", "2", "--rounds", "1", "model=tiny", CACHE], rf"probes every 2 +{NUMBER} ms/step"),
-    "data": (["data", "--vocab", "300", "--batches", "20", "--train-steps", "1"],
-             rf"ratio loader / training = {NUMBER}x"),
-    "distributed": (["distributed", "--reps", "1", "--steps", "2", "--rounds", "1"], rf"2 ranks / 1 rank: {NUMBER}x"),
+    "data": (["data", "--vocab", "300", "--batches", "20", "--train-steps", "1", "data.source=files",
+              "data.path={corpus}", "model=tiny"], rf"ratio loader / training = {NUMBER}x"),
+    "distributed": (["distributed", "--reps", "1", "--steps", "2", "--rounds", "1", "model=tiny", CACHE],
+                    rf"2 ranks / 1 rank: {NUMBER}x"),
 }
 
 
@@ -39,7 +40,9 @@ RUNS = {
 @pytest.mark.parametrize("name", list(RUNS))
 def test_benchmark_script_runs_and_prints_its_ratios(name, data_cache, tmp_path):
     args, pattern = RUNS[name]
-    cmd = [sys.executable, "-m", f"benchmarks.{args[0]}", *(a.format(data_cache=data_cache) for a in args[1:])]
+    corpus = word_corpus(tmp_path / "corpus", n_docs=8)
+    cmd = [sys.executable, "-m", f"benchmarks.{args[0]}",
+           *(a.format(data_cache=data_cache, corpus=corpus) for a in args[1:])]
     # the scripts' temporary run directories (checkpoints included) go where pytest cleans up
     env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

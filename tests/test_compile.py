@@ -12,6 +12,9 @@ from tests.conftest import TINY, V4_RUN, compose_config, metrics_rows
 from train.compile import frames_compiled, graph_breaks
 from train.trainer import Trainer
 
+# One worker compiles them in turn: variants share many of Inductor's graphs and kernels (V4 at
+# ZeRO-2 nearly all of the ZeRO-0 run's), which a second worker compiling at once would build again.
+pytestmark = pytest.mark.xdist_group("compile")
 needs_kernels = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                    reason="no C++ compiler: the kernels cannot build")
 

@@ -10,11 +10,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("report")]  # one worker
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("sweep")
     proc = launch("-m", "experiment=smoke", "optim=adamw,muon", "model.residual=residual,mhc", "model.n_streams=2",
                   "trainer.max_steps=6", "trainer.eval_every=3", "probes.every=3", "logger.wandb.mode=disabled",
-                  f"out_dir={root / 'sweep'}", f"data.cache_dir={root / 'cache'}")
+                  f"out_dir={root / 'sweep'}", f"data.cache_dir={data_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "sweep"
 

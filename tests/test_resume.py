@@ -75,8 +75,8 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache):
+    return data_cache
 
 
 @pytest.fixture(scope="module")
