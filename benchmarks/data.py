@@ -1,5 +1,6 @@
-"""Data pipeline throughput on `data=pycode` (or the corpus the overrides name): preparation (byte-level and BPE, from a cold cache)
-and loader delivery, printed next to what the default model's training consumes.
+"""Data pipeline throughput on `data=pycode` (or the corpus the overrides name): preparation
+(byte-level and BPE, from a cold cache) and loader delivery, printed next to what the default
+model's training consumes.
 
 Targets: loader ≥ 50× training consumption; BPE preparation of the full corpus < 120 s.
 
@@ -40,7 +41,8 @@ def main() -> None:
         rows.append((tokenizer, seconds, tokens))
     byte_tokens = rows[0][2]
 
-    trainer = benchmark_trainer(["data=pycode", f"data.cache_dir={cache}", "logger.wandb.mode=disabled", *args.overrides])
+    trainer = benchmark_trainer(["data=pycode", f"data.cache_dir={cache}", "logger.wandb.mode=disabled",
+                                 *args.overrides])
     cfg = trainer.cfg
     loader = TokenLoader(prepare(cfg.data), cfg.data.seq_len, micro_batch_size(cfg.trainer, 1), seed=0)
     start = time.perf_counter()

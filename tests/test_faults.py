@@ -2,6 +2,7 @@
 checkpoint, and a checkpoint from a model of other shapes."""
 import json
 import os
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -245,3 +246,8 @@ def test_a_swap_cut_short_keeps_the_old_copy_findable(tiny_config, reference):
     with mock.patch("train.checkpoint.os.rename", killed_mid_swap), pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     assert Trainer(cfg).checkpointer.newest_valid() == ckpts / ".replaced-step_00000008"
+
+    # killed after the new copy took the name, before the old one was removed: the new one is taken
+    trainer.save_checkpoint()
+    shutil.copytree(ckpts / "step_00000008", ckpts / ".replaced-step_00000008")
+    assert Trainer(cfg).checkpointer.newest_valid() == ckpts / "step_00000008"

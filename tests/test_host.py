@@ -16,20 +16,21 @@ from tests.conftest import ROOT
 # Not through benchmarks.common: composing a config there sets the thresholds. Each round allocates
 # six 16 MB buffers (the size of a default-model step's activations and their gradients) and frees
 # them; printed: the bytes glibc gave back to the OS on each free (its heap and its own mappings,
-# from mallinfo2: glibc's bookkeeping, which the kernel's page faulting and reclaim do not blur).
+# from mallinfo: glibc's bookkeeping, which the kernel's page faulting and reclaim do not blur; its
+# int fields hold these few hundred MB).
 RETURNED = textwrap.dedent("""
     import ctypes, sys, torch
     from train.host import reuse_freed_memory
 
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+    class Mallinfo(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_int) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = Mallinfo2
+    mallinfo = ctypes.CDLL(None).mallinfo
+    mallinfo.restype = Mallinfo
 
     def held():
-        info = mallinfo2()
+        info = mallinfo()
         return info.arena + info.hblkhd
 
     if sys.argv[1] == "reuse":
@@ -53,11 +54,7 @@ def returned_per_round(mode: str) -> list[int]:
     return [int(b) for b in out.stdout.split()]
 
 
-GLIBC = platform.libc_ver()[0] == "glibc" and tuple(map(int, platform.libc_ver()[1].split(".")[:2])) >= (2, 33)
-
-
-@pytest.mark.skipif(not GLIBC,
-                    reason="sets glibc's malloc thresholds; mallinfo2 is glibc 2.33's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc thresholds")
 def test_freed_buffers_stay_with_the_process():
     """With the setting, freeing a step's buffers gives nothing back to the OS, so the next step
     does not fault them in afresh (~8,500 faults per step of the default model without it, on

@@ -107,9 +107,8 @@ class Checkpointer:
         if ckpt.parent != self.dir.resolve():
             return []
         step = _step_of(ckpt)
-        found = [*self.dir.glob(f"{PREFIX}*"), *self.dir.glob(f"{REPLACED}{PREFIX}*")]
         moved = []
-        for newer in sorted((p for p in found if p.is_dir() and _step_of(p) > step), key=_step_of):
+        for newer in [p for p in self._checkpoint_dirs() if _step_of(p) > step]:
             target = self.dir / "abandoned" / newer.name
             n = 1
             while target.exists():  # set aside before, by an earlier return to the past
@@ -121,6 +120,14 @@ class Checkpointer:
             fsync_path(self.dir)
         return moved
 
+    def _checkpoint_dirs(self) -> list[Path]:
+        """Every checkpoint here, a swap's old copy (.replaced-step_N) included, oldest first; of one
+        step, the old copy before the new (a kill between the swap's last rename and its cleanup
+        leaves both)."""
+        found = [*self.dir.glob(f"{PREFIX}*"), *self.dir.glob(f"{REPLACED}{PREFIX}*")]
+        return sorted((p for p in found if p.is_dir()),
+                      key=lambda p: (p.name.removeprefix(REPLACED), not p.name.startswith(REPLACED)))
+
     def _prune(self) -> None:
         done = sorted(p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir())
         for old in done[: -self.keep_last]:
@@ -130,8 +137,7 @@ class Checkpointer:
         """The newest checkpoint whose files match its manifest; broken newer ones are reported.
         None where there is none at all; where there are checkpoints and none is usable, an error:
         starting afresh would overwrite the run's metrics with a new run's."""
-        found = [*self.dir.glob(f"{PREFIX}*"), *self.dir.glob(f"{REPLACED}{PREFIX}*")]
-        found = sorted((p for p in found if p.is_dir()), key=lambda p: p.name.removeprefix(REPLACED), reverse=True)
+        found = self._checkpoint_dirs()[::-1]
         reasons = []
         for ckpt in found:
             why = problems(ckpt)

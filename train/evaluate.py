@@ -63,7 +63,6 @@ def run_micro_batch(cfg, ckpt: Path) -> int:
     """The micro-batch the run validated with: trainer.micro_batch_size (`auto` by default) resolved
     at the checkpoint's world size, as the trainer resolved it."""
     from train.batch import micro_batch_size
-
     from train.manifest import read
 
     world = read(ckpt).get("world_size", 1)

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.checkpoint import PREFIX, CheckpointError, Checkpointer, problems
-from train.manifest import read as read_manifest
 from train.config import Config
+from train.manifest import read as read_manifest
 from train.run import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
 
 __all__ = ["EXIT_CHECKPOINT", "EXIT_CONFIG", "EXIT_DATA", "LoadError", "Loaded", "load_run", "locate",
