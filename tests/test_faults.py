@@ -251,3 +251,38 @@ def test_a_swap_cut_short_keeps_the_old_copy_findable(tiny_config, reference):
     trainer.save_checkpoint()
     shutil.copytree(ckpts / "step_00000008", ckpts / ".replaced-step_00000008")
     assert Trainer(cfg).checkpointer.newest_valid() == ckpts / "step_00000008"
+
+
+class _Engine:
+    """What Checkpointer.save asks of DeepSpeed's engine, without training."""
+    module = torch.nn.Linear(2, 2)
+
+    def save_checkpoint(self, directory, tag, save_latest):
+        (Path(directory) / tag).mkdir()
+        (Path(directory) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+    def zero_optimization_stage(self):
+        return 0
+
+
+def test_directories_that_only_look_like_checkpoints_are_left_alone(tmp_path):
+    """A user's copy beside the checkpoints (step_00000004.bak, step_00000012-old) is not one of
+    them: pruning keeps it, resume=auto does not take it, returning to an earlier step does not set
+    it aside; the copy itself can be resumed from (its step read from its manifest)."""
+    from train.checkpoint import Checkpointer
+
+    ckpts = tmp_path / "checkpoints"
+    saver = Checkpointer(ckpts, keep_last=2, rank=0, world_size=1)
+    for step in (2, 4):
+        saver.save(_Engine(), step, {})
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000004.bak")
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000012-old")
+    for step in (6, 8):
+        saver.save(_Engine(), step, {})
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "latest", "step_00000004.bak", "step_00000006", "step_00000008", "step_00000012-old"]
+    assert saver.newest_valid() == ckpts / "step_00000008"
+    assert saver.set_aside_after(ckpts / "step_00000004.bak") == [ckpts / "abandoned" / n
+                                                                  for n in ("step_00000006", "step_00000008")]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["abandoned", "latest", "step_00000004.bak", "step_00000012-old"]
+    assert saver.newest_valid() is None

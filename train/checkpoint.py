@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from train.manifest import atomic_write, fsync_path, problems, read, seal
 log = logging.getLogger(__name__)
 PREFIX = "step_"
 REPLACED = ".replaced-"
+# only names this module writes: a user's step_00000004.bak beside them is neither pruned nor resumed
+_NAME = re.compile(rf"({re.escape(REPLACED)})?{PREFIX}(\d+)")
 
 
 def param_shapes(module) -> dict[str, list[int]]:
@@ -59,7 +62,7 @@ def shape_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]) -
 
 def _step_of(ckpt: Path) -> int:
     """step_N and a swap's .replaced-step_N: N."""
-    return int(ckpt.name.removeprefix(REPLACED).removeprefix(PREFIX))
+    return int(_NAME.fullmatch(ckpt.name).group(2))
 
 
 class Checkpointer:
@@ -73,7 +76,7 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(f".tmp-{PREFIX}*"):  # left by a run killed mid-save
                 shutil.rmtree(stale, ignore_errors=True)
-            for old in self.dir.glob(f"{REPLACED}*"):  # a swap cut short: drop the old copy once the new is whole
+            for old in self._checkpoint_dirs(replaced=True):  # a swap cut short: drop the old copy once the new is whole
                 new = self.dir / old.name.removeprefix(REPLACED)
                 if new.is_dir() and problems(new) is None:
                     shutil.rmtree(old, ignore_errors=True)
@@ -106,7 +109,7 @@ class Checkpointer:
         ckpt = ckpt.resolve()
         if ckpt.parent != self.dir.resolve():
             return []
-        step = _step_of(ckpt)
+        step = _step_of(ckpt) if _NAME.fullmatch(ckpt.name) else read(ckpt)["step"]  # a renamed copy: its manifest
         moved = []
         for newer in [p for p in self._checkpoint_dirs() if _step_of(p) > step]:
             target = self.dir / "abandoned" / newer.name
@@ -120,16 +123,19 @@ class Checkpointer:
             fsync_path(self.dir)
         return moved
 
-    def _checkpoint_dirs(self) -> list[Path]:
+    def _checkpoint_dirs(self, replaced: bool | None = None) -> list[Path]:
         """Every checkpoint here, a swap's old copy (.replaced-step_N) included, oldest first; of one
         step, the old copy before the new (a kill between the swap's last rename and its cleanup
-        leaves both)."""
-        found = [*self.dir.glob(f"{PREFIX}*"), *self.dir.glob(f"{REPLACED}{PREFIX}*")]
-        return sorted((p for p in found if p.is_dir()),
-                      key=lambda p: (p.name.removeprefix(REPLACED), not p.name.startswith(REPLACED)))
+        leaves both). `replaced`: only the old copies (True) or only the others (False)."""
+        found = []
+        for p in self.dir.iterdir() if self.dir.is_dir() else ():
+            m = _NAME.fullmatch(p.name)
+            if m and p.is_dir() and replaced in (None, bool(m.group(1))):
+                found.append((int(m.group(2)), not m.group(1), p))
+        return [p for *_, p in sorted(found)]
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir())
+        done = self._checkpoint_dirs(replaced=False)
         for old in done[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 

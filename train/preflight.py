@@ -172,7 +172,7 @@ def check_job_directories(configs: list[Config]) -> None:
 
     import yaml
 
-    from train.run_config import NEUTRAL, _matches, as_dict, flatten
+    from train.run_config import NEUTRAL, as_dict, flatten, matches
     from train.study import apply_study
 
     studied = []
@@ -180,7 +180,7 @@ def check_job_directories(configs: list[Config]) -> None:
         cfg = copy.deepcopy(cfg)
         apply_study(cfg)
         studied.append(flatten(as_dict(cfg)))
-    varying = [k for k in studied[0] if not _matches(k, NEUTRAL) and len({repr(s.get(k)) for s in studied}) > 1]
+    varying = [k for k in studied[0] if not matches(k, NEUTRAL) and len({repr(s.get(k)) for s in studied}) > 1]
     for job, (cfg, new) in enumerate(zip(configs, studied)):
         recorded = Path(cfg.out_dir) / "config.yaml"
         if cfg.trainer.resume != "auto" or not varying or not recorded.is_file():

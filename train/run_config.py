@@ -51,7 +51,8 @@ NEUTRAL = ("out_dir", "trainer.resume", "trainer.progress", "trainer.checkpoint_
            "trainer.micro_batch_size", "trainer.max_micro_batch_size")  # the micro-batch: compared resolved
 
 
-def _matches(key: str, keys) -> bool:
+def matches(key: str, keys) -> bool:
+    """`key` is one of `keys`, or under one of them that ends with a dot (a group: "probes.")."""
     return any(key == k or k.endswith(".") and key.startswith(k) for k in keys)
 
 
@@ -118,7 +119,7 @@ def resume_changes(saved: dict, cfg, saved_world: int, world: int, saved_micro: 
         a, b = old.get(key), new.get(key)
         if a == b or key in old and key in new and is_inert(key, cfg) and _inert_in_dict(key, saved):
             continue
-        (frozen if key in FROZEN or _splits_groups(key, a, b) else neutral if _matches(key, NEUTRAL)
+        (frozen if key in FROZEN or _splits_groups(key, a, b) else neutral if matches(key, NEUTRAL)
          else trajectory)[key] = (a, b)
     if saved_world != world:
         neutral["world size (launcher.nnodes × launcher.nproc_per_node)"] = (saved_world, world)
