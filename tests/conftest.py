@@ -148,6 +148,20 @@ def interrupted_run(cfg, after_step: int) -> None:
     raise AssertionError(f"the run ended before step {after_step}")
 
 
+def edit_configs(run, old, new):
+    """The run's config.yaml and each checkpoint's own (which the commands read first), the
+    checkpoint sealed again: written so, not damaged since."""
+    from train.manifest import read, seal
+
+    run_config = run / "config.yaml"
+    run_config.write_text(run_config.read_text().replace(old, new, 1))
+    for ckpt in run.glob("checkpoints/step_*"):
+        (ckpt / "config.yaml").write_text((ckpt / "config.yaml").read_text().replace(old, new, 1))
+        fields = {k: v for k, v in read(ckpt).items() if k != "files"}
+        (ckpt / "manifest.json").unlink()
+        seal(ckpt, **fields)
+
+
 def drop_recorded_configs(out_dir) -> None:
     """Make a run's checkpoints look like those written before checkpoints held their config: the
     run's and each checkpoint's config.yaml removed (and from the manifests, which stay valid)."""

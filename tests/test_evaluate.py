@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
 from model import build_model
-from tests.conftest import compose_config, word_corpus
+from tests.conftest import compose_config, edit_configs, word_corpus
 from train import evaluate
 from train.evaluate import score
 from train.report import write_report
@@ -37,8 +38,7 @@ def test_the_default_auto_micro_batch_is_resolved_as_the_trainer_resolved_it(run
     from train.batch import micro_batch_size
     from train.load import run_config
 
-    config = run_copy / "config.yaml"
-    config.write_text(config.read_text().replace("micro_batch_size: 4", "micro_batch_size: auto"))
+    edit_configs(run_copy, "micro_batch_size: 4", "micro_batch_size: auto")
     expected = micro_batch_size(run_config(run_copy).trainer, 1)
     assert evaluate.main([str(run_copy), "max_batches=2", "name=auto"]) == 0
     assert json.loads((run_copy / "eval" / "auto.json").read_text())["micro_batch_size"] == expected
@@ -119,7 +119,9 @@ def test_another_corpus_with_the_runs_tokenizer_and_report(run_copy, tmp_path, c
 
 
 @pytest.mark.parametrize("args,what,code", [(["data.pth=x"], "data.pth", 2), (["data=nope"], "data/nope", 2),
-                                            (["split=test"], "split", 2), (["data.tokenizer=bpe"], "tokenizer", 2)])
+                                            (["split=test"], "split", 2), (["data.tokenizer=bpe"], "tokenizer", 2),
+                                            (["name=../summary"], "name='../summary'", 2),
+                                            (["name=a/b"], "name='a/b'", 2), (["name=.hidden"], "name", 2)])
 def test_bad_arguments_are_refused(run_copy, capsys, args, what, code):
     assert evaluate.main([str(run_copy), *args]) == code
     err = capsys.readouterr().err
@@ -139,3 +141,26 @@ def test_precision_is_the_runs_not_the_scoring_devices(tmp_path):
     assert run_precision(tmp_path, cfg, torch.device("cuda")) == "fp32"
     (tmp_path / "summary.json").write_text(json.dumps({"precision": "bf16"}))
     assert run_precision(tmp_path, cfg, torch.device("cpu")) == "bf16"
+
+
+def test_a_data_key_alone_changes_the_runs_own_data(run_copy, capsys):
+    """`data.seq_len=16` scores the run's own corpus (the user's files) at 16 tokens, not the
+    schema's default corpus: it was Shakespeare's."""
+    assert evaluate.main([str(run_copy), "data.seq_len=16", "max_batches=1"]) == 0, capsys.readouterr().err
+    record = json.loads((run_copy / "eval" / "corpus_val.json").read_text())
+    run_data = yaml.safe_load((run_copy / "config.yaml").read_text())["data"]
+    assert record["data"] == {**run_data, "seq_len": 16} and record["seq_len"] == 16
+
+
+def test_an_evaluation_is_replaced_only_by_itself_or_when_asked(run_copy, capsys):
+    """The same evaluation again replaces its record; another one under the same name is refused
+    before it scores anything (the first record stays), unless overwrite=true."""
+    assert evaluate.main([str(run_copy), "max_batches=1", "name=mine"]) == 0
+    assert evaluate.main([str(run_copy), "max_batches=1", "name=mine"]) == 0
+    first = (run_copy / "eval" / "mine.json").read_text()
+    assert evaluate.main([str(run_copy), "max_batches=2", "name=mine"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another evaluation (max_batches: 1)" in err and "overwrite=true" in err
+    assert (run_copy / "eval" / "mine.json").read_text() == first
+    assert evaluate.main([str(run_copy), "max_batches=2", "name=mine", "overwrite=true"]) == 0
+    assert json.loads((run_copy / "eval" / "mine.json").read_text())["max_batches"] == 2

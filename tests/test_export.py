@@ -9,7 +9,7 @@ import torch
 from data.tokenizer import ByteTokenizer, save_for_transformers, train_bpe
 from model import build_model
 from model.generate import Sampling, generate
-from tests.conftest import TINY, compose_config, launch
+from tests.conftest import TINY, compose_config, edit_configs, launch
 from train import export
 from train.export import write_hf_llama
 from train.load import LoadError, consolidated_state_dict, from_exported, load_run, locate
@@ -30,6 +30,21 @@ def test_safetensors_round_trip_is_bit_for_bit(trained_run, tmp_path, capsys):
     assert export.main([str(trained_run), "--format", "safetensors", "--dtype", "bf16", "--out", str(tmp_path / "bf")]) == 0
     half = from_exported(tmp_path / "bf")
     assert all(torch.equal(v, a[k].bfloat16()) for k, v in half.state_dict().items())
+
+    # what is not such an export: one LoadError naming the file and why, not safetensors' or torch's
+    from safetensors.torch import save_file
+    broken = {"fp16": lambda d: save_file({k: v.half() for k, v in a.items()}, d / "model.safetensors"),
+              "another model": lambda d: (d / "config.yaml").write_text(
+                  (d / "config.yaml").read_text().replace("n_layers: 2", "n_layers: 3", 1)),
+              "transformers weights": lambda d: save_file({"model.embed_tokens.weight": a["embed.weight"]},
+                                                          d / "model.safetensors"),
+              "cut short": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:99])}
+    for case, words in [("fp16", "holds F16 weights; accepted: F32, BF16"), ("another model", "does not fit the model"),
+                        ("transformers weights", "holds no embed.weight"), ("cut short", "cannot be read")]:
+        d = shutil.copytree(tmp_path / "st", tmp_path / case)
+        broken[case](d)
+        with pytest.raises(LoadError, match=words):
+            from_exported(d)
 
 
 @pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true", "model.n_heads=4", "model.rope_theta=500"]])
@@ -67,8 +82,7 @@ def test_tokenizer_round_trips_through_autotokenizer(kind, tmp_path):
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
 def test_hf_refuses_hyper_connections_naming_safetensors(tmp_path, trained_run, residual, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run")
-    cfg = (run / "config.yaml").read_text().replace("residual: residual", f"residual: {residual}")
-    (run / "config.yaml").write_text(cfg)
+    edit_configs(run, "residual: residual", f"residual: {residual}")
     assert export.main([str(run), "--format", "hf"]) == 2
     err = capsys.readouterr().err
     assert f"model.residual={residual}" in err and "--format safetensors" in err and err.count("\n") == 1
@@ -152,3 +166,23 @@ def test_v4_run_exports_to_deepseek_v4(step, tmp_path):
     with pytest.raises(LoadError, match="which step"):
         from_exported(st)
     assert transformers.AutoTokenizer.from_pretrained(out)("the cat")["input_ids"] == list(b"the cat")
+
+
+def test_hf_export_of_a_model_this_version_cannot_build_is_a_load_error():
+    """A config.yaml whose V4 layout this version does not know: one line and status 5, as the
+    safetensors format says it (the hf check used to raise the builder's KeyError)."""
+    cfg = compose_config(["experiment=v4"]).model
+    cfg.attn.layers = ["window", "bogus"]
+    with pytest.raises(LoadError, match="cannot be built by this version of v4lab") as err:
+        export.hf_refusal(cfg)
+    assert err.value.code == 5
+
+
+@pytest.mark.parametrize("args,words", [(["--format", "onnx"], "invalid choice: 'onnx'"),
+                                        (["--format", "hf", "--dtype", "fp16"], "invalid choice: 'fp16'"),
+                                        ([], "--format")])
+def test_bad_export_arguments_give_one_line_and_status_2(args, words, trained_run, capsys):
+    with pytest.raises(SystemExit) as stop:
+        export.main([str(trained_run), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err

@@ -153,6 +153,22 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(later, ti
     assert again.step == 6
 
 
+def test_a_return_to_an_earlier_checkpoint_killed_during_start_up_is_completed_by_the_same_command(tiny_config):
+    """Killed after the later checkpoints moved aside but before training started: the same command
+    again finds nothing left to move, and the earlier branch's rows must still be kept, not dropped."""
+    cfg = tiny_config(*COMMON)
+    Trainer(cfg).fit()
+    out = Path(cfg.out_dir)
+    old_rows = rows(out)
+    branch = tiny_config(*COMMON, f"trainer.resume={out / 'checkpoints' / 'step_00000004'}", "trainer.max_steps=6")
+    with mock.patch("train.trainer.record_start", side_effect=Crash), pytest.raises(Crash):
+        Trainer(branch).fit()
+    Trainer(branch).fit()
+    abandoned = without_measured([json.loads(line) for line in (out / "metrics.abandoned.jsonl").read_text().splitlines()])
+    assert abandoned == old_rows[4:]
+    assert [r["step"] for r in rows(out)] == list(range(1, 7)) and rows(out)[:4] == old_rows[:4]
+
+
 def test_a_refused_return_to_an_earlier_checkpoint_moves_nothing(tiny_config):
     """The earlier checkpoint turns out unusable: the run stays as it was, its later checkpoints in
     place (set aside only once the earlier one has loaded)."""
@@ -286,3 +302,46 @@ def test_directories_that_only_look_like_checkpoints_are_left_alone(tmp_path):
                                                                   for n in ("step_00000006", "step_00000008")]
     assert sorted(p.name for p in ckpts.iterdir()) == ["abandoned", "latest", "step_00000004.bak", "step_00000012-old"]
     assert saver.newest_valid() is None
+
+
+@pytest.mark.parametrize("keep_last", [1, 2, 3])
+def test_pruning_counts_usable_checkpoints_only(keep_last, tmp_path):
+    """resume=auto fell back past a damaged step 8 to step 4 and saves 6: pruning keeps 6 and the
+    usable checkpoints before it (damaged ones don't count), and leaves the damaged later 8 for
+    this run to write over. Pruning by name kept 8 alone at keep_last=1: no usable checkpoint left."""
+    from train.checkpoint import Checkpointer
+
+    ckpts = tmp_path / "checkpoints"
+    saver = Checkpointer(ckpts, keep_last=10, rank=0, world_size=1)
+    for step in (1, 2, 3, 4, 8):
+        saver.save(_Engine(), step, {})
+    for step in (3, 8):
+        (ckpts / f"step_{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    Checkpointer(ckpts, keep_last=keep_last, rank=0, world_size=1).save(_Engine(), 6, {})
+    expected = {1: [6, 8], 2: [4, 6, 8], 3: [2, 3, 4, 6, 8]}[keep_last]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{s:08d}" for s in expected]
+    assert Checkpointer(ckpts, 1, 0, 1).newest_valid() == ckpts / "step_00000006"
+
+
+def test_wall_time_adds_up_over_launches(tiny_config):
+    """summary.json's wall_s is the run's, not its last launch's: the earlier launch's time up to
+    the checkpoint resumed counts (what it spent after it was lost with it)."""
+    import time
+
+    cfg = tiny_config(*COMMON)
+    trainer = Trainer(cfg)
+    step = trainer.train_step
+
+    def slow_step():
+        if trainer.step == 5:
+            raise Crash
+        time.sleep(1.0)
+        return step()
+    trainer.train_step = slow_step
+    with pytest.raises(Crash):
+        trainer.fit()
+    saved = torch.load(Path(cfg.out_dir) / "checkpoints" / "step_00000004" / "trainer_state_rank0.pt",
+                       weights_only=False)["wall_s"]
+    start = time.perf_counter()
+    summary = Trainer(cfg).fit()
+    assert saved > 4.0 and saved < summary["wall_s"] < saved + time.perf_counter() - start

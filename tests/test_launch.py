@@ -38,11 +38,13 @@ def test_launch_writes_every_contract_file(tmp_path):
     assert list((out / "wandb").glob("offline-run-*")), "no offline wandb run directory"
     assert "final validation loss" in proc.stdout and str(out / "metrics.jsonl") in proc.stdout
 
-    # Launching the finished run again resumes at its end: nothing retrained, nothing lost.
-    again = launch(*SMOKE, f"out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "logger.wandb.mode=disabled")
+    # Launching the finished run again resumes at its end: nothing retrained, nothing lost, the
+    # summary the run wrote kept (a re-evaluation at the end would report only this idle start).
+    again = launch(*SMOKE, f"out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "logger.wandb.mode=disabled",
+                   "trainer.eval_batches=1")
     assert again.returncode == 0, again.stderr[-3000:]
-    rows2, _ = check_run_files(out, 6)
-    assert rows2 == rows
+    rows2, summary2 = check_run_files(out, 6)
+    assert rows2 == rows and summary2 == summary
 
 
 def test_launch_two_local_ranks_match_one_rank_on_the_default_batch(tmp_path, data_cache):

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tests.conftest import edit_configs
 from train import evaluate, export, sample
 
 
@@ -52,11 +53,11 @@ def _garbled(run):  # same size, so the manifest matches: the reader itself must
 
 
 def _unknown_key(run):
-    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("model:\n", "model:\n  retention: 3\n", 1))
+    edit_configs(run, "model:\n", "model:\n  retention: 3\n")
 
 
 def _wrong_shape(run):
-    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("d_model: 32", "d_model: 64", 1))
+    edit_configs(run, "d_model: 32", "d_model: 64")
 
 
 BROKEN = {"no valid checkpoint": (_no_checkpoint, "holds no valid checkpoint"),
@@ -83,3 +84,38 @@ def test_not_a_run_directory(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert evaluate.main([str(tmp_path)]) == 5
     assert "no checkpoints/ directory" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_rebuilt_from_its_own_config_wherever_it_lies(run_copy, capsys):
+    """A checkpoint set aside (checkpoints/abandoned/step_N) or copied out of its run is read with
+    the config.yaml it holds: the run's may belong to a later launch, or not be there at all; its
+    evaluation goes to the run above checkpoints/ (or beside the copy), never into checkpoints/."""
+    ckpt = next((run_copy / "checkpoints").glob("step_*"))
+    aside = run_copy / "checkpoints" / "abandoned" / ckpt.name
+    aside.parent.mkdir()
+    ckpt.rename(aside)
+    (run_copy / "config.yaml").write_text((run_copy / "config.yaml").read_text().replace("d_model: 32", "d_model: 64", 1))
+    assert evaluate.main([str(aside), "max_batches=1", "name=aside"]) == 0, capsys.readouterr().err
+    assert (run_copy / "eval" / "aside.json").is_file()
+    elsewhere = shutil.copytree(aside, run_copy.parent / "copies" / ckpt.name)
+    assert sample.main([str(elsewhere), "max_new_tokens=3"]) == 0, capsys.readouterr().err
+    assert export.main([str(elsewhere), "--format", "safetensors"]) == 0, capsys.readouterr().err
+    assert (run_copy.parent / "copies" / "export" / "safetensors-fp32" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("device", ["gpu", "meta", "cuda:7"])
+def test_a_bad_device_is_refused_before_the_checkpoint_is_read(run_copy, device, capsys):
+    """Checked first: consolidating a ZeRO-3 checkpoint can take minutes (here the checkpoint is
+    broken too, and the device is what the error names)."""
+    _truncated(run_copy)
+    for command in (sample.main, evaluate.main):
+        assert command([str(run_copy), f"device={device}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"device={device!r}" in err[0] and "Accepted" in err[0], err
+
+
+def test_a_run_directory_with_an_equals_sign_in_its_name(trained_run, tmp_path, capsys):
+    """Sweep job directories are named after their overrides (optim.lr=3e-3)."""
+    run = shutil.copytree(trained_run, tmp_path / "optim.lr=3e-3")
+    assert sample.main([str(run), "max_new_tokens=3"]) == 0, capsys.readouterr().err
+    assert evaluate.main([str(run), "max_batches=1"]) == 0, capsys.readouterr().err

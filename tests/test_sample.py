@@ -105,7 +105,9 @@ def test_prompt_outside_the_tokenizer_is_refused(trained_run, capsys, prompt, wh
     assert code == 2 and what in err and err.startswith("error: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("arg,what", [("tempreature=1", "tempreature"), ("top_p=0", "top_p"), ("top_k=x", "top_k")])
+@pytest.mark.parametrize("arg,what", [("tempreature=1", "tempreature"), ("top_p=0", "top_p"), ("top_k=x", "top_k"),
+                                      ("temperature=nan", "temperature"), ("temperature=inf", "temperature"),
+                                      ("temperature=1e-45", "temperature"), ("top_p=nan", "top_p")])
 def test_bad_arguments_are_refused(trained_run, capsys, arg, what):
     code, out, err = run_sample(capsys, trained_run, arg)
     assert code == 2 and what in err and err.count("\n") == 1

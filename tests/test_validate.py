@@ -58,6 +58,42 @@ def test_bad_config_is_named(overrides, key, words, tmp_path):
     assert "\n" not in message
 
 
+def _checkpoint(directory):
+    from train.manifest import seal
+
+    directory.mkdir(parents=True)
+    (directory / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    seal(directory, step=4, world_size=1)
+    return directory
+
+
+@pytest.mark.parametrize("case,words", [
+    ("run directory", "a run directory, not a checkpoint: continue it with out_dir="),
+    ("empty directory", "not a usable checkpoint (no readable manifest.json"),
+    ("truncated file", "not a usable checkpoint (mp_rank_00_model_states.pt has 0 bytes"),
+    ("another run's, into a run with checkpoints", "holds checkpoints of its own"),
+])
+def test_resume_path_must_be_a_usable_checkpoint_of_this_history(case, words, tmp_path):
+    """Refused before any work: the launcher once took a run directory and failed with a traceback,
+    or an empty one and failed only after preparing data and building the engine."""
+    other = _checkpoint(tmp_path / "other" / "checkpoints" / "step_00000004")
+    run = tmp_path / "run"
+    target = {"run directory": tmp_path / "other", "empty directory": tmp_path / "empty"}.get(case, other)
+    target.mkdir(exist_ok=True)
+    if case == "truncated file":
+        (other / "mp_rank_00_model_states.pt").write_bytes(b"")
+    if case.startswith("another"):
+        _checkpoint(run / "checkpoints" / "step_00000002")
+    cfg = compose_config([f"trainer.resume={target}"], out_dir=run)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == "trainer.resume" and words in str(err.value) and "Accepted" in str(err.value)
+    # accepted: this run's own checkpoint, and another's into an out_dir without checkpoints
+    validate(compose_config([f"trainer.resume={_checkpoint(run / 'checkpoints' / 'step_00000008')}"], out_dir=run))
+    validate(compose_config([f"trainer.resume={_checkpoint(tmp_path / 'c' / 'step_00000004')}"],
+                            out_dir=tmp_path / "fresh"))
+
+
 def test_resume_never_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     cfg = compose_config(["trainer.resume=never"], out_dir=tmp_path)

@@ -25,6 +25,30 @@ def _jsonable(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def cut_metrics(path: Path, after_step: int | None, abandon: bool = False) -> None:
+    """Rows of `path` past `after_step` (every row where None) leave the file; with `abandon` they
+    are kept in metrics.abandoned.jsonl (another branch's history), written before the file shrinks."""
+    kept, dropped = [], []
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError):
+            break  # a line cut short by a kill: everything after it is unreliable
+        (kept if after_step is not None and step <= after_step else dropped).append(line + "\n")
+    if not dropped:
+        return
+    if abandon:
+        with open(path.with_name("metrics.abandoned.jsonl"), "a") as f:
+            f.writelines(dropped)
+            f.flush()
+            os.fsync(f.fileno())
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsFile(Callback):
     """`metrics.jsonl`: one JSON object per step, flushed as written so a killed run keeps its log."""
 
@@ -34,24 +58,9 @@ class MetricsFile(Callback):
 
     def on_train_start(self, trainer) -> None:
         # A resumed run re-logs the steps after its checkpoint: drop what the interrupted run wrote
-        # past that point, so the file reads as one uninterrupted run. Resumed on purpose from an
-        # earlier checkpoint (trainer.resume=PATH, later ones set aside), those rows are another
-        # branch's: kept in metrics.abandoned.jsonl.
-        kept, dropped = [], []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    (kept if json.loads(line)["step"] <= trainer.step else dropped).append(line + "\n")
-                except (ValueError, KeyError):
-                    break  # a line cut short by a kill: everything after it is unreliable
-        if dropped and getattr(trainer, "branched", False):
-            with open(self.path.with_name("metrics.abandoned.jsonl"), "a") as f:
-                f.writelines(dropped)
-                f.flush()
-                os.fsync(f.fileno())
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        # past that point, so the file reads as one uninterrupted run. (A return to an earlier
+        # checkpoint has already moved those rows to metrics.abandoned.jsonl: cut_metrics.)
+        cut_metrics(self.path, trainer.step)
         self.file = open(self.path, "a", buffering=1)
 
     def on_step_end(self, trainer, metrics: dict) -> None:

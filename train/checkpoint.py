@@ -97,7 +97,7 @@ class Checkpointer:
             fsync_path(self.dir)
             shutil.rmtree(replaced, ignore_errors=True)
             atomic_write(self.dir / "latest", final.name + "\n")
-            self._prune()
+            self._prune(final)
         barrier()
         return final
 
@@ -134,10 +134,18 @@ class Checkpointer:
                 found.append((int(m.group(2)), not m.group(1), p))
         return [p for *_, p in sorted(found)]
 
-    def _prune(self) -> None:
-        done = self._checkpoint_dirs(replaced=False)
-        for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _prune(self, written: Path) -> None:
+        """Keep `written` and the newest keep_last - 1 usable checkpoints before it; remove the ones
+        older than those. Unusable ones do not count (else, after resume=auto fell back past a
+        damaged newest checkpoint, the one just written could go and the damaged one stay); later
+        ones (a damaged checkpoint that resume skipped) stay for this run to write over."""
+        earlier = [p for p in self._checkpoint_dirs(replaced=False) if _step_of(p) < _step_of(written)]
+        usable = [p for p in earlier if problems(p) is None]
+        kept = usable[max(0, len(usable) - (self.keep_last - 1)):] if self.keep_last > 1 else []
+        oldest = _step_of(kept[0]) if kept else _step_of(written)
+        for old in earlier:
+            if _step_of(old) < oldest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def newest_valid(self) -> Path | None:
         """The newest checkpoint whose files match its manifest; broken newer ones are reported.

@@ -22,11 +22,13 @@ def fail(message: str, code: int) -> int:
 
 
 def split_args(argv: list[str], usage: str) -> tuple[str, list[str]]:
-    """(the run directory, the key=value overrides) from argv."""
-    positional = [a for a in argv if "=" not in a]
+    """(the run directory, the key=value overrides) from argv; a first argument that is an existing
+    directory is the run even with "=" in its name (sweep directories such as optim.lr=3e-3)."""
+    named = argv[:1] if argv and "=" in argv[0] and Path(argv[0]).expanduser().is_dir() else []
+    positional = named + [a for a in argv[len(named):] if "=" not in a]
     if len(positional) != 1:
         raise LoadError(f"expected one run or checkpoint directory, got {positional or 'none'}. Usage: {usage}", EXIT_CONFIG)
-    return positional[0], [a for a in argv if "=" in a]
+    return positional[0], [a for a in argv[len(named):] if "=" in a]
 
 
 def compose_args(config_name: str, overrides: list[str]):

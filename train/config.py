@@ -265,6 +265,7 @@ class EvaluateConfig:
     max_batches: int = 0  # evaluate at most this many batches (0 = every window of the split)
     micro_batch_size: int = 0  # windows per forward pass (0 = the run's trainer.micro_batch_size)
     name: Optional[str] = None  # eval/<name>.json (default: from the data, e.g. shakespeare_val)
+    overwrite: bool = False  # replace an eval/<name>.json of another evaluation (same one: always replaced)
     device: str = "auto"
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from train.cli import fail
-from train.load import (EXIT_CONFIG, LoadError, at_step, build_from_state, checkpoint_step, consolidated_state_dict,
-                        locate, run_config, run_tokenizer)
+from train.load import (EXIT_CONFIG, LoadError, at_step, build_from_state, checkpoint_config, checkpoint_step,
+                        consolidated_state_dict, locate, run_tokenizer)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = "model.safetensors"
@@ -43,7 +43,12 @@ def hf_refusal(model_cfg) -> str | None:
         from model.hf_v4 import NotExportable, hf_config
 
         try:  # the layout decides, not the weights: an untrained model of the same config
-            hf_config(build_model(model_cfg, 256))
+            model = build_model(model_cfg, 256)
+        except Exception as e:  # as load.build_from_state says it for the other formats
+            raise LoadError(f"the model its config.yaml describes cannot be built by this version of v4lab: "
+                            f"{str(e).strip() or type(e).__name__}") from None
+        try:
+            hf_config(model)
         except NotExportable as e:
             return f"{e}; export with --format safetensors (loads with train.load.from_exported)"
         return None
@@ -83,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=("safetensors", "hf"))
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--out", type=Path, default=None, help="output directory (default RUN/export/FORMAT-DTYPE)")
+    usage = " ".join(parser.format_usage().split()[1:])  # one line, as every refusal here
+    parser.error = lambda message: sys.exit(fail(f"{message}. Usage: {usage}", EXIT_CONFIG))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run_dir, ckpt = locate(args.run)
-        cfg = run_config(run_dir)
+        cfg, cfg_path = checkpoint_config(run_dir, ckpt)
         if args.format == "hf" and (why := hf_refusal(cfg.model)):
             raise LoadError(f"--format hf: {why}", EXIT_CONFIG)
         out = (args.out or run_dir / "export" / f"{args.format}-{args.dtype}").expanduser().resolve()
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
     if args.format == "safetensors":
-        write_safetensors(model, run_dir / "config.yaml", out, dtype, step)
+        write_safetensors(model, cfg_path, out, dtype, step)
     elif cfg.model.attention == "v4":
         from model.hf_v4 import save_hf_v4
 

@@ -65,7 +65,8 @@ def locate(path: str | Path) -> tuple[Path, Path]:
         why = problems(p)
         if why is not None:
             raise LoadError(f"checkpoint {p} is unusable: {why}")
-        return p.parent.parent, p
+        # the run above its checkpoints/ (RUN/checkpoints/abandoned/step_N included); a copy elsewhere: its folder
+        return next((a.parent for a in p.parents if a.name == "checkpoints"), p.parent), p
     ckpts = p if p.name == "checkpoints" else p / "checkpoints"
     if not ckpts.is_dir():
         raise LoadError(f"{p} holds no checkpoints/ directory: not a run directory (a finished run writes "
@@ -77,6 +78,13 @@ def locate(path: str | Path) -> tuple[Path, Path]:
     if newest is None:
         raise LoadError(f"{ckpts} holds no valid checkpoint (none whose files match its manifest.json)")
     return ckpts.parent, newest
+
+
+def checkpoint_config(run_dir: Path, ckpt: Path) -> tuple[Config, Path]:
+    """The config `ckpt` trained with and its file: the checkpoint's own config.yaml (a later launch
+    may have changed the run's), else (older checkpoints) the run's."""
+    path = ckpt / "config.yaml" if (ckpt / "config.yaml").is_file() else run_dir / "config.yaml"
+    return run_config(path.parent), path
 
 
 def run_config(run_dir: Path) -> Config:
@@ -137,9 +145,14 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise LoadError(f"invalid device={name!r}. Accepted: auto, cpu, cuda, cuda:N.", EXIT_CONFIG) from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise LoadError(f"invalid device={name!r}. Accepted: auto, cpu, cuda, cuda:N.", EXIT_CONFIG)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoadError(f"device={name!r}, but no CUDA device is available. Accepted here: auto, cpu.", EXIT_CONFIG)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LoadError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s). "
+                        f"Accepted: auto, cpu, cuda, cuda:0 to cuda:{torch.cuda.device_count() - 1}.", EXIT_CONFIG)
     return device
 
 
@@ -190,16 +203,19 @@ def at_step(model: torch.nn.Module, step: int) -> torch.nn.Module:
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True) -> Loaded:
     """Everything the after-training commands need from a run or checkpoint directory."""
+    device = pick_device(device) if isinstance(device, str) else device  # before minutes of consolidating
     run_dir, ckpt = locate(path)
-    cfg = run_config(run_dir)
+    cfg, _ = checkpoint_config(run_dir, ckpt)
     model = build_from_state(cfg, consolidated_state_dict(ckpt), ckpt)
     step = checkpoint_step(ckpt)
     at_step(model, step)
-    device = pick_device(device) if isinstance(device, str) else device
     from train.trainer import set_matmul_precision
 
     set_matmul_precision(device, cfg.trainer.tf32)  # TF32 on CUDA as the run trained (trainer.tf32)
     return Loaded(model.to(device), cfg, run_dir, ckpt, step, run_tokenizer(cfg, run_dir) if tokenizer else None)
+
+
+EXPORTED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 
 
 def from_exported(directory: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -215,12 +231,27 @@ def from_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
     cfg = run_config(directory)
     from model import build_model
 
-    with safe_open(str(weights), framework="pt") as f:
-        embed = f.get_slice("embed.weight")
-        vocab, dtype = embed.get_shape()[0], {"F32": torch.float32, "BF16": torch.bfloat16}[embed.get_dtype()]
-        step = (f.metadata() or {}).get("step")
-    model = build_model(cfg.model, vocab).to(dtype)
-    load_model(model, str(weights), strict=True, device="cpu")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if "embed.weight" not in f.keys():
+                raise LoadError(f"{weights} holds no embed.weight: not a `train.export --format safetensors` output "
+                                f"(a transformers export loads with transformers' from_pretrained)")
+            embed = f.get_slice("embed.weight")
+            vocab, dtype = embed.get_shape()[0], EXPORTED_DTYPES.get(embed.get_dtype())
+            step = (f.metadata() or {}).get("step")
+    except LoadError:
+        raise
+    except Exception as e:  # safetensors' own errors: a file cut short or not safetensors
+        raise LoadError(f"{weights} cannot be read: {_first_line(e)}") from None
+    if dtype is None:
+        raise LoadError(f"{weights} holds {embed.get_dtype()} weights; accepted: "
+                        f"{', '.join(EXPORTED_DTYPES)} (what train.export writes)")
+    try:
+        model = build_model(cfg.model, vocab).to(dtype)
+        load_model(model, str(weights), strict=True, device="cpu")
+    except Exception as e:
+        raise LoadError(f"{weights} does not fit the model its config.yaml describes: "
+                        f"{' '.join(str(e).split())[:400]}") from None
     exported = directory / "export.json"  # older exports carry the step only there
     if step is None and exported.is_file():
         step = json.loads(exported.read_text()).get("step")

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from common.errors import CheckpointError
 from train.batch import micro_batch_size
+from train.manifest import atomic_write
 from train.variants import is_inert
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,8 @@ def record_start_config(out_dir: Path, cfg, start: int, inert: list[str]) -> Pat
     text = to_yaml(cfg, inert)
     path = out_dir / "configs" / f"start_{start:03d}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    (out_dir / "config.yaml").write_text(text)
+    atomic_write(path, text)
+    atomic_write(out_dir / "config.yaml", text)  # a kill mid-write must not lose the run's config
     return path
 
 

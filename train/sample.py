@@ -10,6 +10,7 @@ follows the end-of-document token, as every document did in training.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -30,8 +31,8 @@ def _refuse(key: str, value, accepted: str):
 def check(args) -> None:
     if args.max_new_tokens < 0:
         _refuse("max_new_tokens", args.max_new_tokens, "an integer ≥ 0")
-    if args.temperature < 0:
-        _refuse("temperature", args.temperature, "a number ≥ 0 (0 = greedy)")
+    if not (args.temperature == 0 or 1e-6 <= args.temperature < math.inf):  # nan, inf, denormals: no distribution
+        _refuse("temperature", args.temperature, "0 (greedy) or a finite number ≥ 1e-6")
     if args.top_k < 0:
         _refuse("top_k", args.top_k, "an integer ≥ 0 (0 = off)")
     if not 0 < args.top_p <= 1:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from optim import build_optimizer, build_scheduler
 from optim.qk_clip import qk_clip, track_max_logits
 from optim.zero import bind_zero_partitions
 from train.batch import accumulation_steps, micro_batch_size
-from train.callbacks import MetricsFile, ProgressBar, WandbLogger
+from train.callbacks import MetricsFile, ProgressBar, WandbLogger, cut_metrics
 from train.checkpoint import CheckpointError, Checkpointer
 from train.compile import compile_blocks, compile_seconds, eager
 from train.config import Config
@@ -34,6 +33,7 @@ from train.distributed import (barrier, from_rank0, init_distributed, mean_over_
                                wait_for_rank0)
 from train.host import reuse_freed_memory
 from train.log_setup import build_output_to_log
+from train.manifest import atomic_write
 from train.mfu import Utilisation
 from train.preemption import StopSignals
 from train.probes import StabilityProbes
@@ -168,9 +168,9 @@ class Trainer:
             x, y = self.val_batches[0]
             self.probes = StabilityProbes(self.engine.module, (x.to(self.device), y.to(self.device)), cfg.probes.every)
         self.step, self.tokens, self.train_time, self.skipped_steps = 0, 0, 0.0, 0
+        self.wall_before, self.wall_start = 0.0, time.perf_counter()  # wall seconds of earlier launches, this one's start
         self.spikes = SpikeGuard(t.spike_sigma, t.spike_window) if t.on_spike == "skip" else None
         self.resumed_changes: dict = {}
-        self.branched = False  # resumed from an earlier or another run's checkpoint: later metrics are another branch's
         self.last_checkpoint: tuple[int, Path] | None = None
         self.val_loss: float | None = None
         self.optimizer_state_mb: float | None = None
@@ -331,7 +331,7 @@ class Trainer:
             return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time,
+        return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time, "wall_s": self.wall_s(),
                 "skipped_steps": self.skipped_steps, "loader": self.loader.state_dict(), "rng": rng_state(),
                 "probes": self.probes.state_dict() if self.probes else None,
                 "spikes": self.spikes.state_dict() if self.spikes else None,
@@ -339,7 +339,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens, self.train_time = state["step"], state["tokens"], state["train_time"]
-        self.skipped_steps = state.get("skipped_steps", 0)
+        self.skipped_steps, self.wall_before = state.get("skipped_steps", 0), state.get("wall_s", 0.0)
         self.loader.load_state_dict(state["loader"])
         if state["rng"] is not None:
             set_rng_state(state["rng"])
@@ -354,6 +354,10 @@ class Trainer:
             self.spikes.load_state_dict(state["spikes"])
         for k, cb in self.callbacks.items():
             cb.load_state_dict(state["callbacks"].get(k, {}))
+
+    def wall_s(self) -> float:
+        """The run's wall time: this launch's, and the earlier launches' up to the checkpoint resumed."""
+        return self.wall_before + time.perf_counter() - self.wall_start
 
     def checkpoint_now(self) -> Path:
         """A checkpoint of the current state: the one already written at this step, or a new one."""
@@ -387,13 +391,20 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def _branch_from(self, ckpt: Path) -> None:
-        """trainer.resume=PATH to an earlier checkpoint of this run: rank 0 sets the later ones aside
-        (train/checkpoint.py set_aside_after); every rank hears of a failure."""
-        moved = from_rank0(lambda: [str(m) for m in self.checkpointer.set_aside_after(ckpt)], OSError,
-                           lambda e: CheckpointError(f"cannot set the checkpoints after {ckpt.name} aside: {e}"))
+        """trainer.resume=PATH: what this out_dir holds past the checkpoint's step is another
+        branch's. Rank 0 moves its metrics rows to metrics.abandoned.jsonl (all of them for another
+        run's checkpoint), then the later checkpoints to checkpoints/abandoned/ (set_aside_after): the
+        rows first, so a run killed in between is branched again, not continued, by the same command.
+        Every rank hears of a failure."""
+        own = ckpt.resolve().parent == self.checkpointer.dir.resolve()
+
+        def branch():
+            cut_metrics(self.out_dir / "metrics.jsonl", self.step if own else None, abandon=True)
+            return [str(m) for m in self.checkpointer.set_aside_after(ckpt)]
+        moved = from_rank0(branch, OSError,
+                           lambda e: CheckpointError(f"cannot set what came after {ckpt.name} aside: {e}"))
         for path in moved:
             log.warning("resumed from the earlier %s: set %s aside (kept, no longer this run's)", ckpt.name, path)
-        self.branched = bool(moved) or ckpt.resolve().parent != self.checkpointer.dir.resolve()
 
     def _apply_configured_hyperparameters(self, configured: list[dict]) -> None:
         """A checkpoint restores the optimizer's hyperparameters as they were; the config of this
@@ -432,8 +443,9 @@ class Trainer:
         if stop is None:
             with StopSignals() as stop:
                 return self.fit(stop)
-        wall_start = time.perf_counter()
+        self.wall_start = time.perf_counter()
         self.maybe_resume()
+        resumed_at = self.step
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             inert = self.inert_keys()
@@ -442,26 +454,37 @@ class Trainer:
             record_start_config(self.out_dir, self.cfg, start, inert)
             self._warn_inert(inert)
             if (self.prepared / "tokenizer.json").is_file():  # the run decodes with it after training
-                shutil.copyfile(self.prepared / "tokenizer.json", self.out_dir / "tokenizer.json")
+                atomic_write(self.out_dir / "tokenizer.json", (self.prepared / "tokenizer.json").read_text())
         for cb in self.callbacks.values():
             cb.on_train_start(self)
         try:
             while self.step < self.max_steps:
                 signum = stop.agreed(self.device)
                 if signum is not None:
-                    return self._preempt(signum, stop, wall_start)
+                    return self._preempt(signum, stop)
                 self.run_step()
         except Diverged as e:
-            self._finish("diverged", wall_start, error=str(e))
+            self._finish("diverged", error=str(e))
             raise
-        if self.val_loss is None:  # resumed at the end: nothing trained, still report the final loss
-            self.val_loss = self.evaluate()
-        return self._finish("completed", wall_start)
+        if self.step == resumed_at:  # resumed at the end: nothing trained
+            done = from_rank0(self._completed_summary, OSError, lambda e: e)  # the ranks must agree
+            if done is not None:  # this launch would report only its own idle start
+                return self._finish("completed", written=done)
+            self.val_loss = self.evaluate()  # killed before it wrote its summary: still report the final loss
+        return self._finish("completed")
 
-    def _preempt(self, signum: int, stop: StopSignals, wall_start: float) -> dict:
+    def _completed_summary(self) -> dict | None:
+        """summary.json of this run completed at the current step, if there is one."""
+        try:
+            done = json.loads((self.out_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return done if done.get("status") == "completed" and done.get("steps") == self.step else None
+
+    def _preempt(self, signum: int, stop: StopSignals) -> dict:
         path = self.checkpoint_now()
         name = signal.Signals(signum).name
-        summary = self._finish("preempted", wall_start, signal=name, checkpoint=str(path))
+        summary = self._finish("preempted", signal=name, checkpoint=str(path))
         stop.hand_over(signum)  # e.g. submitit requeues the SLURM job here
         return summary
 
@@ -487,13 +510,20 @@ class Trainer:
             self.save_checkpoint()
         return metrics
 
-    def _finish(self, status: str, wall_start: float, error: str | None = None, **extra) -> dict:
+    def _finish(self, status: str, error: str | None = None, written: dict | None = None, **extra) -> dict:
+        """Writes summary.json, or (`written`) leaves the one a completed run wrote as it is."""
         self.profiler.close()
+        if written is not None:
+            for cb in self.callbacks.values():
+                cb.on_train_end(self, written)
+            return written
         tokens_per_s = self.tokens / self.train_time if self.train_time else None
+        if self.optimizer_state_mb is None and self.step:  # resumed, then stopped before a step
+            self.optimizer_state_mb = self.optimizer_state_bytes() / 2**20
         summary = {
             "status": status, "final_val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
             "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
-            "wall_s": time.perf_counter() - wall_start,
+            "wall_s": self.wall_s(),
             "probe/amax_fwd": self.probes.max_amax_fwd if self.probes else None,
             "probe/amax_bwd": self.probes.max_amax_bwd if self.probes else None,
             "probe/spikes": self.probes.spikes if self.probes else None,
@@ -510,7 +540,7 @@ class Trainer:
         for cb in self.callbacks.values():
             cb.on_train_end(self, summary)
         if self.rank == 0:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write(self.out_dir / "summary.json", json.dumps(summary, indent=2))
         barrier()
         return summary
 

@@ -132,6 +132,29 @@ def _v4_parts(cfg: Config) -> None:
                           "V4 attention normalises queries and keys with RMSNorm instead")
 
 
+def _check_resume_path(resume: str, out_dir: Path) -> None:
+    """trainer.resume=PATH names one intact checkpoint. Another run's (or an abandoned branch's) is
+    refused in an out_dir that holds checkpoints of its own: their histories would interleave."""
+    from train.manifest import problems
+
+    accepted = "auto, never, or a checkpoint directory (RUN/checkpoints/step_NNNNNNNN)"
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise ConfigError("trainer.resume", resume, accepted, "no such directory")
+    if not (path / "manifest.json").is_file() and (path / "checkpoints").is_dir():
+        raise ConfigError("trainer.resume", resume, accepted, f"a run directory, not a checkpoint: continue it with "
+                          f"out_dir={resume} trainer.resume=auto, or name one of its checkpoints")
+    why = problems(path)
+    if why is not None:
+        raise ConfigError("trainer.resume", resume, accepted, f"not a usable checkpoint ({why})")
+    own = out_dir.expanduser().resolve() / "checkpoints"
+    if path.resolve().parent != own and any(p.name.removeprefix("step_").isdigit() and p.is_dir()
+                                            for p in own.glob("step_*")):
+        raise ConfigError("trainer.resume", resume, f"a checkpoint of this run ({own}/step_NNNNNNNN), or this one "
+                          f"with a new out_dir", f"out_dir={out_dir} holds checkpoints of its own, and resuming "
+                          f"another history into it would interleave the two")
+
+
 def validate(cfg: Config, submitted: bool = False) -> None:
     """`submitted`: the jobs go to SLURM (hydra/launcher=slurm|submitit_local), which picks the
     nodes: this machine's GPUs and node 0's address are not the job's to check."""
@@ -219,8 +242,8 @@ def validate(cfg: Config, submitted: bool = False) -> None:
         _positive(f"trainer.{key}", getattr(t, key), allow_zero=True)
     _positive("trainer.grad_clip", t.grad_clip, integer=False, allow_zero=True)
     micro_batch_size(t, world_size(cfg))  # raises, naming the micro- and global batch sizes that work
-    if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
-        raise ConfigError("trainer.resume", t.resume, "auto, never, or an existing checkpoint directory")
+    if t.resume not in ("auto", "never"):
+        _check_resume_path(t.resume, Path(cfg.out_dir))
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
     _positive("trainer.max_skipped_steps", t.max_skipped_steps, allow_zero=True)
