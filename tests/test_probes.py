@@ -112,3 +112,22 @@ def test_v4_runs_log_the_max_attention_logit(tiny_config):
     assert f"probe/max_logit/layer{cfg.model.n_layers}" not in r
     assert r["probe/max_logit"] == max(per_layer) > 0
     assert r["probe/amax_fwd"] == pytest.approx(1.0, abs=1e-4)  # 2 sublayers per trunk layer
+
+
+def test_update_spectral_norm_is_per_matrix_as_muon_sees_it():
+    """A stack of experts and a fused q/k/v projection are several matrices to Muon: the probe's
+    value is the largest of their spectral norms (brute force: torch's SVD), not the norm of the
+    parameter flattened to 2-D (5.8x too large for V4-tiny's experts)."""
+    from train.probes import update_spectral_norm
+
+    g = torch.Generator().manual_seed(0)
+    experts = torch.nn.Parameter(torch.zeros(8, 64, 32))
+    delta = torch.randn(8, 64, 32, generator=g) * torch.linspace(0.5, 2, 8)[:, None, None]
+    assert update_spectral_norm(experts, delta) == pytest.approx(
+        torch.linalg.matrix_norm(delta.double(), ord=2).max().item(), rel=1e-2)  # 10 power iterations
+    qkv = torch.nn.Parameter(torch.zeros(96, 32))
+    qkv.row_blocks = 3
+    delta = torch.randn(96, 32, generator=g)
+    assert update_spectral_norm(qkv, delta) == pytest.approx(
+        torch.linalg.matrix_norm(delta.view(3, 32, 32).double(), ord=2).max().item(), rel=1e-2)
+    assert update_spectral_norm(qkv, delta) < 0.9 * torch.linalg.matrix_norm(delta.double(), ord=2).item()

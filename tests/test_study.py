@@ -117,6 +117,19 @@ def test_stage2_trains_each_curve_at_its_best_lr_from_the_sweep(tmp_path):
         stage2_config(sweep, "optim=muon", "model.d_model=64")
 
 
+def test_an_lr_tuned_under_other_fixed_settings_is_refused_unless_asked(tmp_path):
+    """The best lr depends on the length, width and schedule: stage 1 at 500 steps does not tune
+    stage 2 at 300 (it was only logged). study.allow_other_budget=true takes it anyway."""
+    sweep = fake_sweep(tmp_path)
+    data = json.loads(sweep.read_text())
+    data["fixed"]["trainer.max_steps"] = 500
+    sweep.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"stage 1 held other values: trainer.max_steps 500 -> 300"):
+        stage2_config(sweep, "optim=muon", "model.d_model=128")
+    cfg = stage2_config(sweep, "optim=muon", "model.d_model=128", "study.allow_other_budget=true")
+    assert cfg.optim.lr == pytest.approx(BEST[("muon", 128)], rel=1e-5)
+
+
 def test_jointly_swept_keys_keep_their_ratio_at_the_best_lr(tmp_path):
     sweep = fake_sweep(tmp_path, lr_keys=("optim.lr", "optim.adamw_lr"))
     cfg = stage2_config(sweep, "optim=muon", "model.d_model=128")
@@ -232,6 +245,31 @@ def test_steps_to_target_with_intervals_and_an_arm_that_never_reaches(tmp_path):
     half = 4.302653 * math.sqrt(0.01 / 3)
     assert delta["ci95"] == pytest.approx([0.7 - half, 0.7 + half], abs=1e-6)
     assert mean_interval([1.7] * 3).lo == pytest.approx(1.7)
+
+
+def test_a_difference_without_spread_or_with_one_seed_claims_no_interval(tmp_path):
+    """Seeds that all gave the same loss are no evidence of a zero-width difference; one seed none
+    of any: neither gets an interval in the table, study.json or the depth plot's error bars."""
+    from unittest import mock
+
+    from train.stats import difference_interval
+    from train.study_compare import _ci
+
+    flat = difference_interval([1.5, 1.5], [1.6, 1.6])
+    assert flat.mean == pytest.approx(-0.1) and flat.lo is None and flat.as_dict()["ci95"] is None
+    assert _ci(flat, ".2f") == "-0.10 (no spread over the seeds: no interval)"
+    assert _ci(difference_interval([1.5], [1.6, 1.61]), ".2f") == "-0.10 (1 seed)"
+    for res, finals in (("residual", [2.0, 2.1, 2.2]), ("mhc", [1.9, 2.0, 2.0])):
+        for layers in (4, 8):
+            for seed, final in enumerate(finals[:1] if (res, layers) == ("mhc", 8) else finals):
+                cfg = {"optim": {"name": "muon", "lr": 1e-2}, "model": {"residual": res, "n_layers": layers},
+                       "seed": seed, "trainer": {"max_steps": 40}, "study": {"stage": 2}}
+                fake_run(tmp_path / f"{res}{layers}-{seed}", cfg, final, curve_rows([3.0, 2.5, 2.2, final]))
+    import matplotlib.axes
+    with mock.patch.object(matplotlib.axes.Axes, "errorbar", autospec=True) as bars:
+        study_section(load_runs([tmp_path]), tmp_path)
+    depth_bars = [call.args[1] for call in bars.call_args_list if "yerr" in call.kwargs]  # the Δ-loss-vs-depth panel
+    assert depth_bars == [[4]]  # mHC at 8 layers: one seed, no bar (it was drawn as a bar of zero length)
 
 
 def test_arm_without_baseline_partner_has_no_target(tmp_path):

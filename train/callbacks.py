@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from train.manifest import atomic_write
+
 
 class Callback:
     def on_train_start(self, trainer) -> None: ...
@@ -44,9 +46,7 @@ def cut_metrics(path: Path, after_step: int | None, abandon: bool = False) -> No
             f.writelines(dropped)
             f.flush()
             os.fsync(f.fileno())
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(kept))
 
 
 class MetricsFile(Callback):

@@ -193,6 +193,7 @@ class StudyConfig:
     lr_keys: List[str] = field(default_factory=lambda: ["optim.lr"])  # scaled together: their ratio is held
     best_lr_from: Optional[str] = None  # stage 2: the lr_sweep.json written by `python -m train.report --lr`
     allow_edge_lr: bool = False  # stage 2: accept a best lr at the edge of stage 1's grid (not a tuned lr)
+    allow_other_budget: bool = False  # stage 2: accept an lr tuned under other fixed settings (length, width, ...)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from model.attention import V4Attention
 from model.layers import Attention
 from model.mhc import HyperConnection
+from optim.muon import matrix_view
 from optim.params import classify_parameters
 
 
@@ -44,13 +45,22 @@ def amax_gains(mats: list[torch.Tensor]) -> dict[str, object]:
 
 
 def spectral_norm(m: torch.Tensor, iters: int = 10) -> float:
-    """Largest singular value by power iteration (deterministic start: no RNG is consumed)."""
-    m = m.reshape(m.shape[0], -1).double()
-    v = torch.ones(m.shape[1], dtype=m.dtype, device=m.device) / math.sqrt(m.shape[1])
+    """Largest singular value of a matrix, or the largest of a stack [..., rows, cols], by power
+    iteration (deterministic start: no RNG is consumed)."""
+    m = m.reshape(-1, *m.shape[-2:]).double()
+    v = torch.ones(*m.shape[:-2], m.shape[-1], 1, dtype=m.dtype, device=m.device) / math.sqrt(m.shape[-1])
     for _ in range(iters):
-        v = m.T @ (m @ v)
-        v = v / v.norm().clamp(min=1e-30)
-    return (m @ v).norm().item()
+        v = m.mT @ (m @ v)
+        v = v / v.norm(dim=-2, keepdim=True).clamp(min=1e-30)
+    return (m @ v).norm(dim=-2).max().item()
+
+
+def update_spectral_norm(p: torch.Tensor, delta: torch.Tensor, per_head: bool = False) -> float:
+    """The largest spectral norm of `delta` over the matrices Muon sees in parameter `p`: each expert
+    of a stack, each block of a fused q/k/v or gate/up projection (optim/muon.py matrix_view), not
+    the parameter flattened to 2-D (a stack of experts measured so reads near a Frobenius norm)."""
+    view = matrix_view(p.shape, getattr(p, "row_blocks", 1), getattr(p, "head_blocks", 1), per_head)
+    return spectral_norm(delta.reshape(view))
 
 
 class SpikeDetector:
@@ -81,8 +91,9 @@ class SpikeDetector:
 
 
 class StabilityProbes:
-    def __init__(self, model: torch.nn.Module, probe_batch, every: int):
-        self.model, self.every = model, every
+    def __init__(self, model: torch.nn.Module, probe_batch, every: int, per_head: bool = False):
+        """`per_head`: the matrices of attention projections are per head, as optim.per_head has Muon see them."""
+        self.model, self.every, self.per_head = model, every, per_head
         self.x, self.y = probe_batch
         self.roles = {role: [p for _, p in ps] for role, ps in classify_parameters(model).items() if ps}
         # The trunk's layers: the MTP block runs in training only, never in the probe's eval pass.
@@ -126,7 +137,7 @@ class StabilityProbes:
             out[f"probe/weight_rms/{role}"] = math.sqrt(w_sq / n)
             out[f"probe/update_weight_ratio/{role}"] = math.sqrt(upd_sq / max(w_sq, 1e-30))
             if role == "matrix":
-                norms = [spectral_norm(p.detach().float() - b) for p, b in zip(params, before)]
+                norms = [update_spectral_norm(p, p.detach().float() - b, self.per_head) for p, b in zip(params, before)]
                 out["probe/update_spectral/matrix"] = max(norms)
         return out
 

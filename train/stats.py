@@ -94,7 +94,7 @@ def mean_interval(xs: list[float], level: float = 0.95) -> Interval | None:
 
 def difference_interval(a: list[float], b: list[float], level: float = 0.95) -> Interval | None:
     """mean(a) − mean(b) with Welch's interval (unequal variances, Welch–Satterthwaite degrees of
-    freedom); the interval is None unless both sides have two samples or more."""
+    freedom); the interval is None unless both sides have two samples or more, and not all equal."""
     if not a or not b:
         return None
     diff = statistics.fmean(a) - statistics.fmean(b)
@@ -102,8 +102,8 @@ def difference_interval(a: list[float], b: list[float], level: float = 0.95) -> 
         return Interval(diff, None, None, None, min(len(a), len(b)))
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     se = math.sqrt(va + vb)
-    if se == 0.0:
-        return Interval(diff, 0.0, diff, diff, min(len(a), len(b)))
+    if se == 0.0:  # no seed moved the result: a t interval would claim certainty it has no evidence for
+        return Interval(diff, 0.0, None, None, min(len(a), len(b)))
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = t_quantile((1 + level) / 2, df) * se
     return Interval(diff, se, diff - half, diff + half, min(len(a), len(b)))

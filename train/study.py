@@ -147,6 +147,10 @@ def best_lr_for(cfg: Config, path: str, log_choice: bool = False) -> dict[str, f
                           f"lr {curve['best_lr']:.3g}: {_extension_hint(curve)}")
     changed = [f"{k} {v!r} -> {flat.get(k)!r}" for k, v in sweep.get("fixed", {}).items()
                if not k.startswith(STAGE_KEYS) and k not in LR_KEYS and flat.get(k) != (tuple(v) if isinstance(v, list) else v)]
+    if changed and not cfg.study.allow_other_budget:  # the best lr depends on length, width, schedule
+        raise ConfigError("study.best_lr_from", path, "an lr_sweep.json of runs with this run's fixed settings "
+                          "(or study.allow_other_budget=true)",
+                          f"stage 1 held other values: {'; '.join(changed)[:400]}")
     if changed and log_choice:
         log.warning("stage 2 differs from stage 1 (%s) in: %s", path, "; ".join(changed))
     if log_choice:

@@ -132,7 +132,7 @@ def _ci(iv: Interval | None, spec: str) -> str:
     if iv is None:
         return "–"
     if iv.lo is None:
-        return f"{iv.mean:{spec}} (1 seed)"
+        return f"{iv.mean:{spec}} ({'1 seed' if iv.n == 1 else 'no spread over the seeds: no interval'})"
     return f"{iv.mean:{spec}} ± {iv.std:{spec}} [{iv.lo:{spec}}, {iv.hi:{spec}}]"
 
 
@@ -263,13 +263,17 @@ def _plot_vs_depth(arms: list[Arm], out: Path) -> str:
         deltas = [(a.key["model.n_layers"], difference_interval(a.finals, a.baseline.finals))
                   for a in members if a.baseline is not None and a.baseline is not a]
         deltas = [(d, iv) for d, iv in deltas if iv is not None]
-        if deltas:
-            ax2.errorbar([d for d, _ in deltas], [iv.mean for _, iv in deltas], fmt="-o", color=color, capsize=4,
-                         label=label, yerr=[[iv.mean - iv.lo if iv.lo is not None else 0 for _, iv in deltas],
-                                            [iv.hi - iv.mean if iv.lo is not None else 0 for _, iv in deltas]])
+        if deltas:  # a bar only where there is an interval: a point without one is hollow, not exact
+            ax2.plot([d for d, _ in deltas], [iv.mean for _, iv in deltas], "-", color=color, label=label)
+            for d, iv in deltas:
+                if iv.lo is None:
+                    ax2.plot([d], [iv.mean], "o", mfc="none", color=color)
+                else:
+                    ax2.errorbar([d], [iv.mean], yerr=[[iv.mean - iv.lo], [iv.hi - iv.mean]], fmt="o", color=color,
+                                 capsize=4)
     ax1.set(title="Max composite Amax gain (forward) vs depth", xlabel="layers", ylabel="gain", yscale="log")
     ax2.axhline(0, color="k", lw=0.8)
-    ax2.set(title="Final val loss − baseline's (95 % Welch interval)", xlabel="layers", ylabel="Δ loss")
+    ax2.set(title="Final val loss − baseline's (95 % Welch interval; hollow: none)", xlabel="layers", ylabel="Δ loss")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

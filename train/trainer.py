@@ -166,7 +166,8 @@ class Trainer:
         self.probes = None
         if cfg.probes.every > 0 and self.rank == 0:  # local computation only: rank 0 probes, logs
             x, y = self.val_batches[0]
-            self.probes = StabilityProbes(self.engine.module, (x.to(self.device), y.to(self.device)), cfg.probes.every)
+            self.probes = StabilityProbes(self.engine.module, (x.to(self.device), y.to(self.device)), cfg.probes.every,
+                                          per_head=cfg.optim.per_head)
         self.step, self.tokens, self.train_time, self.skipped_steps = 0, 0, 0.0, 0
         self.wall_before, self.wall_start = 0.0, time.perf_counter()  # wall seconds of earlier launches, this one's start
         self.spikes = SpikeGuard(t.spike_sigma, t.spike_window) if t.on_spike == "skip" else None
