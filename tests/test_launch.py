@@ -1,11 +1,13 @@
 """`python launch.py` as a user runs it: exit status, every file CONTRACT.md lists, their keys."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from tests.conftest import launch, metrics_rows
+from tests.conftest import ROOT, launch, launch_env, metrics_rows
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +95,44 @@ def test_a_sweep_with_a_failed_job_runs_the_others_then_exits_non_zero(tmp_path,
         proc.stderr[-3000:]
     assert json.loads((sweep / "1" / "summary.json").read_text())["steps"] == 2
     assert (sweep / "0" / "summary.json").read_text() == before
+
+
+CRASH_THEN_STOP = """
+import os, runpy, signal, sys
+from train.trainer import Trainer
+fit = Trainer.fit
+def fit_or_fail(self, stop=None):
+    if self.cfg.seed == 0:
+        raise RuntimeError("a bug in job 0")
+    if self.cfg.seed == 1:  # a stop signal arrives during job 1
+        step = self.train_step
+        def stopping_step():
+            if self.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step()
+        self.train_step = stopping_step
+    return fit(self, stop)
+Trainer.fit = fit_or_fail
+sys.argv = ["launch.py", *sys.argv[1:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def test_a_local_sweep_survives_a_crashing_job_and_stops_whole_on_a_signal(tmp_path, data_cache):
+    """Job 0 raises (a bug, not a refusal): job 1 still runs, and the sweep exits non-zero naming
+    job 0 (Hydra re-raised the first exception once all had run, hiding the other jobs' exit
+    statuses). SIGTERM during job 1 checkpoints it and ends the sweep: job 2 does not start (each job
+    installed its own handler, so a signal stopped one job and the next one began)."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-c", CRASH_THEN_STOP, "-m", *SMOKE, "seed=0,1,2", f"out_dir={sweep}",
+                           f"data.cache_dir={data_cache}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=launch_env())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "RuntimeError: a bug in job 0" in proc.stderr
+    assert f"1 job(s) of the sweep failed, each with its error above: {sweep / '0'} (exit 1)" in proc.stderr
+    assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "preempted"
+    assert f"the sweep was stopped by SIGTERM: 1 job(s) not started ({sweep / '2'})" in proc.stderr
+    assert not (sweep / "2" / "summary.json").exists()
 
 
 def test_multirun_gives_each_job_its_own_out_dir(tmp_path, data_cache):

@@ -143,7 +143,7 @@ def record_sweep(args: list[str]) -> None:
 
 
 @pytest.mark.parametrize("first,again,refused", [
-    (["experiment=lr_sweep", "optim.lr=1e-3,3e-3", "study.lr_grid=range(-1,2)"], None, None),  # lr set per job
+    (["experiment=lr_sweep", "optim.lr=1e-3,3e-3", "study.lr_grid='range(-1,2)'"], None, None),  # lr set per job
     (["optim=adamw,muon"], ["optim=muon,adamw"], "optim.name"),  # a sweep over a group
     (["seed=0,1"], ["seed=1,2", "hydra/launcher=submitit_local"], "seed"),  # jobs submitted to SLURM too
 ])
@@ -285,3 +285,47 @@ def test_report_diff_and_x_axis(tmp_path, capsys):
     sys.argv = ["report", str(tmp_path / "a"), "--x", "time", "--out", str(tmp_path / "r")]
     report.main()
     assert (tmp_path / "r" / "val_loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,key,words", [
+    (["-m", "experiment=ablation_residual_optim,stress"], "experiment", "sets its own sweep (optim=adamw,muon"),
+    (["-m", "experiment=lr_sweep", "study.lr_grid=range(-1,2)"], "study.lr_grid", "quoted as one value"),
+    (["-m", "seed=0,1", "seed=2"], "seed", "given twice"),
+    (["-m", "optim=muon", "optim=adamw,muon"], "optim", "given twice"),
+    (["optim.name=muon"], "optim.name", "optim=adamw or optim=muon"),
+    (["-m", "seed=0,1", "hydra.sweep.subdir=same"], "hydra.sweep.subdir", "the same run there"),
+    (["-m", "experiment=lr_sweep", "hydra.sweep.subdir=lr${optim.lr}"], "hydra.sweep.subdir", "the same run there"),
+    (["optim.lr=${nope}"], "override", "Interpolation key 'nope' not found"),
+    (["-m", "optim=glob(sg*)"], "optim", "the glob matches no option"),
+])
+def test_a_launch_that_would_run_other_jobs_than_written_is_refused(args, key, words, tmp_path):
+    """Each of these ran something else than the command line says, or crashed with a traceback:
+    Hydra reads a preset's own sweep lists only when the preset is not itself swept, sweeps an
+    unquoted grid's text, lets the last of two values win, keeps AdamW's preset under optim.name=muon,
+    and a subdir shared by several jobs had each resume the previous job's run."""
+    with pytest.raises(ConfigError) as err:
+        check([*args, f"out_dir={tmp_path}"])
+    assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_the_checked_jobs_are_the_jobs_hydra_runs(tmp_path):
+    """The sweep lists come from the config composed without the command line's sweeps, as Hydra
+    composes it; a glob over a group is its matching options."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from train.preflight import jobs
+
+    def listed(args):
+        return [job for job, _ in jobs(OverridesParser.create().parse_overrides(args), args, True, "config")]
+    assert len(listed(["experiment=optimizer_study", "model.d_model=64,96"])) == 5 * 2 * 2  # lr grid × optim × width
+    text = check(["-m", "optim=glob(*)", "launcher.dry_run=true", f"out_dir={tmp_path}"])
+    assert "job 0 (optim=adamw" in text and "job 1 (optim=muon" in text and "job 2" not in text
+
+
+def test_a_sweep_cut_to_one_value_still_meets_what_its_directories_were(tmp_path):
+    """Jobs 0 and 1 trained optim.lr 1e-3 and 3e-3; `optim.lr=3e-3` alone no longer varies, but its job
+    0 would continue the 1e-3 run at 3e-3 (the check compared only what varies now)."""
+    record_sweep(["optim.lr=1e-3,3e-3", f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"optim.lr=3e-3.*trained with optim.lr=0.001|trained with optim.lr=0.001"):
+        check(["-m", "optim.lr=3e-3", f"out_dir={tmp_path}"])
+    assert check(["-m", "optim.lr=1e-3", "trainer.max_steps=3000", f"out_dir={tmp_path}"]) is None  # job 0 continues

@@ -79,6 +79,46 @@ def _values(o) -> list:
     return [parser.parse_override(f"{o.key_or_group}={v}").value() for v in o.sweep_string_iterator()]
 
 
+def _is_glob(o) -> bool:
+    from hydra.core.override_parser.types import ValueType
+
+    return o.value_type == ValueType.GLOB_CHOICE_SWEEP
+
+
+def _expand_glob(o, options: dict) -> str:
+    if not _is_glob(o):
+        return o.input_line
+    if o.key_or_group not in options:
+        raise ConfigError(o.key_or_group, _shown(o), f"glob(...) over a config group ({', '.join(options)})",
+                          "glob selects among a group's options")
+    chosen = o.value().filter(options[o.key_or_group])
+    if not chosen:
+        raise ConfigError(o.key_or_group, _shown(o), ", ".join(options[o.key_or_group]), "the glob matches no option")
+    return f"{o.key_or_group}={','.join(chosen)}"
+
+
+def check_command_line(parsed) -> None:
+    """What Hydra would accept but not run as written: a key given twice with a sweep (the last value
+    wins, even over the sweep), the optimizer's name without its preset, and a sweep of study.lr_grid, which
+    itself holds a sweep (written unquoted, Hydra sweeps the text and runs the default grid)."""
+    seen = {}
+    for o in parsed:  # a later plain value overriding an earlier one is Hydra's rule, and used (presets in aliases)
+        key = o.key_or_group
+        if key in seen and (o.is_sweep_override() or seen[key].is_sweep_override()):
+            raise ConfigError(key, f"{_shown(seen[key])} and {_shown(o)}", f"one {key}=... (several values: "
+                              f"{key}=A,B with -m)", "given twice with a sweep: the last would silently win")
+        seen[key] = o
+    for o in parsed:
+        if o.key_or_group == "optim.name":
+            raise ConfigError("optim.name", _shown(o), "optim=adamw or optim=muon, the group: it sets the optimizer "
+                              "with its preset", "optim.name alone keeps the other optimizer's preset values "
+                              "(learning rates, eps, Newton-Schulz settings)")
+        if o.key_or_group == "study.lr_grid" and o.is_sweep_override():
+            raise ConfigError("study.lr_grid", _shown(o), "the grid quoted as one value: "
+                              f"\"study.lr_grid='{_shown(o)}'\"", "unquoted, Hydra sweeps over the grid's text and "
+                              "runs the default grid for each value")
+
+
 def check_override(o, fields: dict, nodes: set, options: dict, node) -> None:
     """`node`: the schema as a structured config (building one takes ~0.1 s, so the launch's
     overrides share one; each sets its own leaf, so they cannot mask each other's types)."""
@@ -136,15 +176,29 @@ def jobs(parsed, raw: list[str], multirun: bool, config_name: str) -> list[tuple
 
     if not multirun:
         return [(raw, _compose(config_name, raw))]
-    first = [o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(_values(o)), None)}"
-             for o in parsed if not o.is_sweep_override() or o.is_discrete_sweep()]
-    cfg = _compose(config_name, first)
-    params = [f"{k}={v}" for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()]
+    # Hydra reads the sweep lists (hydra.sweeper.params) of the config composed without the
+    # sweeps: so does this, so that the jobs listed and checked are the jobs that run
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    params = sweep_params(config_name, fixed)
+    for o in parsed:
+        if o.is_sweep_override() and o.key_or_group in groups():
+            for v in _values(o):
+                own = sweep_params(config_name, [*fixed, f"{o.key_or_group}={v}"])
+                if own != params:
+                    raise ConfigError(o.key_or_group, _shown(o), f"one {o.key_or_group} per launch where an option "
+                                      f"sweeps on its own (launch each: python launch.py -m {o.key_or_group}={v} ...)",
+                                      f"{o.key_or_group}={v} sets its own sweep ({', '.join(own)}), which Hydra does "
+                                      f"not run when {o.key_or_group} itself is swept: one job per option would run")
     try:
         [batches] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + raw), None)
     except Exception:  # a sweeper of its own (ranges, intervals): Hydra checks each job as it starts
         return []
     return [(job, _compose(config_name, job)) for job in batches]
+
+
+def sweep_params(config_name: str, overrides: list[str]) -> list[str]:
+    cfg = _compose(config_name, overrides)
+    return [f"{k}={v}" for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()]
 
 
 def typed(cfg, job_num: int | None):
@@ -180,14 +234,21 @@ def check_job_directories(configs: list[Config]) -> None:
         cfg = copy.deepcopy(cfg)
         apply_study(cfg)
         studied.append(flatten(as_dict(cfg)))
-    varying = [k for k in studied[0] if not matches(k, NEUTRAL) and len({repr(s.get(k)) for s in studied}) > 1]
+    # what tells this sweep's jobs apart, and what told apart the jobs already in its directories
+    # (a list cut to one value no longer varies now, but job 0 still trained at its first value)
+    before = {d: flatten(yaml.safe_load((d / "config.yaml").read_text()) or {})
+              for d in {Path(c.out_dir).parent for c in configs} for d in sorted(d.glob("*"))
+              if (d / "config.yaml").is_file()}
+    varying = {k for group in (studied, list(before.values())) for k in (group[0] if group else {})
+               if not matches(k, NEUTRAL) and len({repr(s.get(k)) for s in group}) > 1}
     for job, (cfg, new) in enumerate(zip(configs, studied)):
         recorded = Path(cfg.out_dir) / "config.yaml"
         if cfg.trainer.resume != "auto" or not varying or not recorded.is_file():
             continue
-        old = flatten(yaml.safe_load(recorded.read_text()) or {})
-        for key in varying:
-            if key in old and old[key] != new[key]:
+        old = before.get(Path(cfg.out_dir)) or flatten(yaml.safe_load(recorded.read_text()) or {})
+        order = list(new)
+        for key in sorted(varying, key=lambda k: order.index(k) if k in order else len(order)):
+            if key in old and key in new and old[key] != new[key]:
                 raise ConfigError(key, new[key], f"{old[key]}, the value of the run in {cfg.out_dir}, or a new "
                                   f"out_dir for this sweep", f"a sweep's job {job} continues the run in "
                                   f"{cfg.out_dir}, which was trained with {key}={old[key]}")
@@ -216,6 +277,10 @@ def check(argv: list[str]) -> str | None:
         raise ConfigError("override", " ".join(args.overrides), "KEY=VALUE, +KEY=VALUE or GROUP=OPTION; sweeps "
                           "KEY=A,B with -m", f"cannot parse the command line ({first})") from None
     fields, nodes, options, node = schema_fields(), _nodes(), groups(), OmegaConf.structured(Config)
+    if any(_is_glob(o) for o in parsed):  # glob(*) over a group: its options, listed
+        args.overrides = [_expand_glob(o, options) for o in parsed]
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    check_command_line(parsed)
     for o in parsed:
         check_override(o, fields, nodes, options, node)
     sweeps = [o for o in parsed if o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
@@ -227,10 +292,21 @@ def check(argv: list[str]) -> str | None:
         return None
     try:
         found = jobs(parsed, args.overrides, args.multirun, args.config_name or "config")
+    except ConfigError:
+        raise
     except Exception:  # e.g. a sweep without -m: Hydra's own message says what to do
         return None
     local = all(str(cfg.hydra.launcher._target_).endswith("BasicLauncher") for _, cfg in found)
-    configs = [typed(cfg, i if args.multirun else None) for i, (_, cfg) in enumerate(found)]
+    try:
+        configs = [typed(cfg, i if args.multirun else None) for i, (_, cfg) in enumerate(found)]
+    except Exception as e:  # an interpolation that does not resolve (optim.lr=${nope}), a wrong type
+        raise ConfigError("override", " ".join(args.overrides), "values of the schema's types; interpolations "
+                          "${KEY} of existing keys", str(e).strip().splitlines()[0]) from None
+    shared = next((c.out_dir for i, c in enumerate(configs) if c.out_dir in {d.out_dir for d in configs[:i]}), None)
+    if shared is not None:
+        raise ConfigError("hydra.sweep.subdir", shared, "a directory of its own per job (the default: the job "
+                          "number, ${hydra.job.num})", "two or more jobs of this sweep would write (and resume) "
+                          "the same run there")
     for cfg in configs:  # every job, submitted ones too: a bad value is refused before any job runs
         validate(cfg, submitted=not local)
     if args.multirun:

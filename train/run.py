@@ -175,6 +175,8 @@ def run(dict_cfg: DictConfig) -> int:
     finally:
         if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's jobs share one process group
             shutdown_distributed(wait_for_peers=finished)
+    if summary["status"] == "preempted":
+        STOPPED.append(summary["signal"])  # a sweep in this process runs no further job
     if int(os.environ.get("RANK", 0)) == 0 and summary["status"] == "preempted":
         print(f"\nstopped by {summary['signal']} after step {summary['steps']}; checkpoint "
               f"{summary['checkpoint']}. Run the same command to resume.", flush=True)
@@ -195,6 +197,10 @@ def run(dict_cfg: DictConfig) -> int:
 # A sweep's failed jobs (in this process): (out_dir, exit status). A failed job does not end the
 # others; the sweep exits with the first one's status once every job has run (launch.py).
 FAILED_JOBS: list[tuple[str, int]] = []
+# A stop signal (Ctrl-C, SIGTERM, SLURM's warning) ends a local sweep, not only its current job:
+# the signal that stopped it, and the jobs it then did not start.
+STOPPED: list[str] = []
+SKIPPED_JOBS: list[str] = []
 
 
 class JobFailed(RuntimeError):
@@ -203,8 +209,20 @@ class JobFailed(RuntimeError):
 
 
 def main(dict_cfg: DictConfig) -> None:
-    code = run(dict_cfg)
     hydra = HydraConfig.get()
+    if STOPPED and hydra.mode == RunMode.MULTIRUN:
+        SKIPPED_JOBS.append(hydra.runtime.output_dir)
+        drop_if_empty(Path(hydra.runtime.output_dir))
+        return
+    try:
+        code = run(dict_cfg)
+    except Exception:  # in a local sweep, one job's crash must neither end the others nor hide their failures
+        if hydra.mode != RunMode.MULTIRUN or submitted():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     if code and hydra.mode != RunMode.MULTIRUN:
         sys.exit(code)
     if code and submitted():
@@ -215,7 +233,11 @@ def main(dict_cfg: DictConfig) -> None:
 
 
 def exit_if_jobs_failed() -> None:
-    """After a sweep: a one-line account of its failed jobs, and the first one's exit status."""
+    """After a sweep: a one-line account of its failed jobs, and the first one's exit status; of the
+    jobs a stop signal kept from starting."""
+    if SKIPPED_JOBS:
+        print(f"the sweep was stopped by {STOPPED[0]}: {len(SKIPPED_JOBS)} job(s) not started "
+              f"({'; '.join(SKIPPED_JOBS)}). Run the same command to continue it.", file=sys.stderr, flush=True)
     if FAILED_JOBS:
         jobs = "; ".join(f"{out} (exit {code})" for out, code in FAILED_JOBS)
         print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed, each with its error above: {jobs}",
