@@ -134,14 +134,23 @@ def fingerprint(corpus_fingerprint: str, tokenizer_identity: str, val_fraction: 
 
 def _split(corpus, val_fraction: float, num_proc: int):
     """Train/validation by document, from a hash of each document's text (order-independent)."""
-    keyed = corpus.map(lambda b: {"crc": [zlib.crc32(t.encode()) for t in b["text"]]}, batched=True,
-                       num_proc=num_proc, desc="split")
+    def crcs(batch, rows):
+        bad = next((r for r, t in zip(rows, batch["text"]) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise DataError(f"document {bad} of the corpus has no text (its text field is "
+                            f"{type(batch['text'][rows.index(bad)]).__name__}); every record needs a string")
+        return {"crc": [zlib.crc32(t.encode()) for t in batch["text"]]}
+
+    keyed = corpus.map(crcs, batched=True, with_indices=True, num_proc=num_proc, desc="split")
     crc = np.asarray(keyed["crc"], dtype=np.int64)
     if len(crc) < 2:
         raise DataError(f"the corpus has {len(crc)} document(s); a train/validation split needs 2 or more")
     is_val = crc % 10000 < val_fraction * 10000
-    if is_val.all() or not is_val.any():  # tiny corpora: hold out exactly one document
-        is_val = np.arange(len(crc)) == int(np.argmin(crc))
+    if is_val.all() or not is_val.any():  # tiny corpora: hold out one document (with its copies: no leak)
+        is_val = crc == crc.min()
+        if is_val.all():
+            raise DataError(f"the corpus's {len(crc)} documents are all the same text; a train/validation split "
+                            f"needs two different ones")
     return corpus.select(np.flatnonzero(~is_val)), corpus.select(np.flatnonzero(is_val))
 
 
@@ -158,6 +167,15 @@ def _build(cfg, corpus, fp: str, out: Path) -> None:
         return {"ids": [np.concatenate([np.asarray(ids, dtype=np.int64), eos]) for ids in tok.encode_batch(batch["text"])]}
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write(cfg, tok, encode, train_docs, val_docs, fp, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, out)
+
+
+def _write(cfg, tok, encode, train_docs, val_docs, fp: str, tmp: Path) -> None:
     splits = {}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         ids = docs.map(encode, batched=True, num_proc=cfg.num_proc, remove_columns=docs.column_names,
@@ -178,7 +196,22 @@ def _build(cfg, corpus, fp: str, out: Path) -> None:
         "split_rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "splits": splits,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    os.rename(tmp, out)
+
+
+def files_fingerprint(cfg, files: list[Path]) -> str:
+    """The user's files by content: their bytes and names relative to one another (the order they
+    are read in), and how they are read (text_field). Not datasets' builder hash, which is made
+    of absolute paths and modification times: a copy of the corpus elsewhere, or a file touched
+    without a change, was another corpus, and a file changed with its time kept was the same."""
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    h = hashlib.sha256(json.dumps(["files", cfg.text_field]).encode())
+    for f in files:
+        name = str(f.resolve().relative_to(root)).encode()
+        h.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _files_key(cfg, files: list[Path], tokenizer_identity: str) -> str:
@@ -201,8 +234,10 @@ def prepare(cfg) -> Path:
         out = cache / known.read_text().strip()
         if (out / "manifest.json").exists():
             return out
-    corpus = load_corpus(cfg, files)
-    fp = fingerprint(corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)
+    content = files_fingerprint(cfg, files) if cfg.source == "files" else None
+    corpus = load_corpus(cfg, files, cache / ".datasets" / content[:16] if content else None)
+    content = content or corpus._fingerprint
+    fp = fingerprint(content, identity, cfg.val_fraction, cfg.shard_tokens)
     out = cache / f"{cfg.source}-{label}-{fp[:16]}"
     if (out / "manifest.json").exists():
         _remember(known, out)
@@ -212,6 +247,8 @@ def prepare(cfg) -> Path:
         if not (out / "manifest.json").exists():  # another process may have built it while we waited
             if out.exists():
                 shutil.rmtree(out)
+            for stale in out.parent.glob(f".{out.name}.*"):  # left by a build that was killed (holding this lock)
+                shutil.rmtree(stale, ignore_errors=True)
             log.info("preparing %s into %s", cfg.source, out)
             _build(cfg, corpus, fp, out)
     _remember(known, out)

@@ -63,8 +63,9 @@ def local_files(path: str) -> list[Path]:
     p = Path(path).expanduser()
     if p.is_file():
         return [p]
-    if p.is_dir():
-        found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    if p.is_dir():  # not what a checkout or an editor keeps beside the corpus (.git/, .ipynb_checkpoints/, __pycache__/)
+        found = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+            part.startswith(".") or part == "__pycache__" for part in f.relative_to(p).parts))
     else:
         found = sorted(Path(f) for f in glob.glob(os.path.expanduser(path), recursive=True) if Path(f).is_file())
     if not found:
@@ -84,19 +85,35 @@ def _read_texts(files: list[Path]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts})
 
 
-def _load_files(path: str, files: list[Path], text_field: str) -> datasets.Dataset:
+def _load_files(path: str, files: list[Path], text_field: str, cache_dir: Path | None = None) -> datasets.Dataset:
+    """`cache_dir`: where datasets keeps its copy; one per content (data.shards.files_fingerprint), as
+    datasets' own cache knows a file by its path and modification time only."""
     kinds = {BUILDERS.get(f.suffix.lower(), "text") for f in files}
     if len(kinds) > 1:
         raise DataError(f"data.path={path!r} mixes file kinds ({', '.join(sorted(kinds))}); point it at one kind")
     builder = kinds.pop()
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    # text: a file is a document; one file alone is its paragraphs (blank-line separated), else it
+    # could never be split into training and validation documents
+    kwargs = {"sample_by": "paragraph" if len(files) == 1 else "document"} if builder == "text" else {}
     import datasets
 
     try:
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                   cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
     except Exception as e:  # datasets raises many types for unreadable files; name the input
-        raise DataError(f"cannot read data.path={path!r} as {builder}: {e}") from None
+        culprit = _unreadable(files) if builder == "text" else None
+        raise DataError(f"cannot read data.path={path!r} as {builder}: {culprit or e}") from None
     return ds if builder == "text" else _text_column(ds, text_field, f"data.path={path!r}")
+
+
+def _unreadable(files: list[Path]) -> str | None:
+    """The first file that is not UTF-8 text, and why."""
+    for f in files:
+        try:
+            f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{f} is not readable UTF-8 text ({e})"
+    return None
 
 
 def _text_column(ds: datasets.Dataset, text_field: str, what: str) -> datasets.Dataset:
@@ -117,12 +134,15 @@ def corpus_files(cfg) -> list[Path] | None:
     return None
 
 
-def load_corpus(cfg, files: list[Path] | None = None) -> datasets.Dataset:
+def load_corpus(cfg, files: list[Path] | None = None, cache_dir: Path | None = None) -> datasets.Dataset:
     """The configured corpus as a Dataset with one column, `text`, one row per document. `files`:
-    `corpus_files(cfg)` where the caller has listed them already."""
+    `corpus_files(cfg)` where the caller has listed them already; `cache_dir`: for datasets' copy of
+    the user's files."""
     if cfg.source in ("shakespeare", "pycode", "files"):
         files = files if files is not None else corpus_files(cfg)
-        return _load_files(cfg.path or "", files, cfg.text_field) if cfg.source == "files" else _read_texts(files)
+        if cfg.source == "files":
+            return _load_files(cfg.path or "", files, cfg.text_field, cache_dir)
+        return _read_texts(files)
     if cfg.source == "hub":
         import datasets
 

@@ -348,7 +348,7 @@ def test_concurrent_preparation_builds_one_valid_copy(corpus, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1]
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != ".index"] == [outs[0].split("/")[-1]]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")] == [outs[0].split("/")[-1]]
     TokenLoader(tmp_path / outs[0].split("/")[-1], 16, 4, seed=0)
 
 
@@ -358,3 +358,92 @@ def test_parallel_preparation_equals_serial(corpus, tmp_path, tokenizer):
     parallel = prepare(data_config(tmp_path / "2", path=str(corpus), tokenizer=tokenizer, vocab_size=280, num_proc=2))
     for split in ("train", "val"):
         assert np.array_equal(all_tokens(serial, split), all_tokens(parallel, split))
+
+
+# -- the user's files: identity by content, what is read, what a failed build leaves --------------
+def _docs(root, texts: dict) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def _text(prepared) -> str:
+    return bytes(int(t) for s in ("train", "val") for t in all_tokens(prepared, s) if t < 256).decode()
+
+
+def test_a_corpus_is_known_by_its_content(tmp_path):
+    """A copy elsewhere or a touched file is the same corpus (same fingerprint: a run resumes on
+    it); a file changed with its modification time kept is another, read afresh (datasets' own
+    cache, keyed by path and time, served the old text)."""
+    import os
+    import shutil
+
+    texts = {f"d{i}.txt": f"document {i} " * 40 for i in range(6)}
+    a = _docs(tmp_path / "a", texts)
+    first = prepare(data_config(tmp_path / "cache", path=str(a)))
+    copy = shutil.copytree(a, tmp_path / "b")
+    (a / "d1.txt").touch()
+    for p in (a, copy):
+        assert prepare(data_config(tmp_path / "cache", path=str(p))) == first
+    stat = (a / "d3.txt").stat()
+    (a / "d3.txt").write_text("an edited document " * 40)
+    os.utime(a / "d3.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # cp -p, touch -r, rsync -a
+    edited = prepare(data_config(tmp_path / "cache", path=str(a)))
+    assert edited != first and "an edited document" in _text(edited) and "document 3 " not in _text(edited)
+
+
+def test_what_a_directory_holds_besides_the_corpus_is_not_read(tmp_path):
+    """.git/, an editor's hidden folder and __pycache__ are not documents; a file that is not text
+    is named in the error."""
+    root = _docs(tmp_path / "c", {"a.txt": "alpha " * 50, "b.txt": "beta " * 50, ".git/config": "[core] secret",
+                                  ".ipynb_checkpoints/a.txt": "gamma", "__pycache__/x.txt": "delta"})
+    text = _text(prepare(data_config(tmp_path / "cache", path=str(root))))
+    assert "alpha" in text and "beta" in text and not {"secret", "gamma", "delta"} & set(text.split())
+    (root / "blob.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=r"blob.txt is not readable UTF-8 text"):
+        prepare(data_config(tmp_path / "cache", path=str(root)))
+
+
+def test_one_text_file_is_read_as_its_paragraphs(tmp_path):
+    """`data.path=input.txt`, as nanoGPT's: one file, which was one document and could never be split."""
+    f = tmp_path / "input.txt"
+    f.write_text("\n\n".join(f"paragraph {i} " * 20 for i in range(10)))
+    manifest = load_manifest(prepare(data_config(tmp_path / "cache", path=str(f))))
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 10
+
+
+def test_records_without_text_are_named(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "one document"}\n{"other": 5}\n{"text": "a third"}\n')
+    with pytest.raises(DataError, match="document 1 of the corpus has no text"):
+        prepare(data_config(tmp_path / "cache", path=str(f)))
+
+
+def test_a_failed_or_killed_build_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    from data import shards
+
+    root = _docs(tmp_path / "c", {f"d{i}.txt": f"doc {i} " * 30 for i in range(4)})
+    cfg = data_config(tmp_path / "cache", path=str(root))
+
+    def full_disk(*args):
+        raise OSError("No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(shards.ShardWriter, "write", full_disk)
+        with pytest.raises(OSError):
+            prepare(cfg)
+    assert not list((tmp_path / "cache").glob(".files-*"))
+    out = prepare(cfg)
+    shutil_rmtree = __import__("shutil").rmtree
+    shutil_rmtree(out)
+    (out.parent / f".{out.name}.killed").mkdir()  # what a kill -9 mid-build leaves
+    (out.parent / f".{out.name}.killed" / "train_00000.bin").write_bytes(b"x" * 1000)
+    assert prepare(cfg) == out and not list((tmp_path / "cache").glob(f".{out.name}.*"))
+
+
+def test_a_tiny_corpus_holds_out_every_copy_of_its_validation_document(tmp_path):
+    root = _docs(tmp_path / "c", {"a.txt": "same text " * 20, "b.txt": "same text " * 20, "c.txt": "other " * 20})
+    prepared = prepare(data_config(tmp_path / "cache", path=str(root), val_fraction=0.01))
+    train, val = (bytes(int(t) for t in all_tokens(prepared, s) if t < 256).decode() for s in ("train", "val"))
+    assert not ("same text" in train and "same text" in val)

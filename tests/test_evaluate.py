@@ -164,3 +164,16 @@ def test_an_evaluation_is_replaced_only_by_itself_or_when_asked(run_copy, capsys
     assert (run_copy / "eval" / "mine.json").read_text() == first
     assert evaluate.main([str(run_copy), "max_batches=2", "name=mine", "overwrite=true"]) == 0
     assert json.loads((run_copy / "eval" / "mine.json").read_text())["max_batches"] == 2
+
+
+def test_a_learned_tokenizer_run_is_scored_with_its_own_tokenizer(tmp_path):
+    """The run's own data of a BPE run is tokenized with the run's tokenizer.json, not with a BPE
+    trained again on the corpus as it is now (a document added since gave other ids, silently)."""
+    from train.cli import compose_args
+    from train.evaluate import eval_data
+
+    run_cfg = compose_config(["data.tokenizer=bpe"])
+    (tmp_path / "tokenizer.json").write_text("{}")  # the run's copy (only its path is taken here)
+    for overrides in ([], ["data.seq_len=16"]):
+        data = eval_data(compose_args("evaluate", overrides), overrides, run_cfg, tmp_path)
+        assert data.tokenizer == str(tmp_path / "tokenizer.json") and data.source == run_cfg.data.source

@@ -56,7 +56,7 @@ def eval_data(args, overrides: list[str], run_cfg, run_dir: Path):
             if key not in keys:
                 setattr(data, key, getattr(run_cfg.data, key))
         return data
-    data = dataclasses.replace(run_cfg.data)
+    data = dataclasses.replace(run_cfg.data, tokenizer=tokenizer_spec(run_cfg, run_dir))  # a learned one: the run's
     for key in keys:  # the composed (typed) values
         setattr(data, key, getattr(args.data, key))
     return data
