@@ -89,6 +89,11 @@ def test_slurm_sbatch_file(tmp_path):
         assert line in proc.stdout, line
     assert f"srun --unbuffered --output {sweep}/.submitit/" in proc.stdout
     assert not list(sweep.glob("[0-9]*")), "a dry run started a job"
+    # a preset's own sweep lists count: ablation_residual_optim is 2 optimizers × 3 residuals × 2 seeds
+    proc = launch("-m", "hydra/launcher=slurm", "launcher.dry_run=true", f"out_dir={sweep}",
+                  "experiment=ablation_residual_optim")
+    assert proc.returncode == 0 and "sbatch would receive (12 job(s))" in proc.stdout and "#SBATCH --array=0-11" \
+        in proc.stdout, proc.stderr[-2000:]
 
 
 def test_slurm_layout_must_be_one_task_per_rank(tmp_path):

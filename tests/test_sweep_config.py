@@ -168,6 +168,10 @@ def test_a_sweep_is_checked_against_what_its_directories_hold(first, again, refu
     (["optim.betas=[0.9,abc]"], "optim.betas", "a list of numbers"),
     (["-m", "model.n_streams=2,4"], "model.n_streams", "add model.residual=hc or model.residual=mhc"),
     (["optim.ns_steps=3"], "optim.ns_steps", "optim=muon"),
+    (["optim=muon", "optim.ns_restarts=[2]"], "optim.ns_restarts", "optim.ns_method=gram"),
+    (["study.lr_spacing=0.25"], "study.lr_spacing", "study=sweep"),
+    (["study.allow_edge_lr=true"], "study.allow_edge_lr", "study=tuned"),
+    (["launcher.master_addr=10.0.0.1"], "launcher.master_addr", "launcher.nnodes>1"),
     (["-m", "seed=0,1", "launcher.nproc_per_node=1,3"], "trainer.global_batch_size", "a multiple of the 3"),
     (["seed=0,1"], "seed", "the sweep with -m"),
     # jobs submitted to SLURM are checked before any is submitted, as local ones are
@@ -329,3 +333,23 @@ def test_a_sweep_cut_to_one_value_still_meets_what_its_directories_were(tmp_path
     with pytest.raises(ConfigError, match=r"optim.lr=3e-3.*trained with optim.lr=0.001|trained with optim.lr=0.001"):
         check(["-m", "optim.lr=3e-3", f"out_dir={tmp_path}"])
     assert check(["-m", "optim.lr=1e-3", "trainer.max_steps=3000", f"out_dir={tmp_path}"]) is None  # job 0 continues
+
+
+def test_a_launch_with_its_own_config_dir_is_checked_too(tmp_path, monkeypatch):
+    """--config-dir skipped every check (a sweep re-run continued job 0 at another lr); the user's
+    presets are found beside ours."""
+    from train import preflight
+
+    monkeypatch.setattr(preflight, "EXTRA_CONFIG_DIRS", [])  # check() sets it for its launch; not for later tests
+    extra = tmp_path / "configs" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "mine.yaml").write_text("# @package _global_\ntrainer:\n  max_steps: 7\n")
+    record_sweep(["optim.lr=1e-3,3e-3", f"out_dir={tmp_path / 'sweep'}"])
+    with pytest.raises(ConfigError, match="trained with optim.lr=0.001"):
+        check(["--config-dir", str(tmp_path / "configs"), "-m", "experiment=mine", "optim.lr=1e-2,3e-3",
+               f"out_dir={tmp_path / 'sweep'}"])
+    text = check(["--config-dir", str(tmp_path / "configs"), "experiment=mine", "launcher.dry_run=true",
+                  f"out_dir={tmp_path / 'run'}"])
+    assert "experiment=mine" in text
+    with pytest.raises(ConfigError, match="no preset configs/experiment/yours.yaml"):
+        check(["--config-dir", str(tmp_path / "configs"), "experiment=yours", f"out_dir={tmp_path / 'run'}"])

@@ -39,7 +39,7 @@ def world_size(cfg: Config) -> int:
 def check_multi_node_out_dir(cfg: Config, overrides: list[str]) -> None:
     """Every node resolves the default out_dir (a timestamp) on its own: several nodes need one given."""
     multi_node = cfg.launcher.nnodes > 1 or cfg.launcher.hostfile
-    if multi_node and "RANK" not in os.environ and not any(o.startswith("out_dir=") for o in overrides):
+    if multi_node and "RANK" not in os.environ and not any(o.lstrip("+").startswith("out_dir=") for o in overrides):
         raise ConfigError("out_dir", cfg.out_dir, "an explicit out_dir=PATH on a file system every node shares",
                           "the default is a timestamp, which each node would resolve differently")
 
@@ -226,14 +226,16 @@ def sbatch_script(launcher_params: dict, n_jobs: int) -> str:
     return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
 
 
-def sweep_size(task_overrides: list[str]) -> int:
+def sweep_size(task_overrides: list[str], sweep_params: dict | None = None) -> int:
+    """Jobs of a sweep: the command line's lists and the config's own (hydra.sweeper.params, which
+    a preset sets), combined as Hydra's basic sweeper combines them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    n = 1
-    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
-        if o.is_sweep_override():
-            n *= len(list(o.sweep_string_iterator()))
-    return n
+    params = [f"{k}={v}" for k, v in (sweep_params or {}).items()]
+    [batches] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + list(task_overrides)),
+                                             None)
+    return len(batches)
 
 
 class SubmititLayout(Callback):
@@ -268,7 +270,7 @@ class SubmititLayout(Callback):
                               f"with hydra.launcher.nodes={params['nodes']} the job does not have one task per rank")
         if not lc.dry_run:
             return
-        n_jobs = sweep_size(config.hydra.overrides.task)
+        n_jobs = sweep_size(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params"))
         if params["_target_"].endswith("SlurmLauncher"):
             print(f"dry run (launcher.dry_run=true): nothing was submitted. sbatch would receive "
                   f"({n_jobs} job(s)):\n{sbatch_script(params, n_jobs)}")

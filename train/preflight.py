@@ -25,6 +25,8 @@ from common.errors import ConfigError
 from train.config import Config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# --config-dir DIR: the user's configs, searched before ours as Hydra searches them (set by check)
+EXTRA_CONFIG_DIRS: list[Path] = []
 
 
 # -- the schema ---------------------------------------------------------------------------------
@@ -61,9 +63,13 @@ def describe_type(hint) -> str:
 
 
 def groups() -> dict[str, list[str]]:
-    """Config groups (configs/<group>/) and their options."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONFIGS.iterdir())
-            if d.is_dir() and d.name != "hydra"}
+    """Config groups (configs/<group>/, and those of a --config-dir) and their options."""
+    found: dict[str, set[str]] = {}
+    for root in (CONFIGS, *EXTRA_CONFIG_DIRS):
+        for d in sorted(root.iterdir()) if root.is_dir() else ():
+            if d.is_dir() and d.name != "hydra":
+                found.setdefault(d.name, set()).update(p.stem for p in d.glob("*.yaml"))
+    return {k: sorted(v) for k, v in sorted(found.items())}
 
 
 # -- one override -------------------------------------------------------------------------------
@@ -165,8 +171,9 @@ def _shown(o):
 def _compose(config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
+    search = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in EXTRA_CONFIG_DIRS)}]"] if EXTRA_CONFIG_DIRS else []
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name, overrides=overrides, return_hydra_config=True)
+        return compose(config_name, overrides=[*search, *overrides], return_hydra_config=True)
 
 
 def jobs(parsed, raw: list[str], multirun: bool, config_name: str) -> list[tuple[list[str], object]]:
@@ -268,8 +275,9 @@ def check(argv: list[str]) -> str | None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
         return None  # Hydra prints its own usage
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path:
         return None
+    EXTRA_CONFIG_DIRS[:] = [Path(args.config_dir).expanduser().resolve()] if args.config_dir else []
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as e:

@@ -31,11 +31,18 @@ CONDITIONAL: list[tuple[str, str, Callable]] = [
                 "ns_method", "ns_dtype", "adjust_lr_fn", "rms_target", "per_head")],
     ("optim.ns_steps", "optim=muon with optim.ns_schedule=keller or polar_express",
      lambda c: c.optim.name == "muon" and c.optim.ns_schedule != "v4_hybrid"),
+    ("optim.ns_restarts", "optim=muon with optim.ns_method=gram",
+     lambda c: c.optim.name == "muon" and c.optim.ns_method == "gram"),
     ("optim.decay_fraction", "optim.schedule=wsd", lambda c: c.optim.schedule == "wsd"),
     ("optim.min_lr_ratio", "optim.schedule=cosine or optim.schedule=wsd", lambda c: c.optim.schedule != "constant"),
     ("trainer.max_skipped_steps", "trainer.on_nonfinite=skip", lambda c: c.trainer.on_nonfinite == "skip"),
     ("trainer.spike_sigma", "trainer.on_spike=skip", lambda c: c.trainer.on_spike == "skip"),
     ("trainer.spike_window", "trainer.on_spike=skip", lambda c: c.trainer.on_spike == "skip"),
+    *[(f"study.{k}", "study=sweep (stage 1)", lambda c: c.study.stage == 1) for k in ("lr_step", "lr_grid", "lr_spacing")],
+    *[(f"study.{k}", "study=tuned (stage 2)", lambda c: c.study.stage == 2)
+      for k in ("best_lr_from", "allow_edge_lr", "allow_other_budget")],
+    *[(f"launcher.{k}", "launcher.nnodes>1 or launcher.hostfile", lambda c: c.launcher.nnodes > 1 or bool(c.launcher.hostfile))
+      for k in ("master_addr", "node_rank")],
     ("trainer.max_micro_batch_size", "trainer.micro_batch_size=auto", lambda c: c.trainer.micro_batch_size == "auto"),
     *[(f"logger.wandb.{k}", "logger.wandb.mode=offline or online", lambda c: c.logger.wandb.mode != "disabled")
       for k in ("project", "group", "name", "tags")],
