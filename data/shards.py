@@ -154,7 +154,7 @@ def _split(corpus, val_fraction: float, num_proc: int):
     return corpus.select(np.flatnonzero(~is_val)), corpus.select(np.flatnonzero(is_val))
 
 
-def _build(cfg, corpus, fp: str, out: Path) -> None:
+def _build(cfg, corpus, fp: str, out: Path, aliases: list[str]) -> None:
     train_docs, val_docs = _split(corpus, cfg.val_fraction, cfg.num_proc)
     if cfg.tokenizer == "bpe":
         batches = (b["text"] for b in train_docs.iter(batch_size=256))
@@ -168,14 +168,14 @@ def _build(cfg, corpus, fp: str, out: Path) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write(cfg, tok, encode, train_docs, val_docs, fp, tmp)
+        _write(cfg, tok, encode, train_docs, val_docs, fp, aliases, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.rename(tmp, out)
 
 
-def _write(cfg, tok, encode, train_docs, val_docs, fp: str, tmp: Path) -> None:
+def _write(cfg, tok, encode, train_docs, val_docs, fp: str, aliases: list[str], tmp: Path) -> None:
     splits = {}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         ids = docs.map(encode, batched=True, num_proc=cfg.num_proc, remove_columns=docs.column_names,
@@ -191,7 +191,7 @@ def _write(cfg, tok, encode, train_docs, val_docs, fp: str, tmp: Path) -> None:
         splits[split] = {"documents": len(docs), "tokens": sum(s["tokens"] for s in shards), "shards": shards}
     tok.save(tmp)
     manifest = {
-        "fingerprint": fp, "format_version": VERSION, "source": cfg.source, "path": cfg.path, "name": cfg.name,
+        "fingerprint": fp, "also_known_as": aliases, "format_version": VERSION, "source": cfg.source, "path": cfg.path, "name": cfg.name,
         "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
         "split_rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "splits": splits,
     }
@@ -236,8 +236,10 @@ def prepare(cfg) -> Path:
             return out
     content = files_fingerprint(cfg, files) if cfg.source == "files" else None
     corpus = load_corpus(cfg, files, cache / ".datasets" / content[:16] if content else None)
-    content = content or corpus._fingerprint
-    fp = fingerprint(content, identity, cfg.val_fraction, cfg.shard_tokens)
+    fp = fingerprint(content or corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)
+    # what these files were called before they were known by content (datasets' path-and-time hash):
+    # runs prepared then still resume on them, while the files are as they were
+    aliases = [fingerprint(corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)] if content else []
     out = cache / f"{cfg.source}-{label}-{fp[:16]}"
     if (out / "manifest.json").exists():
         _remember(known, out)
@@ -250,7 +252,7 @@ def prepare(cfg) -> Path:
             for stale in out.parent.glob(f".{out.name}.*"):  # left by a build that was killed (holding this lock)
                 shutil.rmtree(stale, ignore_errors=True)
             log.info("preparing %s into %s", cfg.source, out)
-            _build(cfg, corpus, fp, out)
+            _build(cfg, corpus, fp, out, aliases)
     _remember(known, out)
     return out
 

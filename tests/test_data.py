@@ -392,6 +392,12 @@ def test_a_corpus_is_known_by_its_content(tmp_path):
     os.utime(a / "d3.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # cp -p, touch -r, rsync -a
     edited = prepare(data_config(tmp_path / "cache", path=str(a)))
     assert edited != first and "an edited document" in _text(edited) and "document 3 " not in _text(edited)
+    # a run whose loader state holds the path-and-time fingerprint of before still resumes on the same files
+    loader = TokenLoader(first, 16, 4, seed=0)
+    state = {**loader.state_dict(), "fingerprint": load_manifest(first)["also_known_as"][0]}
+    TokenLoader(first, 16, 4, seed=0).load_state_dict(state)
+    with pytest.raises(DataError, match="saved fingerprint"):
+        TokenLoader(first, 16, 4, seed=0).load_state_dict({**state, "fingerprint": "f" * 64})
 
 
 def test_what_a_directory_holds_besides_the_corpus_is_not_read(tmp_path):
