@@ -113,6 +113,18 @@ def available(source: str) -> bool:
     return known[source]
 
 
+def load_for(model_cfg) -> None:
+    """Build or load the kernels a model of `model_cfg` uses, now: not in its first training step,
+    whose time counts as training (tokens/s, MFU), nor inside a traced frame."""
+    sources = ["rms_norm", "rope", "swiglu"]
+    if model_cfg.residual != "residual" and model_cfg.fused_hc:
+        sources.append("hyper_connection")
+    if model_cfg.attention == "v4":
+        sources += ["index_topk", "gathered"]
+    for source in sources:
+        available(source)
+
+
 def takes(source: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
     """Whether model/csrc/<source>.cpp's kernel runs on x: a contiguous CPU tensor of one of
     `dtypes`, outside a torch.compile trace (compiled code takes the PyTorch path, which Inductor

@@ -167,9 +167,12 @@ def grouped_mm_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tenso
 @torch.library.custom_op("v4lab::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad(grad: torch.Tensor, x: torch.Tensor, expert: torch.Tensor,
                            counts: torch.Tensor) -> torch.Tensor:
-    """Σ over each expert's rows of grad[p]ᵀ x[p] → [E, out, in] (zero for an idle expert)."""
+    """Σ over each expert's rows of grad[p]ᵀ x[p] → [E, out, in] (zero for an idle expert: set here,
+    as PyTorch issue #172439 reports _grouped_mm on compute capability 10.x leaving garbage in empty
+    groups, which would move idle experts' weights)."""
     with torch.autocast(x.device.type, enabled=False):
-        return torch._grouped_mm(grad.t(), x, offs=_offsets(counts))
+        summed = torch._grouped_mm(grad.t(), x, offs=_offsets(counts))
+    return torch.where((counts > 0)[:, None, None], summed, 0)
 
 
 def _by_expert(expert: torch.Tensor, counts: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:

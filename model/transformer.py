@@ -234,8 +234,12 @@ class Transformer(nn.Module):
         the attention scores and weighted values (dense: 4·d·T per layer, PaLM's accounting; V4:
         window, selected or all compressed entries, and the indexer, by the same convention)."""
         n = self.num_active_params() - self.embed.weight.numel()
-        if self.mtp is not None:  # the shared head runs a second time, on the MTP block's output
+        if self.head.weight is self.embed.weight:  # tied: counted once in the parameters, still a matmul
             n += self.head.weight.numel()
+        if self.mtp is not None:  # the shared head runs a second time, on the MTP block's output;
+            n += self.head.weight.numel()  # and the MTP's h_proj once per stream of the hyper-connections
+            streams = self.cfg.n_streams if self.mtp.reduce is not None else 1
+            n += (streams - 1) * self.mtp.h_proj.weight.numel()
         attention = sum(m.attention_flops(seq_len) if isinstance(m, V4Attention) else 4 * self.cfg.d_model * seq_len
                         for m in self.modules() if isinstance(m, (V4Attention, Attention)))
         return int(6 * n + 3 * attention)

@@ -57,6 +57,21 @@ def test_flops_per_token_counts_six_n_plus_attention():
     assert model.flops_per_token(64) == 6 * n + 12 * 2 * 32 * 64
 
 
+def test_flops_per_token_counts_every_matmul_that_runs():
+    """A tied head is one parameter but still a matmul (its FLOPs were dropped: with a BPE
+    vocabulary, half the model's); MTP's h_proj runs once per stream of the hyper-connections."""
+    untied, tied = (build_model(compose_config(["model=tiny", f"model.tie_embeddings={t}"]).model, 256)
+                    for t in ("false", "true"))
+    assert tied.flops_per_token(64) == untied.flops_per_token(64)
+    v4 = compose_config(["model=v4_tiny"]).model
+    with_mtp, without = build_model(v4, 256), build_model(compose_config(["model=v4_tiny", "model.mtp_depth=0"]).model, 256)
+    d, n = v4.d_model, v4.n_streams
+    mtp_params = with_mtp.num_active_params() - without.num_active_params()
+    mtp_attention = with_mtp.mtp.block.attn.attention_flops(64)
+    assert with_mtp.flops_per_token(64) - without.flops_per_token(64) == \
+        6 * (mtp_params + with_mtp.head.weight.numel() + (n - 1) * d * d) + 3 * mtp_attention
+
+
 # -- the dense sublayers' fast forms against their plain PyTorch formulations --------------------
 
 def rope_reference(x, cos, sin):

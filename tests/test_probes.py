@@ -131,3 +131,21 @@ def test_update_spectral_norm_is_per_matrix_as_muon_sees_it():
     assert update_spectral_norm(qkv, delta) == pytest.approx(
         torch.linalg.matrix_norm(delta.view(3, 32, 32).double(), ord=2).max().item(), rel=1e-2)
     assert update_spectral_norm(qkv, delta) < 0.9 * torch.linalg.matrix_norm(delta.double(), ord=2).item()
+
+
+def test_the_spike_guard_starts_a_new_history_when_what_is_trained_changes():
+    """V4's indexer-only warm-up trains on the indexer's loss (~0.2, norm ~0.05); the whole model's
+    first steps after it (~7, ~3) were judged against that history and skipped as spikes."""
+    from train.spikes import SpikeGuard
+
+    def run(phases):
+        guard = SpikeGuard(sigma=6.0, window=8)
+        for i in range(8):
+            guard.is_spike(0.18 + 0.001 * (i % 3), 0.05 + 0.001 * (i % 2), phase=phases[0])
+        return guard, guard.is_spike(7.4, 3.0, phase=phases[1])
+    assert run([True, True])[1]  # the same phase: a jump of this size is a spike
+    guard, spike = run([True, False])
+    assert not spike and list(guard.losses) == [7.4] and guard.state_dict()["phase"] is False
+    restored = SpikeGuard(sigma=6.0, window=8)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.phase is False and not restored.is_spike(7.3, 2.9, phase=False)

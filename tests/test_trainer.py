@@ -45,6 +45,29 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_the_gradient_norm_without_clipping_is_measured_at_every_zero_stage(tiny_config, tmp_path):
+    """trainer.grad_clip=0 at ZeRO ≥ 1 logged grad_norm 0.0: the trainer measured p.grad, which
+    ZeRO had moved into its partitions (and a non-finite gradient would have read as finite)."""
+    norms = []
+    for stage in (0, 1):
+        cfg = tiny_config("trainer.max_steps=3", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+                          "trainer.grad_clip=0", f"deepspeed.zero_stage={stage}")
+        cfg.out_dir = str(tmp_path / f"z{stage}")
+        Trainer(cfg).fit()
+        norms.append([r["grad_norm"] for r in metrics_rows(cfg.out_dir)])
+    assert min(norms[0]) > 0.1 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+
+
+def test_the_fused_kernels_are_loaded_before_the_first_step_is_timed(tiny_config, monkeypatch):
+    """Loading (on a fresh machine building, ~25 s) the model's CPU kernels happened inside step 1,
+    whose time counts as training: tokens/s and MFU. The trainer loads them when it is built."""
+    from model import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "known", {})
+    Trainer(tiny_config("model.residual=mhc"))
+    assert {"rms_norm", "rope", "swiglu", "hyper_connection"} <= cpu_kernels.known.keys()
+
+
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 

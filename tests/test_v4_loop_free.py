@@ -134,6 +134,24 @@ def test_a_non_finite_row_stays_in_its_own_experts_weight_gradient():
         torch.testing.assert_close(dw[e], grad[rows].T @ x[rows], rtol=0, atol=1e-5)
 
 
+def test_an_idle_expert_gets_no_weight_gradient_whatever_grouped_mm_leaves_in_its_group(monkeypatch):
+    """PyTorch issue #172439: _grouped_mm on compute capability 10.x leaves garbage in empty groups.
+    Stood in for here by a _grouped_mm that fills them with NaN: the idle expert's gradient is still
+    zero, the others' the per-expert sums."""
+    x, weight, expert, counts = routed_rows(d_in=8, d_out=4)
+    real = torch._grouped_mm
+
+    def garbage_in_empty_groups(a, b, offs):
+        out = real(a, b, offs=offs)
+        return torch.where((torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None], float("nan"), out)
+    monkeypatch.setattr(torch, "_grouped_mm", garbage_in_empty_groups)
+    grad = torch.randn(x.size(0), weight.size(1))
+    dw = moe_module.grouped_mm_weight_grad(grad, x.detach(), expert, counts)
+    assert counts[3] == 0 and torch.equal(dw[3], torch.zeros_like(dw[3]))
+    for e in (0, 1, 2, 4):
+        torch.testing.assert_close(dw[e], grad[expert == e].T @ x.detach()[expert == e], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("grouped_mm", [True, False], ids=["grouped_mm", "padded_bmm"])
 def test_compiled_moe_is_one_graph_with_the_eager_outputs(grouped_mm, monkeypatch):
     """torch.compile(fullgraph=True) raises at any graph break (the padded groups' size is read

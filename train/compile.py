@@ -24,12 +24,10 @@ _PHASES = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 
 def compile_blocks(model: nn.Module, device: torch.device) -> list[nn.Module]:
     """Compile every Block of `model` (to train on `device`) in place; returns them."""
-    from model import gathered, hc_kernel, indexer
+    from model import cpu_kernels
 
     if device.type == "cpu":  # build or load the fused CPU kernels now, outside any traced frame
-        hc_kernel.available()
-        indexer.kernel_available()
-        gathered.kernels_available()
+        cpu_kernels.load_for(model.cfg)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile()

@@ -17,6 +17,7 @@ class SpikeGuard:
         self.sigma, self.window = sigma, window
         self.losses: deque[float] = deque(maxlen=window)
         self.grad_norms: deque[float] = deque(maxlen=window)
+        self.phase = None  # what is trained (V4's indexer-only warm-up, then everything)
 
     def _above(self, value: float, history: deque) -> bool:
         if len(history) < 2:
@@ -24,8 +25,14 @@ class SpikeGuard:
         mean, std = statistics.fmean(history), statistics.stdev(history)
         return value - mean > self.sigma * std
 
-    def is_spike(self, loss: float, grad_norm: float) -> bool:
-        """Whether this step is a spike, judged against the steps before it; then records it."""
+    def is_spike(self, loss: float, grad_norm: float, phase=None) -> bool:
+        """Whether this step is a spike, judged against the steps before it; then records it. A new
+        `phase` starts a new history: the indexer warm-up's loss and norm are the indexer's alone,
+        and the whole model's first steps after it are no spike (they were skipped)."""
+        if phase != self.phase:
+            self.losses.clear()
+            self.grad_norms.clear()
+            self.phase = phase
         warm = len(self.losses) >= max(2, self.window // 2)
         spike = warm and (self._above(loss, self.losses) or self._above(grad_norm, self.grad_norms))
         if math.isfinite(loss) and math.isfinite(grad_norm):  # non-finite steps have their own policy
@@ -34,8 +41,9 @@ class SpikeGuard:
         return spike
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "phase": self.phase}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = deque(state["losses"], maxlen=self.window)
         self.grad_norms = deque(state["grad_norms"], maxlen=self.window)
+        self.phase = state.get("phase")

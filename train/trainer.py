@@ -20,7 +20,7 @@ import torch
 
 from data.loader import TokenLoader, validation_batches
 from data.shards import prepare
-from model import build_model
+from model import build_model, cpu_kernels
 from optim import build_optimizer, build_scheduler
 from optim.qk_clip import qk_clip, track_max_logits
 from optim.zero import bind_zero_partitions
@@ -70,7 +70,7 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(t, world_size),
         "gradient_accumulation_steps": accumulation_steps(t, world_size),
-        # ZeRO-0 clips without reporting the norm; there the trainer clips itself.
+        # ZeRO-0 clips without reporting the norm; there the trainer clips itself (Trainer.manual_clip).
         "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
         "zero_optimization": {"stage": stage},
         # bf16 as autocast over fp32 parameters: the optimizer (Muon included) sees whole fp32
@@ -141,6 +141,8 @@ class Trainer:
         self.n_params = model.num_params()
         self.n_active_params = model.num_active_params()
         self.flops_per_token = model.flops_per_token(d.seq_len)
+        if self.device.type == "cpu":
+            cpu_kernels.load_for(cfg.model)
         # in place, before DeepSpeed wraps the model: names and checkpoints stay the eager run's
         self.compiled = compile_blocks(model, self.device) if t.compile else []
         if self.compiled and cfg.deepspeed.zero_stage == 3:
@@ -151,7 +153,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, self.device)
         scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
         ds_config = deepspeed_config(cfg, self.world_size, self.precision)
-        self.manual_clip = ds_config["gradient_clipping"] == 0.0
+        # ZeRO ≥ 1 moves gradients into its partitions (p.grad is None): DeepSpeed measures the norm there,
+        # with or without clipping
+        self.manual_clip = cfg.deepspeed.zero_stage == 0
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             args=engine_device_args(self.device), model=model.to(self.device), optimizer=optimizer,
             lr_scheduler=scheduler, config=ds_config,
@@ -210,7 +214,8 @@ class Trainer:
             if self.manual_clip and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._clip_grad_norm()
                 if self.spikes is not None:  # the step's loss over all ranks, before the update
-                    spike = self.spikes.is_spike(mean_over_ranks(loss_sum / self.accum).item(), grad_norm)
+                    spike = self.spikes.is_spike(mean_over_ranks(loss_sum / self.accum).item(), grad_norm,
+                                                 phase=getattr(module, "trunk_frozen", False))
                 self._skip_update_if(not math.isfinite(grad_norm) or spike)
             self.engine.step()
         clipped = qk_clip(self.engine.module, self.cfg.optim.qk_clip_tau) if self.cfg.optim.qk_clip_tau > 0 else None
