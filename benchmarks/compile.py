@@ -45,9 +45,10 @@ def main() -> None:
         trainers[name] = trainer
     steps = {n: lambda n=n: losses[n].append(trainers[n].train_step()["loss"]) for n in trainers}
     times = alternate(steps, args.steps, args.rounds)
-    tokens = next(iter(trainers.values())).tokens_per_step
-    tps = {n: tokens / median(ts) for n, ts in times.items()}
-    print(f"overrides: {' '.join(args.overrides) or '(defaults)'}; {tokens} tokens/step, {args.rounds} rounds × "
+    tokens = {n: t.tokens_per_step for n, t in trainers.items()}  # a pair may differ in batch or length
+    tps = {n: tokens[n] / median(ts) for n, ts in times.items()}
+    print(f"overrides: {' '.join(args.overrides) or '(defaults)'}; tokens/step "
+          f"{', '.join(f'{n} {k}' for n, k in tokens.items())}; {args.rounds} rounds × "
           f"{args.steps} steps, torch threads {torch.get_num_threads()}")
     for n, v in tps.items():
         mfu = trainers[n].utilisation.metrics(v)["mfu"]

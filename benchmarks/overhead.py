@@ -19,10 +19,11 @@ from optim.builder import adamw_groups
 from train.batch import micro_batch_size
 
 
-def plain_loop(cfg, prepared, vocab_size):
-    """The loop nanoGPT would write: no engine, no callbacks."""
+def plain_loop(cfg, prepared, vocab_size, device: torch.device, bf16: bool):
+    """The loop nanoGPT would write: no engine, no callbacks; on the trainer's device and in its
+    precision (bf16 autocast where the run resolves to it: the default on a GPU)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, vocab_size)
+    model = build_model(cfg.model, vocab_size).to(device)
     o = cfg.optim
     opt = torch.optim.AdamW(adamw_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
     sched = build_scheduler(opt, o, cfg.trainer.max_steps)
@@ -33,7 +34,9 @@ def plain_loop(cfg, prepared, vocab_size):
     def step():
         for _ in range(accum):
             x, y = next(loader)
-            (model(x, y) / accum).backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(x.to(device), y.to(device))
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip, foreach=True)
         opt.step()
         sched.step()
@@ -52,7 +55,8 @@ def main() -> None:
     trainer = benchmark_trainer(args.overrides, start_callbacks=True)
     cfg = trainer.cfg
     contenders = {
-        "plain": plain_loop(cfg, trainer.prepared, trainer.loader.manifest["vocab_size"]),
+        "plain": plain_loop(cfg, trainer.prepared, trainer.loader.manifest["vocab_size"], trainer.device,
+                            trainer.precision == "bf16"),
         "ours": trainer.run_step,
     }
     times = alternate(contenders, args.steps, args.rounds)

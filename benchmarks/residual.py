@@ -24,13 +24,15 @@ VARIANTS = {"residual": [], "hc": ["model.residual=hc", "model.n_streams=4"],
 
 
 def saved_activation_bytes(model, idx, targets) -> int:
-    """Bytes of the tensors autograd keeps for backward: what a forward holds until backward."""
+    """Bytes of the tensors autograd keeps for backward: what a forward holds until backward. Not
+    the weights: a Linear saves a transposed view of its weight, no Parameter but its storage."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, total = set(), 0
 
     def pack(t):
         nonlocal total
         key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key not in seen and not isinstance(t, torch.nn.Parameter):
+        if key not in seen and key[0] not in weights:
             seen.add(key)
             total += t.untyped_storage().nbytes()
         return t

@@ -65,3 +65,35 @@ def test_peak_memory_counts_only_what_the_run_allocates():
     peak_memory_bytes(lambda: kept.append(torch.ones(4 << 20)), torch.device("cpu"))  # 16 MiB, kept
     peak = peak_memory_bytes(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))  # 4 MiB, freed
     assert 4 << 20 <= peak < 5 << 20
+
+
+@pytest.mark.slow
+def test_a_pair_of_other_batch_sizes_counts_each_ones_tokens(data_cache, tmp_path):
+    """`--pair` took the first contender's tokens per step for both: a pair of batch sizes 8 and 16
+    printed a tokens/s ratio of half the truth. Tokens/s ratio = (16 / 8) ÷ step-time ratio."""
+    cmd = [sys.executable, "-m", "benchmarks.compile", "--steps", "1", "--rounds", "1", "--eager", "--pair",
+           "trainer.global_batch_size=8", "trainer.global_batch_size=16", "model=tiny", f"data.cache_dir={data_cache}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokens, steps = map(float, re.search(rf"ratio tokens/s .* = {NUMBER}; step time .* = {NUMBER}", done.stdout).groups())
+    assert tokens == pytest.approx(2.0 / steps, rel=5e-3)
+
+
+def test_saved_activation_bytes_leave_the_weights_out():
+    """A Linear saves its input and a transposed view of its weight (a plain tensor sharing the
+    parameter's storage): only the input is activation memory."""
+    import torch
+
+    from benchmarks.residual import saved_activation_bytes
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(512, 512)  # with a bias: addmm, which saves the weight's transposed view
+
+        def forward(self, x, targets):
+            return (self.lin(x * 2.0) ** 2).mean()
+    x = torch.randn(2, 512, requires_grad=True)  # as activations are: the Linear keeps its weight for x's gradient
+    # x * 2.0 (saved by the Linear) and lin's output (saved by the square): 2 × 2 × 512 floats
+    assert saved_activation_bytes(Model(), x, None) == 2 * 2 * 512 * 4

@@ -80,6 +80,30 @@ def test_diverged_and_running_runs_are_labelled(sweep, tmp_path):
     assert "**diverged**" in text and "**running**" in text and "1 diverged" in text
 
 
+def test_a_run_started_again_is_not_reported_by_its_old_summary(sweep, tmp_path):
+    """A preempted run requeued, or a diverged one resumed at a lower lr, trains again while the
+    summary of its earlier launch is still there: it is running, its last val loss the log's."""
+    import os
+    import shutil
+    requeued, resumed = tmp_path / "requeued", tmp_path / "resumed"
+    for src, dst, status in ((sweep / "0", requeued, "preempted"), (sweep / "1", resumed, "diverged")):
+        shutil.copytree(src, dst)
+        summary = json.loads((dst / "summary.json").read_text())
+        rows = metrics_rows(dst)
+        summary = {**summary, "status": status, "steps": rows[-2]["step"], "final_val_loss": 9.0}
+        (dst / "summary.json").write_text(json.dumps(summary))
+    env = requeued / "environment.json"  # started again, no step logged since
+    lines = (requeued / "metrics.jsonl").read_text().splitlines()
+    (requeued / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    later = (requeued / "summary.json").stat().st_mtime_ns + 10**9
+    os.utime(env, ns=(later, later))
+    runs = {r.path.name: r for r in load_runs([tmp_path])}
+    assert runs["requeued"].status == "running" and runs["resumed"].status == "running"
+    assert runs["resumed"].last_val_loss != 9.0
+    text = write_report([tmp_path]).read_text()
+    assert "**preempted**" not in text and "**diverged**" not in text
+
+
 def test_report_on_a_single_run(sweep, tmp_path):
     text = write_report([sweep / "2"], out=tmp_path).read_text()
     assert "1 run(s)" in text and "completed" in text

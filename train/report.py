@@ -123,6 +123,15 @@ def _effective(config: dict) -> dict:
         return flat
 
 
+def _outlived(summary: dict, rows: list[dict], path: Path) -> bool:
+    """Whether the run started again after it wrote `summary`: its log went past the summary's step,
+    or (not a completed run, which a relaunch leaves as it was) environment.json records a later start."""
+    if rows and rows[-1].get("step", 0) > summary.get("steps", math.inf):
+        return True
+    env, written = path / "environment.json", path / "summary.json"
+    return summary.get("status") != "completed" and env.exists() and env.stat().st_mtime_ns > written.stat().st_mtime_ns
+
+
 def load_runs(dirs: list[Path]) -> list[Run]:
     runs = []
     for d in dirs:
@@ -136,6 +145,8 @@ def load_runs(dirs: list[Path]) -> list[Run]:
                     break  # cut short by a kill
             config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
             summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else None
+            if summary is not None and _outlived(summary, rows, path):
+                summary = None  # an earlier launch's: the run went on (requeued, resumed after a divergence)
             runs.append(Run(path, config, rows, summary))
     for run in runs:
         env = run.path / "environment.json"
