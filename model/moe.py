@@ -21,12 +21,29 @@ own fake kernel accepts bf16 only).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from model.layers import SwiGLU, swiglu
+
+
+_recomputing = False
+
+
+@contextlib.contextmanager
+def recomputation():
+    """Around activation checkpointing's second forward (torch.utils.checkpoint's context_fn): the
+    routing it repeats is not counted again into the experts' loads."""
+    global _recomputing
+    _recomputing, before = True, _recomputing
+    try:
+        yield
+    finally:
+        _recomputing = before
 
 
 class MoE(nn.Module):
@@ -91,7 +108,10 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.training:
-            self.load += counts.to(self.load.dtype)
+            # activation checkpointing runs this forward again in backward: the loads count once; the
+            # balance loss is recomputed (the checkpoint matches the tensors both passes save)
+            if not _recomputing:
+                self.load += counts.to(self.load.dtype)
             if not self.hashed:  # a hash decides nothing the loss could balance
                 self.aux_loss = self.balance_weight * self.balance_loss(scores.view(b, t, -1), chosen.view(b, t, -1))
         return out.view(b, t, d)

@@ -2,6 +2,7 @@
 V4's parts when configured (V4 attention, MoE, multi-token prediction) and their extra losses."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,7 +15,7 @@ from model.attention import V4Attention, layer_kinds
 from model.block import Block
 from model.layers import Attention, RMSNorm, SwiGLU, rope_tables
 from model.mhc import StreamReduce
-from model.moe import MoE
+from model.moe import MoE, recomputation
 from model.mtp import MTP, mtp_loss
 
 
@@ -134,7 +135,8 @@ class Transformer(nn.Module):
             x = x.unsqueeze(-2).expand(*x.shape[:-1], self.n_streams, x.size(-1)).contiguous()
         for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, idx, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, idx, use_reentrant=False,
+                               context_fn=lambda: (contextlib.nullcontext(), recomputation()))
             else:
                 x = block(x, cos, sin, idx, None if cache is None else cache.layers[i])
         streams = x

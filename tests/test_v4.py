@@ -412,3 +412,23 @@ def test_models_train_and_sample_under_cudas_autocast_rules(overrides, step, cud
                               use_cache=model.supports_cache))
     assert torch.isfinite(loss) and len(steps) == 4
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_activation_checkpointing_counts_each_tokens_routing_once():
+    """The recompute in backward routed the tokens again and added them to the experts' loads a
+    second time (trunk layers only: the MTP block is not checkpointed). Gradients and loads equal
+    the run without checkpointing."""
+    from model import build_model
+
+    runs = []
+    for ckpt in ("false", "true"):
+        torch.manual_seed(0)
+        model = build_model(compose_config(["model=v4_tiny", f"model.activation_checkpointing={ckpt}"]).model, 64)
+        model.train()
+        idx = torch.randint(0, 64, (2, 37), generator=torch.Generator().manual_seed(1))
+        model(idx, idx).backward()
+        runs.append(([m.load.clone() for m in model.modules() if isinstance(m, MoE)],
+                     [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loads, grads), (loads_ckpt, grads_ckpt) = runs
+    assert all(torch.equal(a, b) for a, b in zip(loads, loads_ckpt)) and any(a.sum() > 0 for a in loads)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, grads_ckpt))
