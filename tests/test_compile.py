@@ -83,7 +83,7 @@ def test_compiled_hyper_connection_is_one_graph_with_the_eager_gradients():
         out = fn(xs)
         return [out, *torch.autograd.grad(out.square().sum(), [xs, hc.phi.weight, hc.alpha, hc.b_res, lin.weight])]
 
-    assert hc_kernel.available()  # known before tracing, as compile_blocks sees to
+    assert hc_kernel.available()  # known before tracing, as the trainer sees to (cpu_kernels.load_for)
     breaks = graph_breaks()
     compiled = run(torch.compile(lambda xs: hc(xs, lin), fullgraph=True))
     eager = run(lambda xs: hc(xs, lin))

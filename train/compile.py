@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 
 from model.block import Block
@@ -22,12 +21,9 @@ from model.block import Block
 _PHASES = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
 
 
-def compile_blocks(model: nn.Module, device: torch.device) -> list[nn.Module]:
-    """Compile every Block of `model` (to train on `device`) in place; returns them."""
-    from model import cpu_kernels
-
-    if device.type == "cpu":  # build or load the fused CPU kernels now, outside any traced frame
-        cpu_kernels.load_for(model.cfg)
+def compile_blocks(model: nn.Module) -> list[nn.Module]:
+    """Compile every Block of `model` in place; returns them. The fused CPU
+    kernels are loaded already (the trainer's cpu_kernels.load_for), outside any traced frame."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile()

@@ -228,14 +228,10 @@ def sbatch_script(launcher_params: dict, n_jobs: int) -> str:
 
 def sweep_size(task_overrides: list[str], sweep_params: dict | None = None) -> int:
     """Jobs of a sweep: the command line's lists and the config's own (hydra.sweeper.params, which
-    a preset sets), combined as Hydra's basic sweeper combines them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    a preset sets), combined as Hydra's basic sweeper combines them (train/preflight.py)."""
+    from train.preflight import sweep_batches
 
-    params = [f"{k}={v}" for k, v in (sweep_params or {}).items()]
-    [batches] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + list(task_overrides)),
-                                             None)
-    return len(batches)
+    return len(sweep_batches(dict(sweep_params or {}), task_overrides))
 
 
 class SubmititLayout(Callback):

@@ -178,34 +178,43 @@ def _compose(config_name: str, overrides: list[str]):
 
 def jobs(parsed, raw: list[str], multirun: bool, config_name: str) -> list[tuple[list[str], object]]:
     """(task overrides, composed config with its `hydra` node) of every job the launch runs."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     if not multirun:
         return [(raw, _compose(config_name, raw))]
     # Hydra reads the sweep lists (hydra.sweeper.params) of the config composed without the
     # sweeps: so does this, so that the jobs listed and checked are the jobs that run
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    params = sweep_params(config_name, fixed)
+    params, options = sweep_params(config_name, fixed), groups()
     for o in parsed:
-        if o.is_sweep_override() and o.key_or_group in groups():
+        if o.is_sweep_override() and o.key_or_group in options:
             for v in _values(o):
                 own = sweep_params(config_name, [*fixed, f"{o.key_or_group}={v}"])
                 if own != params:
                     raise ConfigError(o.key_or_group, _shown(o), f"one {o.key_or_group} per launch where an option "
                                       f"sweeps on its own (launch each: python launch.py -m {o.key_or_group}={v} ...)",
-                                      f"{o.key_or_group}={v} sets its own sweep ({', '.join(own)}), which Hydra does "
-                                      f"not run when {o.key_or_group} itself is swept: one job per option would run")
+                                      f"{o.key_or_group}={v} sets its own sweep "
+                                      f"({', '.join(f'{k}={s}' for k, s in own.items())}), which Hydra does not run "
+                                      f"when {o.key_or_group} itself is swept: one job per option would run")
     try:
-        [batches] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params + raw), None)
+        batches = sweep_batches(params, raw)
     except Exception:  # a sweeper of its own (ranges, intervals): Hydra checks each job as it starts
         return []
     return [(job, _compose(config_name, job)) for job in batches]
 
 
-def sweep_params(config_name: str, overrides: list[str]) -> list[str]:
-    cfg = _compose(config_name, overrides)
-    return [f"{k}={v}" for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()]
+def sweep_params(config_name: str, overrides: list[str]) -> dict:
+    """The config's own sweep lists (hydra.sweeper.params, which a preset sets)."""
+    return dict(OmegaConf.select(_compose(config_name, overrides), "hydra.sweeper.params") or {})
+
+
+def sweep_batches(params: dict, overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides: a config's sweep lists and the command line's, combined as Hydra's basic
+    sweeper combines them (a key on the command line replaces the config's list)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    listed = [f"{k}={v}" for k, v in params.items()]
+    [batches] = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(listed + list(overrides)), None)
+    return batches
 
 
 def typed(cfg, job_num: int | None):
@@ -252,7 +261,7 @@ def check_job_directories(configs: list[Config]) -> None:
         recorded = Path(cfg.out_dir) / "config.yaml"
         if cfg.trainer.resume != "auto" or not varying or not recorded.is_file():
             continue
-        old = before.get(Path(cfg.out_dir)) or flatten(yaml.safe_load(recorded.read_text()) or {})
+        old = before[Path(cfg.out_dir)]
         order = list(new)
         for key in sorted(varying, key=lambda k: order.index(k) if k in order else len(order)):
             if key in old and key in new and old[key] != new[key]:

@@ -144,7 +144,7 @@ class Trainer:
         if self.device.type == "cpu":
             cpu_kernels.load_for(cfg.model)
         # in place, before DeepSpeed wraps the model: names and checkpoints stay the eager run's
-        self.compiled = compile_blocks(model, self.device) if t.compile else []
+        self.compiled = compile_blocks(model) if t.compile else []
         if self.compiled and cfg.deepspeed.zero_stage == 3:
             log.warning("trainer.compile with ZeRO-3: DeepSpeed's parameter-gathering hooks are kept out of "
                         "graphs, so each submodule of a block breaks its graph; training is the eager run's, "
