@@ -37,6 +37,7 @@ MAGIC = 0x5634_4C41_4254_4F4B  # "V4LABTOK"
 VERSION = 1
 HEADER_WORDS = 8
 HEADER_BYTES = 8 * HEADER_WORDS
+SPECIALS_RULE = "special tokens' spellings in text are text"
 SPLIT_RULE = "crc32(utf-8 text) % 10000 < val_fraction * 10000; at least one document on each side"
 
 
@@ -111,18 +112,23 @@ def read_tokens(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def _tokenizer_id(cfg) -> tuple[str, str]:
-    """(short label for the directory name, exact identity for the fingerprint)."""
+def _tokenizer_id(cfg) -> tuple[str, str, str | None]:
+    """(short label for the directory name, exact identity for the fingerprint, the identity
+    before special tokens' spellings in text were encoded as text: None for the byte tokenizer,
+    which always did)."""
     spec = cfg.tokenizer
-    if spec in ("byte", "bpe"):
-        label = "byte" if spec == "byte" else f"bpe{cfg.vocab_size}"
-        return label, label
-    if spec.startswith("pretrained:"):
-        return spec.split(":", 1)[1].replace("/", "_"), spec
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.tokenizer={spec!r}: no tokenizer file there; accepted: byte, bpe, a tokenizer.json path, pretrained:NAME")
-    return path.stem, hashlib.sha256(path.read_bytes()).hexdigest()
+    if spec == "byte":
+        return "byte", "byte", None
+    if spec == "bpe":
+        label = before = f"bpe{cfg.vocab_size}"
+    elif spec.startswith("pretrained:"):
+        label, before = spec.split(":", 1)[1].replace("/", "_"), spec
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.tokenizer={spec!r}: no tokenizer file there; accepted: byte, bpe, a tokenizer.json path, pretrained:NAME")
+        label, before = path.stem, hashlib.sha256(path.read_bytes()).hexdigest()
+    return label, f"{before}|{SPECIALS_RULE}", before
 
 
 def fingerprint(corpus_fingerprint: str, tokenizer_identity: str, val_fraction: float, shard_tokens: int) -> str:
@@ -154,13 +160,15 @@ def _split(corpus, val_fraction: float, num_proc: int):
     return corpus.select(np.flatnonzero(~is_val)), corpus.select(np.flatnonzero(is_val))
 
 
-def _build(cfg, corpus, fp: str, out: Path, aliases: list[str]) -> None:
+def _build(cfg, corpus, fp: str, out: Path, aliases: list[str], before: list[str]) -> None:
     train_docs, val_docs = _split(corpus, cfg.val_fraction, cfg.num_proc)
     if cfg.tokenizer == "bpe":
         batches = (b["text"] for b in train_docs.iter(batch_size=256))
         tok = train_bpe(batches, cfg.vocab_size)
     else:
         tok = load_tokenizer(cfg.tokenizer)
+    if before and not _quotes_special_tokens(corpus, tok, cfg.num_proc):
+        aliases = aliases + before  # the same tokens as before: runs prepared then resume on these
     eos = np.array([tok.eos_id], dtype=np.int64)
 
     def encode(batch):
@@ -173,6 +181,13 @@ def _build(cfg, corpus, fp: str, out: Path, aliases: list[str]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.rename(tmp, out)
+
+
+def _quotes_special_tokens(corpus, tok, num_proc: int) -> bool:
+    spellings = tok.special_spellings()
+    quoting = corpus.filter(lambda b: [any(s in t for s in spellings) for t in b["text"]], batched=True,
+                            num_proc=num_proc, desc="special tokens in text")
+    return len(quoting) > 0
 
 
 def _write(cfg, tok, encode, train_docs, val_docs, fp: str, aliases: list[str], tmp: Path) -> None:
@@ -226,7 +241,7 @@ def _files_key(cfg, files: list[Path], tokenizer_identity: str) -> str:
 
 def prepare(cfg) -> Path:
     """Tokenize the configured corpus into the cache once; return the prepared directory."""
-    label, identity = _tokenizer_id(cfg)
+    label, identity, identity_before = _tokenizer_id(cfg)
     cache = Path(cfg.cache_dir).expanduser()
     files = corpus_files(cfg)
     known = cache / ".index" / _files_key(cfg, files, identity) if files is not None else None
@@ -240,6 +255,10 @@ def prepare(cfg) -> Path:
     # what these files were called before they were known by content (datasets' path-and-time hash):
     # runs prepared then still resume on them, while the files are as they were
     aliases = [fingerprint(corpus._fingerprint, identity, cfg.val_fraction, cfg.shard_tokens)] if content else []
+    # before special tokens' spellings in text were text: the same data unless a document holds one
+    before = ([fingerprint(c, identity_before, cfg.val_fraction, cfg.shard_tokens)
+               for c in dict.fromkeys([content or corpus._fingerprint, corpus._fingerprint])]
+              if identity_before is not None else [])
     out = cache / f"{cfg.source}-{label}-{fp[:16]}"
     if (out / "manifest.json").exists():
         _remember(known, out)
@@ -252,7 +271,7 @@ def prepare(cfg) -> Path:
             for stale in out.parent.glob(f".{out.name}.*"):  # left by a build that was killed (holding this lock)
                 shutil.rmtree(stale, ignore_errors=True)
             log.info("preparing %s into %s", cfg.source, out)
-            _build(cfg, corpus, fp, out, aliases)
+            _build(cfg, corpus, fp, out, aliases, before)
     _remember(known, out)
     return out
 

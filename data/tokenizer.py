@@ -3,6 +3,12 @@
 Byte-level: UTF-8 bytes are the tokens (vocab 256), so losses compare directly with
 character-level baselines; byte 0 (NUL, never in text) is the end-of-document token.
 BPE: byte-level BPE trained with the `tokenizers` library, `<|endoftext|>` = id 0.
+
+A special token's spelling inside a document (`<|endoftext|>` in a page about tokenizers) is text,
+encoded as its characters: only the data pipeline ends a document, as the byte tokenizer drops a
+NUL in the text. Otherwise a corpus could end documents in the middle, and a document quoting
+the token would train the model to stop there. The exported tokenizer does the same
+(`split_special_tokens`), so transformers encodes text as training did.
 """
 from __future__ import annotations
 
@@ -48,7 +54,14 @@ class HFTokenizer:
             raise DataError(f"tokenizer {origin} has none of the end-of-document tokens {', '.join(EOS_NAMES)}")
         self.eos_id = eos
 
+    def special_spellings(self) -> list[str]:
+        """The special tokens' spellings, which text holding them encodes differently from before
+        special tokens were taken as text (shard fingerprints: data/shards.py)."""
+        return [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # here, not once: neither tokenizer.json nor a pickled copy (datasets' map workers) keeps it
+        self.tok.encode_special_tokens = True
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
@@ -112,7 +125,8 @@ def save_for_transformers(tokenizer, directory: Path, max_length: int) -> None:
     tok.save(str(directory / "tokenizer.json"))
     eos = tok.id_to_token(tokenizer.eos_id)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
-              "model_max_length": max_length, "clean_up_tokenization_spaces": False}
+              "model_max_length": max_length, "clean_up_tokenization_spaces": False,
+              "split_special_tokens": True}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (directory / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos, "bos_token": eos}, indent=2))
 

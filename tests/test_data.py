@@ -453,3 +453,37 @@ def test_a_tiny_corpus_holds_out_every_copy_of_its_validation_document(tmp_path)
     prepared = prepare(data_config(tmp_path / "cache", path=str(root), val_fraction=0.01))
     train, val = (bytes(int(t) for t in all_tokens(prepared, s) if t < 256).decode() for s in ("train", "val"))
     assert not ("same text" in train and "same text" in val)
+
+
+def test_a_special_tokens_spelling_in_text_is_text_not_a_document_end(tmp_path):
+    """A document quoting `<|endoftext|>` keeps it as characters: EOS only where documents end
+    (it ended them in the middle), decoded back to the text, and transformers' tokenizer of an
+    export encodes it the same way. Data prepared before this rule keeps resuming where no document
+    holds a spelling (the tokens are the same), not where one does."""
+    from transformers import AutoTokenizer
+
+    from data.shards import SPECIALS_RULE, _tokenizer_id, fingerprint, files_fingerprint
+    from data.sources import corpus_files
+    from data.tokenizer import save_for_transformers
+
+    quoting = {f"d{i}.txt": f"document {i} ends with <|endoftext|> and goes on {i} " * 20 for i in range(6)}
+    plain = {f"d{i}.txt": f"document {i} goes on {i} " * 20 for i in range(6)}
+    for name, texts in (("quoting", quoting), ("plain", plain)):
+        cfg = data_config(tmp_path / "cache", path=str(_docs(tmp_path / name, texts)), tokenizer="bpe", vocab_size=300)
+        prepared = prepare(cfg)
+        manifest = load_manifest(prepared)
+        tok = load_tokenizer_of(prepared, manifest)
+        train = all_tokens(prepared, "train")
+        ends = np.flatnonzero(train == tok.eos_id)
+        assert len(ends) == manifest["splits"]["train"]["documents"] and ends[-1] == len(train) - 1
+        docs = [tok.decode(d) for d in np.split(train, ends[:-1] + 1)]
+        assert set(docs) <= set(texts.values())
+        label, identity, before = _tokenizer_id(cfg)
+        assert identity == f"bpe300|{SPECIALS_RULE}" and before == "bpe300"
+        legacy = fingerprint(files_fingerprint(cfg, corpus_files(cfg)), before, cfg.val_fraction, cfg.shard_tokens)
+        assert (legacy in manifest["also_known_as"]) == (name == "plain")
+    save_for_transformers(tok, tmp_path, 256)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = quoting["d0.txt"]
+    assert hf(text)["input_ids"] == [int(i) for i in tok.encode_batch([text])[0]]
+    assert tok.eos_id not in hf(text)["input_ids"]
