@@ -284,7 +284,8 @@ class _Engine:
 def test_directories_that_only_look_like_checkpoints_are_left_alone(tmp_path):
     """A user's copy beside the checkpoints (step_00000004.bak, step_00000012-old) is not one of
     them: pruning keeps it, resume=auto does not take it, returning to an earlier step does not set
-    it aside; the copy itself can be resumed from (its step read from its manifest)."""
+    it aside; the copy itself can be resumed from (its step read from its manifest), and `latest`
+    then names it."""
     from train.checkpoint import Checkpointer
 
     ckpts = tmp_path / "checkpoints"
@@ -301,6 +302,7 @@ def test_directories_that_only_look_like_checkpoints_are_left_alone(tmp_path):
     assert saver.set_aside_after(ckpts / "step_00000004.bak") == [ckpts / "abandoned" / n
                                                                   for n in ("step_00000006", "step_00000008")]
     assert sorted(p.name for p in ckpts.iterdir()) == ["abandoned", "latest", "step_00000004.bak", "step_00000012-old"]
+    assert (ckpts / "latest").read_text() == "step_00000004.bak\n"  # not the step 8 set aside
     assert saver.newest_valid() is None
 
 

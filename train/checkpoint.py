@@ -120,6 +120,8 @@ class Checkpointer:
             os.rename(newer, target)
             moved.append(target)
         if moved:
+            # DeepSpeed's zero_to_fp32.py, written beside the checkpoints, converts the one `latest` names
+            atomic_write(self.dir / "latest", ckpt.name + "\n")
             fsync_path(self.dir)
         return moved
 
