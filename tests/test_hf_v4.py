@@ -189,3 +189,28 @@ def test_export_refuses_what_v4_cannot_express(override, words):
     cfg = compose_config(["model=v4_tiny", override]).model
     with pytest.raises(NotExportable, match=words):
         hf_config(build_model(cfg, VOCAB))
+
+
+@pytest.mark.parametrize("original", [65536, 4096, 777])
+def test_yarn_frequencies_equal_transformers(original):
+    """V4's YaRN at its real values (rope_dim 64, θ 160000, factor 16, β 32/1, an original context of
+    64K): the ramp starts past pair 0, where tests at small contexts (it clamps to 0 there) cannot
+    tell floor from ceil. Against transformers' own YaRN frequencies, the ones the export configures."""
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from model.layers import yarn_inv_freq
+
+    theta, dim = 160000.0, 64
+    config = PretrainedConfig()
+    config.hidden_size, config.num_attention_heads, config.head_dim, config.max_position_embeddings = 512, 1, 512, 1 << 20
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": theta, "partial_rotary_factor": dim / 512,
+                              "factor": 16.0, "original_max_position_embeddings": original,
+                              "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
+    theirs, scale = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ours = yarn_inv_freq(base, dim, theta, 16.0, original, 32.0, 1.0)
+    assert scale == 1.0
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-6, atol=0)
+    assert not torch.equal(ours, base / 16) and not torch.equal(ours, base)
+

@@ -82,6 +82,22 @@ def test_hc_initialisation_is_zhu_et_al():
         assert torch.equal(hc.b_res, torch.eye(4))
 
 
+def test_mhc_initialisation_is_v4s():
+    """Every gate α (each sublayer's three, the head's reduction's, the MTP block's) 0.01, every
+    static bias 0 (pre = sigmoid(0) + hc_eps, post = 2·sigmoid(0) = 1, res = Sinkhorn of zeros = J/n),
+    φ normal(init_std) from the model's own initialisation."""
+    torch.manual_seed(0)
+    model = build_model(compose_config(["model=v4_tiny", "model.init_std=0.05"]).model, 256)
+    hcs = [m for m in model.modules() if isinstance(m, HyperConnection)]
+    reduces = [m for m in model.modules() if isinstance(m, StreamReduce)]
+    assert len(hcs) == 2 * (4 + 1) and len(reduces) == 2  # trunk and MTP block; the head's and MTP's reductions
+    for m in hcs + reduces:
+        assert torch.equal(m.alpha, torch.full_like(m.alpha, 0.01)) and m.alpha.numel() == (3 if m in hcs else 1)
+        biases = (m.b_pre, m.b_post, m.b_res) if m in hcs else (m.bias,)
+        assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+        assert m.phi.weight.std().item() == pytest.approx(0.05, rel=0.1)
+
+
 def copy_shared(src, dst):
     """Give the hyper-connection model the plain model's sublayer, embedding and head weights."""
     dst.load_state_dict({k: v for k, v in src.state_dict().items()}, strict=False)

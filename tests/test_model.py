@@ -46,9 +46,59 @@ def test_rope_preserves_norm_and_relative_positions():
     assert torch.allclose(s, s[0].expand_as(s), atol=1e-5)
 
 
-def test_residual_projections_start_smaller():
-    model = tiny_model("model.n_layers=8")
-    assert model.blocks[0].attn.out.weight.std() < 0.6 * model.blocks[0].attn.qkv.weight.std()
+WRITERS = ("attn.out.weight", "ffn.down.weight", "ffn.down", "ffn.shared.down.weight")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "v4_tiny"])
+def test_projections_into_the_residual_stream_start_at_init_std_over_root_2l(preset):
+    """GPT-2's depth scaling for every matrix that writes into the residual stream (attention's
+    output, the dense and the shared expert's down projections, the routed experts' stacked ones,
+    the MTP block's too): std init_std/√(2L); every other matrix init_std (sample stds, within 10 %)."""
+    import math
+
+    from optim.params import classify_parameters
+
+    cfg = compose_config([f"model={preset}", "model.n_layers=8", "model.init_std=0.05"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg, 256)
+    scalars = {name for name, _ in classify_parameters(model)["scalar"]}
+    writers = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name in scalars:
+            continue
+        writes = name.endswith(WRITERS)
+        writers += writes
+        expected = 0.05 / math.sqrt(2 * 8) if writes else 0.05
+        assert p.std().item() == pytest.approx(expected, rel=0.1), name
+    assert writers == (16 if preset == "tiny" else 3 * 9)  # v4: three in each of 8 blocks and the MTP block
+
+
+def test_swiglu_width_is_eight_thirds_rounded_up_to_32():
+    from model.transformer import ffn_hidden_size
+
+    for d in (32, 96, 128, 200, 512):
+        expected = next(w for w in range(32, 4 * d, 32) if w >= 8 * d / 3)
+        assert ffn_hidden_size(d, 0) == expected
+    assert ffn_hidden_size(128, 100) == 100
+
+
+@pytest.mark.parametrize("preset", [["model=tiny"], ["model=tiny", "model.residual=mhc"], ["model=v4_tiny"]],
+                         ids=["residual", "mhc", "v4"])
+def test_load_for_loads_every_kernel_the_model_uses(preset, monkeypatch):
+    """The trainer builds the model's CPU kernels before step 1 (cpu_kernels.load_for): a training
+    step afterwards asks for none that load_for did not load."""
+    from model import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "known", {})
+    cfg = compose_config(preset).model
+    cpu_kernels.load_for(cfg)
+    loaded = set(cpu_kernels.known)
+    torch.manual_seed(0)
+    model = build_model(cfg, 256).train()
+    model.on_step_start(10**6, False)  # V4: sparse CSA, past the indexer's warm-up
+    idx = torch.randint(0, 256, (2, 65))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    assert set(cpu_kernels.known) == loaded
 
 
 def test_flops_per_token_counts_six_n_plus_attention():

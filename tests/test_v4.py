@@ -230,6 +230,55 @@ def test_bias_updates_move_a_skewed_load_toward_balance():
     assert "bias" in m.state_dict() and not any(p is m.bias for p in m.parameters())
 
 
+def test_balance_loss_is_deepseeks_sequence_wise_formula():
+    """Σ_i f_i·P_i per sequence, f_i = E/(k·T)·(tokens whose selection holds i), P_i = the mean of
+    i's affinity normalised over experts, averaged over sequences: against a loop over sequences,
+    tokens and experts; 1 exactly for even routing and equal affinities; the layer's aux_loss is it
+    times balance_weight."""
+    m = moe(balance_weight=0.3)
+    b, t, e, k = 3, 5, 4, 2
+    scores, chosen = torch.rand(b, t, e) + 0.1, torch.rand(b, t, e).argsort(-1)[..., :k]
+    expected = 0.0
+    for s in range(b):
+        for i in range(e):
+            f = e / (k * t) * sum(i in chosen[s, n].tolist() for n in range(t))
+            p = sum(scores[s, n, i] / scores[s, n].sum() for n in range(t)) / t
+            expected += f * p / b
+    torch.testing.assert_close(m.balance_loss(scores, chosen), torch.as_tensor(expected, dtype=torch.float32))
+    even = torch.tensor([[0, 1], [2, 3]]).repeat(b, 2, 1)  # every expert twice in 4 tokens
+    assert m.balance_loss(torch.ones(b, 4, e), even).item() == pytest.approx(1.0, abs=1e-6)
+    x, ids = torch.randn(2, 6, D), torch.randint(0, 32, (2, 6))
+    m(x, ids)
+    scores, chosen, _ = m.route(x.reshape(-1, D), ids.reshape(-1))
+    torch.testing.assert_close(m.aux_loss, 0.3 * m.balance_loss(scores.view(2, 6, -1), chosen.view(2, 6, -1)))
+
+
+def test_a_hash_routed_layer_has_no_balance_loss_and_no_bias():
+    """What a hash decides, neither the balance loss nor the bias can balance: no aux_loss, the bias
+    stays 0; its loads are still counted and reset."""
+    m = moe(hash_layers=1)
+    assert m.hashed
+    m(torch.randn(2, 6, D), torch.randint(0, 32, (2, 6)))
+    assert m.aux_loss is None and m.load.sum() == 2 * 6 * 2
+    m.update_bias()
+    assert torch.equal(m.bias, torch.zeros(4)) and torch.equal(m.load, torch.zeros(4))
+
+
+def test_bias_moves_by_gamma_against_the_sign_of_each_steps_load():
+    """b_i -= γ·sign(load_i - mean load), from the tokens counted since the last update only (the
+    loads are reset), and not at all for a skipped step; worked by hand."""
+    m = moe(bias_gamma=0.01)
+    for load, applied, bias in (([100, 10, 10, 10], True, [-0.01, 0.01, 0.01, 0.01]),
+                                ([0, 60, 40, 30], True, [0.0, 0.0, 0.0, 0.02]),
+                                ([90, 0, 0, 0], False, [0.0, 0.0, 0.0, 0.02]),
+                                ([10, 10, 10, 10], True, [0.0, 0.0, 0.0, 0.02])):
+        m.load.copy_(torch.tensor(load, dtype=torch.float32))
+        stats = m.update_bias(applied)
+        torch.testing.assert_close(m.bias, torch.tensor(bias))
+        assert torch.equal(m.load, torch.zeros(4))
+        assert stats["load_max_over_mean"].item() == pytest.approx(max(load) / (sum(load) / 4))
+
+
 def test_hash_routing_is_a_fixed_function_of_token_and_layer():
     cfg = MoEConfig(n_experts=6, top_k=2, hash_layers=2)
     a, b, later = MoE(D, cfg, 1, 50), MoE(D, cfg, 1, 50), MoE(D, cfg, 0, 50)
@@ -308,6 +357,26 @@ def test_v4_parameters_are_routed_to_the_right_optimizer():
     assert roles["blocks.1.attn.q_norm.weight"] == "norm"
     assert layer_kinds(4, []) == ["window", "csa", "hca", "csa"]
     assert model.num_active_params() < model.num_params()
+
+
+def test_training_loss_is_next_token_plus_weighted_mtp_plus_auxiliaries():
+    """What backward sees: lm + mtp_weight·mtp + indexer KL + MoE balance (each part as the step's
+    metrics report it), at the MTP weight 0.3 and at 0.1 once the learning rate decays; during the
+    indexer-only warm-up, the indexers' KL alone."""
+    from model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(compose_config(["model=v4_tiny", "model.moe.balance_weight=0.01"]).model, 256).train()
+    idx = torch.randint(0, 256, (2, 33))
+    for step, decaying, weight in ((10**6, False, 0.3), (10**6, True, 0.1), (0, False, None)):
+        model.on_step_start(step, decaying)
+        total = model(idx[:, :-1], idx[:, 1:])
+        parts = {k: v.item() for k, v in model.loss_sums.items()}
+        model.on_step_end()
+        assert parts["moe_balance"] > 0 and parts["indexer_kl"] > 0 and parts["mtp"] > 0
+        expected = (parts["lm"] + weight * parts["mtp"] + parts["indexer_kl"] + parts["moe_balance"]
+                    if weight is not None else parts["indexer_kl"])
+        assert total.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_v4_tiny_trains_with_muon(tiny_config):
