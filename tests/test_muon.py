@@ -16,7 +16,7 @@ from train.validate import ConfigError
 SHAPES = [(32, 32), (24, 64), (64, 24), (48, 48), (24, 64), (24, 40), (96, 24)]  # m = 24 with three widths
 
 
-def run_pair(make_ref, make_ours, shapes=SHAPES, steps=20, seed=0):
+def run_pair(make_ref, make_ours, shapes=SHAPES, steps=20, seed=0, grad_scale=1.0):
     torch.manual_seed(seed)
     ref = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
@@ -24,7 +24,7 @@ def run_pair(make_ref, make_ours, shapes=SHAPES, steps=20, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         for a, b in zip(ref, ours):
-            grad = torch.randn(a.shape, generator=g)
+            grad = torch.randn(a.shape, generator=g) * grad_scale
             a.grad, b.grad = grad.clone(), grad.clone()
         opt_ref.step()
         opt_ours.step()
@@ -167,6 +167,14 @@ def test_per_head_orthogonalises_each_head():
     heads = [ref.newton_schulz(block, ref.v4_hybrid()) for block in grad.double().view(12, 4, 16)]
     expected = -0.5 * 0.18 * math.sqrt(16) * torch.cat(heads)  # scale of a 4×16 matrix
     assert torch.allclose(w.detach().double(), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        w.zero_()
+    opt = Muon([w], lr=0.5, weight_decay=0.0, momentum=0.0, nesterov=False, ns_schedule="v4_hybrid",
+               ns_dtype="fp32", adjust_lr_fn="match_rms_adamw", rms_target=0.18, per_head=False)
+    w.grad = grad.clone()
+    opt.step()
+    blocks = [ref.newton_schulz(block, ref.v4_hybrid()) for block in grad.double().view(3, 16, 16)]
+    assert torch.allclose(w.detach().double(), -0.5 * 0.18 * math.sqrt(16) * torch.cat(blocks), atol=1e-5, rtol=0)
 
 
 def test_adamw_half_equals_torch_adamw():
@@ -174,6 +182,16 @@ def test_adamw_half_equals_torch_adamw():
     diff = run_pair(lambda p: torch.optim.AdamW(p, betas=(0.9, 0.95), eps=1e-8, **kw),
                     lambda p: Muon(p, use_muon=False, adamw_betas=(0.9, 0.95), adamw_eps=1e-8, **kw),
                     shapes=[(8,), (4, 6), (3, 2, 2)])
+    assert diff <= 1e-7
+
+
+def test_adamw_half_takes_v4s_eps_at_rounding_level_gradients():
+    """V4's eps 1e-20: gradients of 1e-10 still take ±lr steps, as torch's AdamW with that eps does
+    (with the usual 1e-8 they would take a hundredth of one)."""
+    kw = dict(lr=3e-3, weight_decay=0.1)
+    diff = run_pair(lambda p: torch.optim.AdamW(p, betas=(0.9, 0.95), eps=1e-20, **kw),
+                    lambda p: Muon(p, use_muon=False, adamw_betas=(0.9, 0.95), adamw_eps=1e-20, **kw),
+                    shapes=[(8,), (4, 6)], steps=3, grad_scale=1e-10)
     assert diff <= 1e-7
 
 

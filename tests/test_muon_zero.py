@@ -58,6 +58,8 @@ LAYOUTS = [
     ("row-block", [((20, 8), 1, 1), ((3 * 16, 40), 3, 1), ((40, 16), 1, 1)], 2, 1, False),
     ("head-block", [((3 * 16, 20), 3, 4), ((24, 24), 1, 1)], 3, 1, True),
     ("padding", [((16, 24), 1, 1), ((2 * 12, 20), 2, 1)], 3, 256, False),
+    ("ends-one-in", [((2, 13), 1, 1), ((4, 6), 1, 1)], 2, 1, False),  # the first matrix's last element is rank 1's
+    ("starts-at-last", [((4, 6), 1, 1), ((2, 13), 1, 1)], 2, 1, False),  # the second's first is rank 0's last
 ]
 
 
@@ -81,11 +83,15 @@ def check_layout(name, segments, used, size, world):
     elif name in ("row-block", "head-block"):
         blocks = {s: s.row_blocks * (s.head_blocks if name == "head-block" else 1) for s in segments}
         assert any(blocks[s] > 1 and off % (s.numel // blocks[s]) for s, off in inside)
+    elif name == "ends-one-in":
+        assert any(s.start + s.numel == b + 1 for s in segments for b in bounds)
+    elif name == "starts-at-last":
+        assert any(s.start == b - 1 for s in segments for b in bounds)
     else:  # rank 1's partition runs past the last matrix into the padding, rank 2's is all padding
         assert size < used < 2 * size < 3 * size
 
 
-def partitioned_step(shapes, world, align, per_head, weights, grads, steps):
+def partitioned_step(shapes, world, align, per_head, weights, grads, steps, kw=KW):
     segments, used, size = partitions(shapes, world, align)
     flat_w = torch.cat([w.reshape(-1) for w in weights] + [torch.zeros(world * size - used)])
     flat_g = [torch.cat([g.reshape(-1) for g in gs] + [torch.zeros(world * size - used)]) for gs in grads]
@@ -95,7 +101,7 @@ def partitioned_step(shapes, world, align, per_head, weights, grads, steps):
         lo = rank * size
         # as DeepSpeed does: the optimizer is built on the model's matrices, then its group is
         # given the rank's flat partition in their place
-        opt = Muon([torch.nn.Parameter(w.clone()) for w in weights], per_head=per_head, **KW)
+        opt = Muon([torch.nn.Parameter(w.clone()) for w in weights], per_head=per_head, **kw)
         p = torch.nn.Parameter(flat_w[lo:lo + size].clone())
         opt.param_groups[0]["params"] = [p]
         opt.bind_partition(0, Partition(segments, lo, size, group=rank))
@@ -113,19 +119,21 @@ def partitioned_step(shapes, world, align, per_head, weights, grads, steps):
         optim.muon.dist = original
 
 
+@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])  # original: not symmetric in rows and columns
 @pytest.mark.parametrize("name,shapes,world,align,per_head", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_partitioned_step_equals_whole_matrix_step(name, shapes, world, align, per_head):
+def test_partitioned_step_equals_whole_matrix_step(name, shapes, world, align, per_head, adjust):
     torch.manual_seed(0)
     weights = [torch.randn(shape) for shape, _, _ in shapes]
     grads = [[torch.randn(shape) for shape, _, _ in shapes] for _ in range(2)]  # two steps: momentum too
-    sharded, segments, used, size = partitioned_step(shapes, world, align, per_head, weights, grads, 2)
+    kw = {**KW, "adjust_lr_fn": adjust}
+    sharded, segments, used, size = partitioned_step(shapes, world, align, per_head, weights, grads, 2, kw)
     check_layout(name, segments, used, size, world)
 
     params = []
     for w, (_, rows, heads) in zip(weights, shapes):
         params.append(torch.nn.Parameter(w.clone()))
         params[-1].row_blocks, params[-1].head_blocks = rows, heads
-    opt = Muon(params, per_head=per_head, **KW)
+    opt = Muon(params, per_head=per_head, **kw)
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = g.clone()

@@ -23,6 +23,11 @@ SCHEDULES = [
 IDS = [f"{s}-{n}" for s, n, _, _ in SCHEDULES]
 
 
+def ref_margin(schedule) -> float:
+    """X0's normalisation, from the reference: the Polar Express paper's 1.01 safety factor, else 1."""
+    return ref.POLAR_EXPRESS_MARGIN if schedule == "polar_express" else 1.0
+
+
 def low_rank(m, n, rank, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)).float()
@@ -105,8 +110,9 @@ def test_float64_iterations_equal_the_references(schedule, steps, coeffs, bands,
     g = INPUTS[name].double()
     ours = orthogonalize(g, s, dtype=torch.float64)
     gram = orthogonalize(g, s, dtype=torch.float64, method="gram")
-    assert torch.allclose(ours, ref.newton_schulz(g, coeffs, s.margin), atol=1e-11, rtol=0)
-    assert torch.allclose(gram, ref.gram_newton_schulz(g, coeffs, s.restarts, s.margin), atol=1e-11, rtol=0)
+    assert s.margin == ref_margin(schedule)
+    assert torch.allclose(ours, ref.newton_schulz(g, coeffs, ref_margin(schedule)), atol=1e-11, rtol=0)
+    assert torch.allclose(gram, ref.gram_newton_schulz(g, coeffs, s.restarts, ref_margin(schedule)), atol=1e-11, rtol=0)
 
 
 def test_restart_defaults_per_schedule():
@@ -129,6 +135,25 @@ def test_gram_without_restarts_diverges_where_restarts_hold():
     g = INPUTS["rank10"]
     never = orthogonalize(g, make_schedule("v4_hybrid", 10, restarts=()), dtype=torch.float32, method="gram")
     assert not torch.isfinite(never).all() or spectral(never.double()) > 1e3
+
+
+def test_muon_restarts_the_gram_iteration_where_told():
+    """optim.ns_restarts reaches the iteration: Muon's update is the Gram method's with those restart
+    points (not the schedule's default ones, 1e-3 apart on this rank-10 update), and with none it
+    diverges as the bare method does."""
+    g = INPUTS["rank10"]
+    for restarts in ((4,), ()):
+        p = torch.nn.Parameter(torch.zeros(64, 128))
+        opt = Muon([p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, ns_schedule="v4_hybrid",
+                   ns_method="gram", ns_restarts=restarts, ns_dtype="fp32", adjust_lr_fn="match_rms_adamw",
+                   rms_target=0.18)
+        p.grad = g.clone()
+        opt.step()
+        if restarts:
+            orth = orthogonalize(g, make_schedule("v4_hybrid", 10, restarts=restarts), dtype=torch.float32, method="gram")
+            assert torch.allclose(p.detach(), -0.18 * 128 ** 0.5 * orth, atol=1e-6, rtol=0)
+        else:
+            assert not torch.isfinite(p).all() or spectral(p.detach().double()) > 1e3
 
 
 def test_muon_gram_on_a_rank_deficient_update_matches_standard():
@@ -165,6 +190,6 @@ def test_muon_applies_each_schedule_as_the_reference(index, method):
     for p, g in zip(params, grads):
         scale = 0.2 * max(g.shape[-2:]) ** 0.5
         mats = g.double().reshape(-1, *g.shape[-2:])
-        expected = -0.5 * scale * torch.stack([ref.newton_schulz(m, coeffs, make_schedule(schedule, steps).margin)
+        expected = -0.5 * scale * torch.stack([ref.newton_schulz(m, coeffs, ref_margin(schedule))
                                                 for m in mats]).reshape(g.shape)
         assert torch.allclose(p.detach().double(), expected, atol=2e-5, rtol=0), tuple(g.shape)
