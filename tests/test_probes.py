@@ -149,3 +149,137 @@ def test_the_spike_guard_starts_a_new_history_when_what_is_trained_changes():
     restored = SpikeGuard(sigma=6.0, window=8)
     restored.load_state_dict(guard.state_dict())
     assert restored.phase is False and not restored.is_spike(7.3, 2.9, phase=False)
+
+
+def test_every_probe_value_equals_its_brute_force_computation():
+    """A known update δ on the tiny hc model (2 streams, per-head matrices): update and weight RMS,
+    update/weight ratio, the spectral norm of δ per matrix as Muon sees it (torch's SVD), and the
+    probe pass's per-layer gradient norms, their first/last ratio and per-stream activation RMS,
+    each against a direct computation."""
+    from model import build_model
+    from tests.conftest import compose_config
+    from train.probes import StabilityProbes
+
+    torch.manual_seed(0)
+    cfg = compose_config(["model=tiny", "model.residual=hc", "model.n_streams=2"]).model
+    model = build_model(cfg, 256)
+    x = torch.randint(0, 256, (2, 16))
+    probes = StabilityProbes(model, (x, torch.roll(x, -1, 1)), every=1, per_head=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probes.before_step(0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # q/k/v's the largest: the spectral norm's maximum is per head
+            p.add_(torch.randn(p.shape, generator=g) * 0.01 * (1 + p.dim()) * (10 if name.endswith("qkv.weight") else 1))
+    metrics = {"loss": 1.0, "grad_norm": 1.0}
+    probes.after_step(metrics)
+
+    from optim.params import classify_parameters
+    for role, items in classify_parameters(model).items():
+        if not items:
+            continue
+        deltas = [p.detach() - before[n] for n, p in items]
+        upd, w = sum(d.pow(2).sum() for d in deltas), sum(before[n].pow(2).sum() for n, _ in items)
+        count = sum(d.numel() for d in deltas)
+        assert metrics[f"probe/update_rms/{role}"] == pytest.approx((upd / count).sqrt().item(), rel=1e-5)
+        assert metrics[f"probe/weight_rms/{role}"] == pytest.approx((w / count).sqrt().item(), rel=1e-5)
+        assert metrics[f"probe/update_weight_ratio/{role}"] == pytest.approx((upd / w).sqrt().item(), rel=1e-5)
+    spectral = []
+    for name, p in classify_parameters(model)["matrix"]:
+        d = (p.detach() - before[name]).double()
+        # q, k, v of each head (optim.per_head) and gate and up: each its own matrix to Muon
+        d = d.view(getattr(p, "row_blocks", 1) * getattr(p, "head_blocks", 1), -1, d.size(-1))
+        spectral.append(torch.linalg.matrix_norm(d, ord=2).max().item())
+    assert metrics["probe/update_spectral/matrix"] == pytest.approx(max(spectral), rel=3e-2)  # 10 power iterations
+
+    model.eval()
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for b in model.blocks]
+    loss = model(*probes_batch(probes))
+    for h in hooks:
+        h.remove()
+    loss.backward()
+    norms = [torch.sqrt(sum(p.grad.pow(2).sum() for p in b.parameters() if p.grad is not None)).item()
+             for b in model.blocks]
+    for i, norm in enumerate(norms):
+        assert metrics[f"probe/grad_norm/layer{i}"] == pytest.approx(norm, rel=1e-5)
+    assert metrics["probe/grad_norm_first_last"] == pytest.approx(norms[0] / norms[-1], rel=1e-5)
+    for i, out in enumerate(outputs):  # [B, T, streams, C]
+        assert sum(k.startswith(f"probe/act_rms/layer{i}/stream") for k in metrics) == 2
+        for s in range(2):
+            assert metrics[f"probe/act_rms/layer{i}/stream{s}"] == pytest.approx(out[:, :, s].pow(2).mean().sqrt().item(), rel=1e-5)
+
+
+def probes_batch(probes):
+    return probes.x, probes.y
+
+
+def test_spike_detector_is_an_ema_of_mean_and_variance():
+    """Scores start at the `warmup`-th value (the first one judged), against an exponentially
+    weighted mean and variance that forget: after a noisy phase and a long quiet one, the variance
+    has decayed as decay^steps, so a moderate jump is a spike again."""
+    d = SpikeDetector(decay=0.9, threshold=5.0, warmup=3)
+    scores = [d.update(v) for v in (1.0, 2.0, 1.0)]
+    assert scores == [0.0, 0.0, 0.0]
+    mean, var = 1.0, 0.0
+    for v in (1.0, 2.0, 1.0):  # Welford-style exponentially weighted moments, α = 0.1
+        delta = v - mean
+        mean, var = mean + 0.1 * delta, 0.9 * (var + 0.1 * delta ** 2)
+    assert d.update(4.0) == pytest.approx((4.0 - mean) / var ** 0.5)
+    noisy = SpikeDetector(decay=0.9, threshold=5.0, warmup=3)
+    for i in range(40):
+        noisy.update(1.0 + (i % 2))
+    loud = noisy.var
+    for _ in range(60):
+        noisy.update(noisy.mean)
+    assert noisy.var == pytest.approx(loud * 0.9 ** 60, rel=1e-6)
+
+
+def test_a_grad_norm_jump_alone_is_counted_and_the_count_survives_a_restore():
+    from model import build_model
+    from tests.conftest import compose_config
+    from train.probes import StabilityProbes
+
+    model = build_model(compose_config(["model=tiny"]).model, 256)
+    x = torch.randint(0, 256, (1, 8))
+    probes = StabilityProbes(model, (x, x), every=0)
+    for i in range(30):
+        probes.after_step({"loss": 2.0 + 0.01 * (i % 3), "grad_norm": 1.0 + 0.01 * (i % 2)})
+    metrics = {"loss": 2.0, "grad_norm": 30.0}
+    probes.after_step(metrics)
+    assert metrics["probe/spikes"] == 1 and metrics["probe/grad_norm_z"] > 5 > metrics["probe/loss_z"]
+    restored = StabilityProbes(model, (x, x), every=0)
+    restored.load_state_dict(probes.state_dict())
+    after = {"loss": 2.0, "grad_norm": 1.0}
+    restored.after_step(after)
+    assert after["probe/spikes"] == 1
+
+
+def test_the_spike_guard_judges_rises_only_with_the_sample_deviation_of_its_window():
+    """A spike is a loss or gradient norm more than σ sample standard deviations (statistics.stdev)
+    above the window's mean: a drop is none, a gradient-norm jump alone is one, a value between
+    σ·pstdev and σ·stdev is none; a non-finite step (the non-finite policy's, judged first) stays
+    out of the history, which judges the next steps as before."""
+    import math
+    import statistics
+
+    from train.spikes import SpikeGuard
+
+    losses, norms = [5.0, 5.1, 4.9, 5.0], [1.0, 1.1, 0.9, 1.0]
+
+    def warmed():
+        guard = SpikeGuard(sigma=3.0, window=8)
+        for loss, norm in zip(losses, norms):
+            assert not guard.is_spike(loss, norm)
+        return guard
+    assert not warmed().is_spike(3.0, 1.0)  # a drop
+    assert warmed().is_spike(5.0, 30.0)  # the gradient norm alone
+    mean, sample, population = statistics.fmean(losses), statistics.stdev(losses), statistics.pstdev(losses)
+    assert not warmed().is_spike(mean + 3.0 * (sample + population) / 2, 1.0)
+    assert warmed().is_spike(mean + 3.0 * sample * 1.01, 1.0)
+    guard = warmed()
+    guard.is_spike(math.nan, 1.0)
+    guard.is_spike(5.0, math.inf)
+    assert list(guard.losses) == losses and list(guard.grad_norms) == norms
+    assert guard.is_spike(50.0, 1.0)
+

@@ -90,6 +90,23 @@ def test_max_is_over_every_micro_batch_of_the_step_and_not_eval_forwards():
     assert qk_clip(model, tau) == 0
 
 
+def test_heads_at_or_below_tau_are_left_alone():
+    """τ between two heads of one layer: the head above it is scaled by √(τ/S), the one below
+    keeps its weights (η is capped at 1, never a scale-up)."""
+    model, theta = tiny_model()
+    batch = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    s = sorted(per_batch_max(model, theta, batch).tolist())
+    tau = (s[0] + s[-1]) / 2
+    expected, n_expected = reference_step(model, theta, [batch], tau)
+    before = attention_modules(model)[0].qkv.weight.detach().clone()
+    track_max_logits(model)
+    model.train()
+    model(batch)
+    assert 0 < qk_clip(model, tau) == n_expected < model.blocks[0].attn.n_heads
+    assert_matches(model, expected)
+    assert not torch.equal(attention_modules(model)[0].qkv.weight, before)
+
+
 def _two_rank_worker(rank, init_file, out_dir, batches, tau):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)

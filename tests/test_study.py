@@ -59,6 +59,34 @@ def test_t_quantile_matches_tables():
         assert t_quantile(0.975, df) == pytest.approx(scipy.t.ppf(0.975, df), rel=1e-9)
 
 
+# scipy.stats.t.ppf(p, df), scipy 1.17.1, for p = 0.025, 0.6, 0.9, 0.995, 0.9995 (both tails, the
+# centre, and far tails where the continued fraction's other branch runs)
+T_TABLE = {1: [-12.7062047362, 0.3249196962, 3.0776835372, 63.6567411629, 636.6192487688],
+           2: [-4.3026527297, 0.2886751346, 1.8856180832, 9.9248432009, 31.5990545764],
+           5: [-2.5705818356, 0.2671808657, 1.4758840488, 4.0321429836, 6.8688266259],
+           30: [-2.0422724563, 0.255605365, 1.3104150254, 2.7499956536, 3.645958635],
+           1000: [-1.9623390808, 0.2534145158, 1.2823987215, 2.5807546981, 3.3002826484]}
+
+
+def test_t_quantiles_over_both_tails_and_far_ones():
+    from train.stats import t_cdf
+
+    for df, row in T_TABLE.items():
+        for p, q in zip((0.025, 0.6, 0.9, 0.995, 0.9995), row):
+            assert t_quantile(p, df) == pytest.approx(q, rel=1e-8, abs=1e-9)
+            assert t_cdf(q, df) == pytest.approx(p, rel=1e-9)
+
+
+def test_welch_interval_with_unequal_seed_counts():
+    """5 seeds against 2: each arm's variance over its own count; against scipy's
+    ttest_ind(equal_var=False).confidence_interval() (1.17.1): [-0.249153407742, -0.032846592258]."""
+    from train.stats import difference_interval
+
+    d = difference_interval([1.50, 1.62, 1.55, 1.58, 1.47], [1.71, 1.66])
+    assert d.mean == pytest.approx(-0.141) and d.n == 2
+    assert (d.lo, d.hi) == pytest.approx((-0.249153407742, -0.032846592258), abs=1e-9)
+
+
 # -- stage 1 → stage 2 -------------------------------------------------------------------------------
 def fake_run(path: Path, config: dict, final: float | None, rows=None, status="completed"):
     path.mkdir(parents=True)
