@@ -47,9 +47,11 @@ def test_safetensors_round_trip_is_bit_for_bit(trained_run, tmp_path, capsys):
             from_exported(d)
 
 
-@pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true", "model.n_heads=4", "model.rope_theta=500"]])
+@pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true", "model.n_heads=4", "model.rope_theta=500",
+                                        "model.norm_eps=0.01"]])  # an eps large enough to move the logits
 def test_llama_export_matches_our_model(extra, tmp_path):
-    """Logits to 1e-5 and the same greedy continuation through AutoModelForCausalLM."""
+    """Logits to 1e-5 and the same greedy continuation through AutoModelForCausalLM; transformers'
+    generate stops at the run's end-of-document token (config.json and generation_config.json)."""
     cfg = compose_config(["model=tiny", "model.max_seq_len=64", *extra])
     torch.manual_seed(0)
     ours = build_model(cfg.model, 256).eval()
@@ -66,6 +68,8 @@ def test_llama_export_matches_our_model(extra, tmp_path):
         mine = torch.stack([s.token for s in generate(ours, prompt, 40, Sampling(temperature=0), context=64)], 1)
         theirs = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(theirs[:, 8:], mine)
+    assert hf.config.eos_token_id == hf.generation_config.eos_token_id == 0
+    assert hf.config.rms_norm_eps == cfg.model.norm_eps
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])

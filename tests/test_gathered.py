@@ -58,6 +58,9 @@ def test_gradcheck_float64(fn):
     a, p, rows, index = operands(torch.float64, b=2, t=4, h=2, k=3, n=5, d=3)
     x = (a if fn is gathered.scores else p).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, r: fn(x, r, index), (x, rows.requires_grad_()))
+    # each input alone needing a gradient (the autograd must give each from its own flag)
+    assert torch.autograd.gradcheck(lambda r: fn(x.detach(), r, index), (rows,))
+    assert torch.autograd.gradcheck(lambda x: fn(x, rows.detach(), index), (x,))
 
 
 def test_ops_pass_opcheck():

@@ -184,7 +184,9 @@ def test_greedy_generation_through_its_cache_is_our_argmax(tmp_path):
     ("model.residual=residual", "model.residual='residual'"), ("model.moe.n_shared=2", "n_shared=2"),
     # transformers' V4 always normalises query heads and rotates rope_dim channels: exported, these
     # computed other logits (q_head_norm=false: up to 0.31 off) or crashed in transformers (rope_dim=0)
-    ("model.attn.q_head_norm=false", "q_head_norm=false"), ("model.attn.rope_dim=0", "rope_dim=0")])
+    ("model.attn.q_head_norm=false", "q_head_norm=false"), ("model.attn.rope_dim=0", "rope_dim=0"),
+    # transformers rotates rope_dim channels of every index head: narrower ones crash its forward
+    ("model.attn.index_dim=8", "index_dim=8")])
 def test_export_refuses_what_v4_cannot_express(override, words):
     cfg = compose_config(["model=v4_tiny", override]).model
     with pytest.raises(NotExportable, match=words):
@@ -213,4 +215,38 @@ def test_yarn_frequencies_equal_transformers(original):
     assert scale == 1.0
     torch.testing.assert_close(ours, theirs.double(), rtol=1e-6, atol=0)
     assert not torch.equal(ours, base / 16) and not torch.equal(ours, base)
+
+
+def test_the_mtp_block_and_hash_table_are_exported_as_deepseek_names_them(tmp_path):
+    """transformers' V4 reads no MTP weights, so its logits cannot check them: the exported mtp.0.*
+    tensors, used as DeepSeek's MTP uses them (h_proj(hnorm(h)) + e_proj(enorm(emb))), give our
+    MTP block's input; the config counts the block; the hash routing table stays int64 in a bf16
+    export."""
+    from safetensors.torch import load_file
+
+    from model.hf_v4 import hf_state_dict
+
+    model = random_model("v4_tiny", sparse=False)
+    cfg = model.cfg
+    assert hf_config(model)["num_nextn_predict_layers"] == 1
+    assert hf_config(build_model(compose_config(["model=v4_tiny", "model.mtp_depth=0"]).model, VOCAB))[
+        "num_nextn_predict_layers"] == 0
+    sd = hf_state_dict(model)
+    g = torch.Generator().manual_seed(5)
+    hidden, emb = torch.randn(1, 5, cfg.n_streams, cfg.d_model, generator=g), torch.randn(1, 5, cfg.d_model, generator=g)
+    seen = {}
+    model.mtp.block.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        model.mtp(hidden, emb, torch.zeros(1, 5, dtype=torch.long), model.rope_cos, model.rope_sin)
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+    expected = (rms(hidden, sd["mtp.0.hnorm.weight"]) @ sd["mtp.0.h_proj.weight"].T
+                + (rms(emb, sd["mtp.0.enorm.weight"]) @ sd["mtp.0.e_proj.weight"].T).unsqueeze(-2))
+    torch.testing.assert_close(seen["x"], expected, rtol=1e-5, atol=1e-6)
+    save_hf_v4(model, compose_config(SHAPES["v4_tiny"]).model, tmp_path, torch.bfloat16)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    table = tensors["layers.0.ffn.gate.tid2eid"]
+    assert table.dtype == torch.int64 and torch.equal(table, model.blocks[0].ffn.hash_table)
+    assert tensors["layers.0.ffn.experts.0.w1.weight"].dtype == torch.bfloat16
 

@@ -75,6 +75,63 @@ def run_sample(capsys, *args):
     return code, out.out, out.err
 
 
+class Recording(torch.nn.Module):
+    """A stand-in model that records how many tokens each forward sees (no cache)."""
+    supports_cache, max_seq_len = False, 64
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def forward(self, idx):
+        self.lengths.append(idx.size(1))
+        return torch.zeros(idx.size(0), idx.size(1), 10)
+
+
+@pytest.mark.parametrize("prompt", [3, 12])
+def test_the_context_slides_to_its_newest_half(prompt):
+    """The model sees at most `context` tokens: a longer prompt's newest ones; when one more would
+    not fit, the newest context // 2 remain."""
+    model = Recording()
+    steps = list(generate(model, torch.zeros(1, prompt, dtype=torch.long), 12, Sampling(temperature=0),
+                          context=8, use_cache=False))
+    expected, seen = [], min(prompt, 8)
+    for _ in range(12):
+        if seen > 8:
+            seen = 4
+        expected.append(seen)
+        seen += 1
+    assert model.lengths == expected and max(model.lengths) == 8
+    assert [s.slid for s in steps] == [prompt > 8] + [a < b for a, b in zip(expected[1:], expected)]
+
+
+def test_sampling_draws_only_what_top_k_and_top_p_keep():
+    from model.generate import next_token
+
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, Sampling(temperature=1.0, top_k=1), g).tolist()) == {0}
+    assert set(next_token(logits, Sampling(temperature=1.0, top_k=2), g).tolist()) == {0, 1}
+    assert set(next_token(logits, Sampling(temperature=1.0, top_p=0.3), g).tolist()) == {0}
+    assert set(next_token(logits, Sampling(temperature=1.0), g).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_streamed_text_holds_back_a_character_cut_in_half():
+    """Byte tokens arrive one at a time: a multi-byte character is printed once it is whole, never as
+    a replacement character."""
+    import io
+
+    from data.tokenizer import ByteTokenizer
+
+    out = io.StringIO()
+    stream, written = sample.TextStream(ByteTokenizer(), out), []
+    for b in "é!€".encode():
+        stream.add(b)
+        written.append(out.getvalue())
+    assert stream.close() == "é!€" and out.getvalue() == "é!€\n"
+    assert written == ["", "é", "é!", "é!", "é!", "é!€"]
+
+
 def test_same_seed_same_text_and_text_from_the_corpus(trained_run, capsys):
     a = run_sample(capsys, trained_run, "seed=5", "max_new_tokens=120", "temperature=0.7")
     b = run_sample(capsys, trained_run, "seed=5", "max_new_tokens=120", "temperature=0.7")
@@ -86,6 +143,21 @@ def test_same_seed_same_text_and_text_from_the_corpus(trained_run, capsys):
     assert sum(ch in allowed for ch in text) / len(text) > 0.97, text
     words = [w.strip(".") for w in text.split() if w.strip(".")]
     assert sum(w in WORDS for w in words) / len(words) > 0.8, text
+
+
+@pytest.mark.parametrize("stop", ["true", "false"])
+def test_the_end_of_document_token_ends_the_sample(trained_run, capsys, monkeypatch, stop):
+    """stop_at_eos=true (the default) ends a sample at the first end-of-document token, which is not
+    printed; false prints past it."""
+    from model.generate import Step
+
+    def eos_then_letters(model, ids, max_new_tokens, *args):
+        for token in [0, *[ord("a")] * (max_new_tokens - 1)]:  # byte tokenizer: EOS is id 0
+            yield Step(torch.tensor([token]), torch.zeros(1, 256), False)
+    monkeypatch.setattr(sample, "generate", eos_then_letters)
+    code, out, err = run_sample(capsys, trained_run, "max_new_tokens=5", "prompt=the", f"stop_at_eos={stop}")
+    assert code == 0
+    assert (out, "[1 tokens" in err) == (("the\n", True) if stop == "true" else ("theaaaa\n", False))
 
 
 def test_uncached_command_gives_the_same_text(trained_run, capsys):

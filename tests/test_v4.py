@@ -19,9 +19,9 @@ from train.trainer import Trainer
 D, H = 16, 2
 
 
-def attention(kind, ratio=4, window=5, topk=3, sparse=False, index_heads=2):
+def attention(kind, ratio=4, window=5, topk=3, sparse=False, index_heads=2, index_dim=4):
     cfg = AttentionConfig(window=window, head_dim=8, rope_dim=4, q_lora=8, out_groups=2, out_lora=4,
-                          csa_ratio=ratio, csa_topk=topk, hca_ratio=ratio, index_heads=index_heads, index_dim=4)
+                          csa_ratio=ratio, csa_topk=topk, hca_ratio=ratio, index_heads=index_heads, index_dim=index_dim)
     torch.manual_seed(0)
     attn = V4Attention(D, H, cfg, kind, max_seq_len=64, eps=1e-6).double()
     for p in attn.parameters():  # away from the zero init of sinks and position biases
@@ -377,6 +377,44 @@ def test_training_loss_is_next_token_plus_weighted_mtp_plus_auxiliaries():
         expected = (parts["lm"] + weight * parts["mtp"] + parts["indexer_kl"] + parts["moe_balance"]
                     if weight is not None else parts["indexer_kl"])
         assert total.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_query_heads_are_separate_matrices_to_muon_with_per_head():
+    """optim.per_head=true: each query head's rows of q_up (and of nothing V4 shares across heads) are
+    their own matrix to Muon; without it, the whole projection is one."""
+    from optim.muon import matrix_view
+
+    attn = attention("csa")
+    w = attn.q_up.weight
+    assert matrix_view(w.shape, getattr(w, "row_blocks", 1), getattr(w, "head_blocks", 1), True) == (H, 8, 8)
+    assert matrix_view(w.shape, getattr(w, "row_blocks", 1), getattr(w, "head_blocks", 1), False) == (1, H * 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["window", "csa", "hca"])
+def test_scores_and_softmax_run_in_fp32_under_bf16_autocast(kind, monkeypatch):
+    """bf16 logits would be rounded before the softmax, the sink with them: whatever autocast
+    does to the projections, the attention itself receives float32 queries, keys and entries."""
+    attn = attention(kind, ratio=2, sparse=kind == "csa").float().train()
+    seen = []
+    attend = attn._attend
+    monkeypatch.setattr(attn, "_attend", lambda q, kv, entries, index, cos, sin: (
+        seen.append((q.dtype, kv.dtype, None if entries is None else entries.dtype, torch.is_autocast_enabled("cpu"))),
+        attend(q, kv, entries, index, cos, sin))[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(torch.randn(2, 9, D))
+    assert out.dtype == torch.bfloat16  # autocast is on: the projections ran in bf16
+    q, kv, entries, autocast = seen[0]
+    assert q == kv == torch.float32 and entries in (None, torch.float32) and not autocast
+
+
+def test_attention_flops_are_the_written_convention():
+    """4·H·hd per token for each key a query sees (the window, or T when shorter; CSA's top-k of T/m
+    entries, HCA's T/m) plus the indexer's 2·index_heads·index_dim per scored entry."""
+    for t in (3, 5, 40):
+        assert attention("window").attention_flops(t) == 4 * H * 8 * min(5, t)
+        assert attention("hca", ratio=4).attention_flops(t) == 4 * H * 8 * (min(5, t) + t // 4)
+        assert attention("csa", ratio=4, topk=3, index_heads=2).attention_flops(t) == \
+            4 * H * 8 * (min(5, t) + min(3, t // 4)) + 2 * 2 * 4 * (t // 4)
 
 
 def test_v4_tiny_trains_with_muon(tiny_config):

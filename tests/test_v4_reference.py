@@ -22,10 +22,12 @@ def reference_weights(attn) -> dict:
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("ratio", [2, 3])
-def test_indexer_kl_and_max_logits_match_the_reference(ratio, sparse):
+@pytest.mark.parametrize("index_dim", [4, 2], ids=["index4", "index2"])  # 2 < rope_dim: the index heads' RoPE is narrower
+def test_indexer_kl_and_max_logits_match_the_reference(ratio, sparse, index_dim):
     # 6 index heads: an entry scores exactly 0 (every ReLU at 0) rarely enough that no top-k boundary ties
-    attn = attention("csa", ratio=ratio, window=5, topk=2, sparse=sparse, index_heads=6).train()
+    attn = attention("csa", ratio=ratio, window=5, topk=2, sparse=sparse, index_heads=6, index_dim=index_dim).train()
     attn.track_max_logits = True
+    attn.kl_weight = 0.5  # model.attn.indexer_kl_weight: it scales the loss
     with torch.no_grad():
         attn.sink[0] = 8.0  # head 0's largest logit is its sink: the probe must see it
     x = torch.randn(2, 17, D, dtype=torch.float64, generator=torch.Generator().manual_seed(ratio))
@@ -33,14 +35,13 @@ def test_indexer_kl_and_max_logits_match_the_reference(ratio, sparse):
     # AttentionConfig's V4 defaults at max_seq_len 64: base 160000, YaRN x16 over 64 / 16 tokens
     theta, yarn = 160000.0, {"factor": 16.0, "original_seq_len": 4, "beta_fast": 32.0, "beta_slow": 1.0}
     ref = indexer_kl.csa_layer(x.detach(), reference_weights(attn), heads=H, head_dim=8, rope_dim=4, window=5,
-                               ratio=ratio, index_heads=6, index_dim=4, topk=2 if sparse else None, eps=1e-6,
+                               ratio=ratio, index_heads=6, index_dim=index_dim, topk=2 if sparse else None, eps=1e-6,
                                theta=theta, yarn=yarn)
     assert ref["kl"] > 1e-3 and ref["ties"] == 0
     if sparse:  # the top-k left some visible entries out
         assert any(len(a) < (t + 1) // ratio for a, t in zip(ref["allowed"], [*range(17)] * 2))
     # float64 throughout except our RoPE tables, float32 buffers: agreement to ~1e-8
-    torch.testing.assert_close(attn.aux_loss / attn.kl_weight, torch.tensor(ref["kl"], dtype=torch.float64),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(attn.aux_loss, 0.5 * torch.tensor(ref["kl"], dtype=torch.float64), rtol=1e-6, atol=0)
     torch.testing.assert_close(attn.max_logits, ref["max_logits"], rtol=1e-6, atol=0)
 
 

@@ -89,12 +89,14 @@ def csa_layer(x: torch.Tensor, w: dict, *, heads: int, head_dim: int, rope_dim: 
     for seq in x.double():
         t_len = seq.shape[0]
         entries = compress(seq, w["comp_wkv"], w["comp_wgate"], w["comp_ape"], w["comp_norm"], ratio, eps, freq, rope_dim)
-        keys = compress(seq, w["idx_wkv"], w["idx_wgate"], w["idx_ape"], w["idx_norm"], ratio, eps, freq, rope_dim)
+        # index heads narrower than rope_dim rotate all their channels, with the highest frequencies
+        index_rope = min(rope_dim, index_dim)
+        keys = compress(seq, w["idx_wkv"], w["idx_wgate"], w["idx_ape"], w["idx_norm"], ratio, eps, freq, index_rope)
         kv = [rope(rms(w["wkv"] @ seq[t], eps) * w["kv_norm"], t, freq, rope_dim) for t in range(t_len)]
         for t in range(t_len):
             c = rms(w["wq_a"] @ seq[t], eps) * w["q_norm"]
             q = [rope(rms(qh, eps), t, freq, rope_dim) for qh in (w["wq_b"] @ c).view(heads, head_dim)]
-            iq = [rope(qh, t, freq, rope_dim) for qh in (w["idx_wq_b"] @ c).view(index_heads, index_dim)]
+            iq = [rope(qh, t, freq, index_rope) for qh in (w["idx_wq_b"] @ c).view(index_heads, index_dim)]
             hw = (w["idx_weights"] @ seq[t]) * index_dim ** -0.5 * index_heads ** -0.5
             visible = [s for s in range(len(entries)) if (s + 1) * ratio - 1 <= t]
             score = {s: sum(float(hw[h]) * max(float(iq[h] @ keys[s]), 0.0) for h in range(index_heads)) for s in visible}
