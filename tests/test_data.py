@@ -77,6 +77,42 @@ def test_same_seed_same_order_other_seed_other_order(prepared):
     assert torch.equal(xa, xb) and not torch.equal(xa, xc)
 
 
+def test_each_epoch_has_its_own_order_and_a_loaded_state_forgets_the_old_one(prepared):
+    """Windows are visited in a per-(seed, epoch) permutation; a loader that has already served
+    batches and is given another epoch's state serves exactly what a fresh loader given it does."""
+    fresh = TokenLoader(prepared, 16, 4, seed=0)
+    first = next(fresh)[0]
+    used = TokenLoader(prepared, 16, 4, seed=0)
+    for _ in range(3):
+        next(used)
+    state = {**fresh.state_dict(), "epoch": 1, "position": 0}
+    used.load_state_dict(state)
+    again = TokenLoader(prepared, 16, 4, seed=0)
+    again.load_state_dict(state)
+    second = next(again)[0]
+    assert not torch.equal(first, second)  # epoch 1 is another permutation
+    assert torch.equal(next(used)[0], second)
+
+
+def test_a_shard_of_a_whole_number_of_windows_gives_only_whole_windows(prepared, tmp_path):
+    """A window is seq_len + 1 tokens at a stride of seq_len: 64 tokens hold 3 windows of 16, not 4."""
+    import json
+    import shutil
+
+    from data.loader import Windows
+
+    copy = Path(shutil.copytree(prepared, tmp_path / "copy"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][0]
+    manifest["splits"]["train"]["shards"] = [{**shard, "tokens": 64}]
+    write_tokens(copy / shard["file"], np.arange(1, 65), manifest["vocab_size"])
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    windows = Windows(copy, "train", 16)
+    assert len(windows) == 3
+    x, y = windows.batch(np.arange(3))
+    assert torch.equal(x[-1], torch.arange(33, 49)) and torch.equal(y[-1], torch.arange(34, 50))
+
+
 def test_resume_continues_on_the_next_batch(prepared):
     ref = TokenLoader(prepared, 16, 4, seed=3)
     expected = [next(ref) for _ in range(48)][40:]
