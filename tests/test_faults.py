@@ -325,6 +325,27 @@ def test_pruning_counts_usable_checkpoints_only(keep_last, tmp_path):
     assert Checkpointer(ckpts, 1, 0, 1).newest_valid() == ckpts / "step_00000006"
 
 
+def test_going_back_sets_aside_every_later_step_and_a_swaps_old_copy_outlives_a_damaged_new_one(tmp_path):
+    """Resuming from step 1 moves steps 2 and 3 (the very next step too) to abandoned/. A swap's old
+    copy (.replaced-step_N, left by a kill between the swap's renames) is removed at the next save
+    only once the new step_N is whole: beside a damaged one it is the only good copy of that step."""
+    from train.checkpoint import Checkpointer
+
+    ckpts = tmp_path / "checkpoints"
+    saver = Checkpointer(ckpts, keep_last=10, rank=0, world_size=1)
+    for step in (1, 2, 3):
+        saver.save(_Engine(), step, {})
+    assert [p.name for p in saver.set_aside_after(ckpts / "step_00000001")] == ["step_00000002", "step_00000003"]
+    saver.save(_Engine(), 3, {})
+    shutil.copytree(ckpts / "step_00000003", ckpts / ".replaced-step_00000003")
+    (ckpts / "step_00000003" / "mp_rank_00_model_states.pt").write_bytes(b"")  # the new copy, damaged
+    saver.save(_Engine(), 2, {})  # a later step is left alone by pruning
+    assert (ckpts / ".replaced-step_00000003").is_dir()
+    (ckpts / "step_00000003" / "mp_rank_00_model_states.pt").write_bytes(b"x")  # whole again
+    saver.save(_Engine(), 2, {})
+    assert not (ckpts / ".replaced-step_00000003").exists()
+
+
 def test_wall_time_adds_up_over_launches(tiny_config):
     """summary.json's wall_s is the run's, not its last launch's: the earlier launch's time up to
     the checkpoint resumed counts (what it spent after it was lost with it)."""
