@@ -37,17 +37,13 @@ def _kernels():
 
 def _use_kernels(index: Tensor, *tensors: Tensor) -> bool:
     """CPU tensors of one dtype, float32 or float64, an int64 index, and kernels that build; a
-    compiled graph only uses them once known to build (no build inside a trace: train/compile.py
-    asks first)."""
+    compiled graph only uses them once known to build (no build inside a trace: the trainer loads
+    them first, cpu_kernels.load_for)."""
     if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors) or \
             tensors[0].dtype not in (torch.float32, torch.float64) or index.dtype != torch.int64:
         return False
     if torch.compiler.is_compiling():
         return cpu_kernels.known.get("gathered", False)
-    return cpu_kernels.available("gathered")
-
-
-def kernels_available() -> bool:
     return cpu_kernels.available("gathered")
 
 

@@ -171,12 +171,6 @@ def _use_kernel(index: "IndexQueries") -> bool:
     return _kernels() is not None
 
 
-def kernel_available() -> bool:
-    """Builds or loads the kernel; compiled graphs use it only once this has said yes (train/compile.py
-    asks before tracing)."""
-    return cpu_kernels.available("index_topk")
-
-
 @torch.library.custom_op("v4lab::index_topk", mutates_args=())
 def index_topk_op(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
                   k: int) -> tuple[torch.Tensor, torch.Tensor]:

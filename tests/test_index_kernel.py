@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import model.indexer as indexer_module
+from model import cpu_kernels
 from model.indexer import IndexQueries, select_topk
 
 
@@ -103,7 +104,7 @@ def test_a_nan_key_ranks_first_on_both_paths(monkeypatch):
 def test_compiled_selection_calls_the_kernel_as_one_op(monkeypatch):
     """Under torch.compile (fullgraph: no graph break) the selection is the kernel's custom op, with
     the eager picks; the op passes torch.library.opcheck."""
-    assert indexer_module.kernel_available()
+    assert cpu_kernels.available("index_topk")
     index = random_index(2, 70, 4, 8, 23, dtype=torch.float32)
     n_visible = (torch.arange(70) + 1) // 3
     eager = select_topk(index, n_visible, 5)

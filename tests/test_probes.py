@@ -195,7 +195,7 @@ def test_every_probe_value_equals_its_brute_force_computation():
     model.eval()
     outputs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for b in model.blocks]
-    loss = model(*probes_batch(probes))
+    loss = model(probes.x, probes.y)
     for h in hooks:
         h.remove()
     loss.backward()
@@ -208,10 +208,6 @@ def test_every_probe_value_equals_its_brute_force_computation():
         assert sum(k.startswith(f"probe/act_rms/layer{i}/stream") for k in metrics) == 2
         for s in range(2):
             assert metrics[f"probe/act_rms/layer{i}/stream{s}"] == pytest.approx(out[:, :, s].pow(2).mean().sqrt().item(), rel=1e-5)
-
-
-def probes_batch(probes):
-    return probes.x, probes.y
 
 
 def test_spike_detector_is_an_ema_of_mean_and_variance():
