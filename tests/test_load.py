@@ -2,12 +2,16 @@
 or checkpoint directory; broken inputs give one line and the README's exit status; nothing in
 the run directory changes except eval/ and export/."""
 import hashlib
+import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import edit_configs
+from tests.conftest import compose_config, edit_configs
 from train import evaluate, export, sample
+from train.load import EXIT_CHECKPOINT, EXIT_CONFIG, LoadError, build_from_state, load_run, locate, pick_device
 
 
 def tree_hash(root, skip=("eval", "export")) -> dict:
@@ -119,3 +123,65 @@ def test_a_run_directory_with_an_equals_sign_in_its_name(trained_run, tmp_path, 
     run = shutil.copytree(trained_run, tmp_path / "optim.lr=3e-3")
     assert sample.main([str(run), "max_new_tokens=3"]) == 0, capsys.readouterr().err
     assert evaluate.main([str(run), "max_batches=1"]) == 0, capsys.readouterr().err
+
+
+def test_weights_missing_a_layer_the_config_names_are_refused():
+    """A checkpoint holding fewer layers than its config.yaml says is refused, naming what is
+    missing, not read back with a randomly initialised layer in the stack."""
+    from model import build_model
+
+    torch.manual_seed(0)
+    state = build_model(compose_config(["model=tiny"]).model, 256).state_dict()  # two layers
+    with pytest.raises(LoadError) as refused:
+        build_from_state(compose_config(["model=tiny", "model.n_layers=3"]), state, Path("ckpt"))
+    assert refused.value.code == EXIT_CHECKPOINT
+    assert "does not fit the model" in str(refused.value) and "Missing key(s)" in str(refused.value)
+    assert '"blocks.2.' in str(refused.value) and '"blocks.1.' not in str(refused.value)  # the third layer
+
+
+def _unsealed(ckpt):
+    (ckpt / "manifest.json").unlink()
+
+
+def _short_file(ckpt):
+    f = ckpt / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:100])
+
+
+def _file_missing(ckpt):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["zero_pp_rank_1_mp_rank_00_optim_states.pt"] = 123
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", [_unsealed, _short_file, _file_missing], ids=["no manifest", "truncated", "missing"])
+def test_a_damaged_checkpoint_named_directly_is_refused_as_unusable(run_copy, damage):
+    """A checkpoint directory given by name is checked against its manifest as the newest valid
+    one would be: one cut short or never sealed is not read (it may load, silently, half-written)."""
+    ckpt = next((run_copy / "checkpoints").glob("step_*"))
+    damage(ckpt)
+    with pytest.raises(LoadError) as refused:
+        locate(ckpt)
+    assert refused.value.code == EXIT_CHECKPOINT and f"checkpoint {ckpt} is unusable" in str(refused.value)
+
+
+def test_an_intact_checkpoint_under_any_name_is_read(run_copy, tmp_path):
+    """A sealed checkpoint copied to a folder of another name (best/) is still a checkpoint: its
+    manifest says so; the run it belongs to is the folder beside it."""
+    ckpt = next((run_copy / "checkpoints").glob("step_*"))
+    best = shutil.copytree(ckpt, tmp_path / "kept" / "best")
+    assert locate(best) == (tmp_path / "kept", best)
+    loaded = load_run(best, tokenizer=False)
+    assert (loaded.checkpoint, loaded.run_dir) == (best, tmp_path / "kept")
+    assert loaded.step == json.loads((ckpt / "manifest.json").read_text())["step"]
+
+
+def test_cuda_devices_are_numbered_from_zero(monkeypatch):
+    """On a machine with one GPU, cuda:0 is it and cuda:1 does not exist: refused up front (status
+    2, a bad argument), not when the model is moved there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0) and pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(LoadError) as refused:
+        pick_device("cuda:1")
+    assert refused.value.code == EXIT_CONFIG == 2 and "cuda:0 to cuda:0" in str(refused.value)
