@@ -44,6 +44,32 @@ def test_the_default_auto_micro_batch_is_resolved_as_the_trainer_resolved_it(run
     assert json.loads((run_copy / "eval" / "auto.json").read_text())["micro_batch_size"] == expected
 
 
+@pytest.mark.parametrize("world,expected", [(1, 16), (2, 8), (4, 4)])
+def test_the_auto_micro_batch_is_the_one_of_the_checkpoints_world_size(tmp_path, world, expected):
+    """A run on 2 ranks validated with micro-batches of 16 / 2 sequences per rank (micro_batch_size=auto);
+    evaluate, one process, must batch as that run did, not as a one-rank run would."""
+    from train.evaluate import run_micro_batch
+    from train.manifest import seal
+
+    cfg = compose_config(["trainer.global_batch_size=16", "trainer.max_micro_batch_size=16"])
+    assert cfg.trainer.micro_batch_size == "auto"
+    seal(tmp_path, step=1, world_size=world)
+    assert run_micro_batch(cfg, tmp_path) == expected
+
+
+def test_a_bf16_run_is_scored_in_bf16_as_it_validated(tiny_config):
+    """precision=bf16 validates under bf16 autocast; evaluate scores it so (as its summary says), to
+    its final_val_loss bit for bit, not in fp32."""
+    from train.trainer import Trainer
+
+    cfg = tiny_config("trainer.precision=bf16", "trainer.max_steps=1")
+    summary = Trainer(cfg).fit()
+    assert summary["precision"] == "bf16"
+    assert evaluate.main([cfg.out_dir, "max_batches=2", "name=bf16"]) == 0  # TINY's trainer.eval_batches
+    record = json.loads((Path(cfg.out_dir) / "eval" / "bf16.json").read_text())
+    assert record["precision"] == "bf16" and record["loss"] == summary["final_val_loss"]
+
+
 def test_a_v4_run_ending_on_its_indexer_warm_up_is_scored_as_it_validated(tiny_config):
     """After the warm-up's last step the checkpoint is sparse for sampling, export and evaluate
     (train/load.py at_step); the trainer's own final validation must score it so too."""
@@ -51,6 +77,19 @@ def test_a_v4_run_ending_on_its_indexer_warm_up_is_scored_as_it_validated(tiny_c
     from train.trainer import Trainer
 
     cfg = tiny_config(*V4_RUN, "model.attn.indexer_warmup_steps=3", "trainer.max_steps=3", "trainer.eval_every=3",
+                      "model.attn.csa_topk=2")
+    summary = Trainer(cfg).fit()
+    assert evaluate.main([cfg.out_dir, "max_batches=2", "name=end"]) == 0
+    assert json.loads((Path(cfg.out_dir) / "eval" / "end.json").read_text())["loss"] == summary["final_val_loss"]
+
+
+def test_a_v4_run_ending_before_its_indexer_warm_up_ends_is_scored_dense(tiny_config):
+    """The other side of the boundary: a checkpoint at the warm-up's last step but one trained and
+    validated densely, so it is read back dense (at its own step, not the next), to the same loss."""
+    from tests.conftest import V4_RUN
+    from train.trainer import Trainer
+
+    cfg = tiny_config(*V4_RUN, "model.attn.indexer_warmup_steps=4", "trainer.max_steps=3", "trainer.eval_every=3",
                       "model.attn.csa_topk=2")
     summary = Trainer(cfg).fit()
     assert evaluate.main([cfg.out_dir, "max_batches=2", "name=end"]) == 0
@@ -94,6 +133,19 @@ def test_bits_per_byte_by_hand():
     per_window = -logp[torch.arange(18), torch.tensor(targets)].view(3, 6).mean(1)
     expected = (per_window[:2].mean() + per_window[2] * 0.5) / 1.5
     assert result["loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_bits_per_byte_count_the_bytes_of_the_targets():
+    """The bytes are those the scored tokens (the targets) stand for, not the inputs': an end-of-document
+    token (no bytes) then 'héllo' (6 bytes), in two windows of 3; the inputs, which hold the
+    end-of-document token and not the final 'o', stand for 5 bytes, the targets for all 6."""
+    tokens = np.frombuffer(b"\0" + "héllo".encode(), dtype=np.uint8).astype(np.int64)
+    torch.manual_seed(0)
+    model = build_model(compose_config(["model=tiny"]).model, 256).eval()
+    result = score(model, [Stream(tokens, 3)], micro_batch=2, max_batches=0,
+                   byte_lengths=ByteTokenizer().byte_lengths(), progress=False)
+    assert result["tokens"] == 6 and result["bytes"] == 6
+    assert result["bits_per_byte"] == pytest.approx(result["nats"] / (6 * math.log(2)), rel=1e-12)
 
 
 def test_bpe_bytes_per_id_add_up_to_the_text():
@@ -161,6 +213,11 @@ def test_an_evaluation_is_replaced_only_by_itself_or_when_asked(run_copy, capsys
     assert evaluate.main([str(run_copy), "max_batches=2", "name=mine"]) == 2
     err = capsys.readouterr().err
     assert "holds another evaluation (max_batches: 1)" in err and "overwrite=true" in err
+    assert (run_copy / "eval" / "mine.json").read_text() == first
+    summary = run_copy / "summary.json"  # the same run, had it trained (and so is scored) in bf16
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "precision": "bf16"}))
+    assert evaluate.main([str(run_copy), "max_batches=1", "name=mine"]) == 2
+    assert "holds another evaluation (precision: 'fp32')" in capsys.readouterr().err
     assert (run_copy / "eval" / "mine.json").read_text() == first
     assert evaluate.main([str(run_copy), "max_batches=2", "name=mine", "overwrite=true"]) == 0
     assert json.loads((run_copy / "eval" / "mine.json").read_text())["max_batches"] == 2

@@ -29,19 +29,27 @@ def poison(trainer, bad_steps):
 
 
 @pytest.fixture
-def reference(tiny_config, tmp_path):
-    cfg = tiny_config(*COMMON)
+def model():
+    """Model overrides of the run and its reference alike (a test parametrizes it)."""
+    return ()
+
+
+@pytest.fixture
+def reference(tiny_config, tmp_path, model):
+    cfg = tiny_config(*COMMON, *model)
     cfg.out_dir = str(tmp_path / "ref")
     Trainer(cfg).fit()
     return rows(cfg.out_dir)
 
 
-@pytest.mark.parametrize("policy", ["trainer.on_nonfinite=stop", "trainer.on_nonfinite=skip"])
-def test_stop_checkpoints_the_last_good_state(tiny_config, reference, policy):
+@pytest.mark.parametrize("policy,model", [("trainer.on_nonfinite=stop", ()), ("trainer.on_nonfinite=skip", ()),
+                                          ("trainer.on_nonfinite=stop", ("model.dropout=0.1",))],
+                         ids=["stop", "skip", "stop-dropout"])
+def test_stop_checkpoints_the_last_good_state(tiny_config, reference, policy, model):
     """A NaN at step 6 stops the run (skip: beyond max_skipped_steps=0) with a checkpoint of step
     5; resuming it (data fixed) gives the uninterrupted trajectory: the bad update was never
-    applied and nothing else moved."""
-    cfg = tiny_config(*COMMON, policy, "trainer.max_skipped_steps=0")
+    applied and nothing else moved (with dropout: the RNG is step 6's start again, not its end)."""
+    cfg = tiny_config(*COMMON, *model, policy, "trainer.max_skipped_steps=0")
     trainer = Trainer(cfg)
     poison(trainer, {6})
     with pytest.raises(Diverged, match=r"diverged at step 6.*not applied.*step 5\) is checkpointed"):
@@ -93,6 +101,34 @@ def test_skip_continues_past_an_isolated_bad_step(tiny_config):
     assert log[2]["loss"] is None and log[2]["grad_norm"] is None  # non-finite values are logged as null
     assert summary["status"] == "completed" and summary["skipped_steps"] == 1
     assert all(r["loss"] is not None for r in log[3:])
+
+
+def test_the_skip_count_survives_a_resume(tiny_config, tmp_path):
+    """A step skipped before the checkpoint a run resumes from still counts: the resumed run's rows
+    and summary give as many skipped steps as the uninterrupted run's (trainer.max_skipped_steps
+    counts over the run, not over a launch)."""
+    ref = tiny_config(*COMMON, "trainer.on_nonfinite=skip")
+    ref.out_dir = str(tmp_path / "ref")
+    trainer = Trainer(ref)
+    poison(trainer, {2})
+    summary = trainer.fit()
+    assert [r["skipped_steps"] for r in rows(ref.out_dir)] == [0] + [1] * 7
+
+    cfg = tiny_config(*COMMON, "trainer.on_nonfinite=skip")
+    trainer = Trainer(cfg)
+    poison(trainer, {2})
+    step = trainer.train_step
+
+    def killed_after_step_6():
+        if trainer.step == 6:
+            raise Crash
+        return step()
+    trainer.train_step = killed_after_step_6
+    with pytest.raises(Crash):
+        trainer.fit()
+    resumed = Trainer(cfg).fit()  # from the checkpoint of step 4
+    assert rows(cfg.out_dir) == rows(ref.out_dir)
+    assert resumed["skipped_steps"] == summary["skipped_steps"] == 1
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_config, reference, caplog):

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, V4_RUN, compose_config, interrupted_run, metrics_rows, without_measured
+from tests.conftest import (CONFIGS, V4_RUN, compose_config, interrupted_run, metrics_rows, without_measured,
+                            word_corpus)
 from train.trainer import Diverged, Trainer
 
 
@@ -21,6 +22,10 @@ def test_loss_decreases_over_30_steps(tiny_config, optim):
 
 
 def test_metrics_keys_and_token_count(tiny_config):
+    """A row's lr is the rate its step applied (warm-up .5, 1, then cosine from the peak down to
+    min_lr_ratio), not the next step's, which the scheduler has moved to by the time the row is written."""
+    from optim.schedule import lr_multiplier
+
     cfg = tiny_config("trainer.max_steps=4", "trainer.eval_every=2")
     Trainer(cfg).fit()
     rows = metrics_rows(cfg.out_dir)
@@ -28,6 +33,11 @@ def test_metrics_keys_and_token_count(tiny_config):
     assert all({"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys() for r in rows)
     assert ["val_loss" in r for r in rows] == [False, True, False, True]
     assert [r["tokens"] for r in rows] == [8 * 32 * s for s in (1, 2, 3, 4)]
+    o = cfg.optim
+    applied = [o.lr * lr_multiplier(s, max_steps=4, schedule=o.schedule, warmup_steps=2, min_lr_ratio=o.min_lr_ratio,
+                                    decay_fraction=o.decay_fraction) for s in range(4)]
+    assert o.schedule == "cosine" and applied == [o.lr * m for m in (0.5, 1.0, 1.0, o.min_lr_ratio)]
+    assert [r["lr"] for r in rows] == applied
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
@@ -56,6 +66,36 @@ def test_the_gradient_norm_without_clipping_is_measured_at_every_zero_stage(tiny
         Trainer(cfg).fit()
         norms.append([r["grad_norm"] for r in metrics_rows(cfg.out_dir)])
     assert min(norms[0]) > 0.1 and norms[1] == pytest.approx(norms[0], rel=1e-4)
+
+
+def test_gradients_are_clipped_alike_at_every_zero_stage(tiny_config, tmp_path):
+    """trainer.grad_clip clips at ZeRO-0 (the trainer itself) and at ZeRO >= 1 (DeepSpeed): the same
+    losses and norms at both stages, and not those of the unclipped run (the clip is active)."""
+    runs = {}
+    for stage, clip in ((0, 0.05), (1, 0.05), (0, 0)):
+        cfg = tiny_config("trainer.max_steps=3", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+                          "optim.lr=1e-2", f"trainer.grad_clip={clip}", f"deepspeed.zero_stage={stage}")
+        cfg.out_dir = str(tmp_path / f"z{stage}-{clip}")
+        Trainer(cfg).fit()
+        runs[stage, clip] = metrics_rows(cfg.out_dir)
+    clipped, zero1, unclipped = ([r[k] for r in rows for k in ("loss", "grad_norm")] for rows in runs.values())
+    assert min(unclipped[1::2]) > 0.5  # gradient norms well above the clip
+    assert zero1 == pytest.approx(clipped, rel=1e-5)
+    # step 3's loss (measured: 5e-3 apart): Adam's first update is blind to a gradient's scale
+    assert abs(clipped[-2] - unclipped[-2]) > 1e-3, (clipped, unclipped)
+
+
+def test_a_short_last_validation_batch_counts_for_its_windows(tiny_config, tmp_path):
+    """A validation split that ends in a short batch: every window weighs the same in the validation
+    loss (the short batch by its share of a full one), as train.evaluate scores it."""
+    corpus = word_corpus(tmp_path / "corpus", n_docs=18)  # 50 validation windows
+    t = Trainer(tiny_config("data.source=files", f"data.path={corpus}", "trainer.eval_batches=1000"))
+    sizes = [x.size(0) for x, _ in t.val_batches]
+    assert 0 < sizes[-1] < t.micro_batch == sizes[0]
+    with torch.no_grad():
+        t.engine.eval()
+        losses = [float(t.engine(x, y)) for x, y in t.val_batches]
+    assert t.evaluate() == pytest.approx(sum(n * loss for n, loss in zip(sizes, losses)) / sum(sizes), rel=1e-6)
 
 
 def test_the_fused_kernels_are_loaded_before_the_first_step_is_timed(tiny_config, monkeypatch):

@@ -431,6 +431,21 @@ def test_v4_tiny_trains_with_muon(tiny_config):
     assert summary["final_val_loss"] < losses[0]
 
 
+@pytest.mark.parametrize("schedule,weights", [("cosine", [0.3] * 5 + [0.1]), ("constant", [0.3] * 6)],
+                         ids=["cosine", "constant"])
+def test_the_mtp_weight_drops_once_the_learning_rate_decays(tiny_config, schedule, weights):
+    """The MTP weight (0.3) drops to 0.1 only once the learning rate falls below its peak. The
+    trunk's schedule starts after the indexer warm-up (frozen, steps 1-2): LR warm-up at 3-4, the
+    peak at 5, decay (cosine) at 6; a constant schedule stays at the peak, and the weight at 0.3."""
+    cfg = tiny_config(*V4_RUN, "model.attn.indexer_warmup_steps=2", "optim.warmup_steps=2", "trainer.max_steps=6",
+                      "trainer.eval_every=0", "trainer.checkpoint_every=0", f"optim.schedule={schedule}")
+    Trainer(cfg).fit()
+    rows = metrics_rows(cfg.out_dir)
+    peak = max(r["lr"] for r in rows)
+    assert [r["lr"] / peak for r in rows][:5] == [0, 0, 0.5, 1, 1]
+    assert [r["mtp_weight"] for r in rows] == weights
+
+
 def test_v4_tiny_bf16_autocast_follows_fp32(tiny_config, tmp_path):
     """V4-tiny under bf16 autocast (dense warm-up, then sparse top-k, MoE, MTP) tracks fp32: its
     losses differ (autocast is on) and stay within 0.05 of fp32's at each of 6 steps."""
