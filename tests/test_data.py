@@ -251,6 +251,7 @@ def test_every_rank_gets_the_same_validation_batches_when_windows_run_short(prep
     (lambda b: b"NOTMAGIC" + b[8:], "magic"),
     (lambda b: b[:8] + (7).to_bytes(8, "little") + b[16:], "version 7"),
     (lambda b: b[:20], "shorter than its header"),
+    (lambda b: b + b"\x07\x00" * 3, "truncated or corrupt"),  # bytes past the header's count: not its tokens
 ])
 def test_damaged_token_file_is_named(damage, words, tmp_path):
     path = tmp_path / "train.bin"
@@ -424,10 +425,11 @@ def test_a_corpus_is_known_by_its_content(tmp_path):
     for p in (a, copy):
         assert prepare(data_config(tmp_path / "cache", path=str(p))) == first
     stat = (a / "d3.txt").stat()
-    (a / "d3.txt").write_text("an edited document " * 40)
+    (a / "d3.txt").write_text("edited doc " * 40)  # the same size, in place (the same inode)
     os.utime(a / "d3.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # cp -p, touch -r, rsync -a
+    assert (a / "d3.txt").stat().st_size == stat.st_size and (a / "d3.txt").stat().st_ino == stat.st_ino
     edited = prepare(data_config(tmp_path / "cache", path=str(a)))
-    assert edited != first and "an edited document" in _text(edited) and "document 3 " not in _text(edited)
+    assert edited != first and "edited doc" in _text(edited) and "document 3 " not in _text(edited)
     # a run whose loader state holds the path-and-time fingerprint of before still resumes on the same files
     loader = TokenLoader(first, 16, 4, seed=0)
     state = {**loader.state_dict(), "fingerprint": load_manifest(first)["also_known_as"][0]}

@@ -74,13 +74,15 @@ def test_llama_export_matches_our_model(extra, tmp_path):
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_tokenizer_round_trips_through_autotokenizer(kind, tmp_path):
-    text = "ROMEO: But soft — what light through yonder window breaks? naïve ✓ 🎉\n\tx = 1"
+    # í is bytes C3 AD: AD is the one byte between GPT-2's printable ranges ("¬" and "®")
+    text = "ROMEO: But soft — what light through yonder window breaks? naïve así ✓ 🎉\n\tx = 1"
     tok = ByteTokenizer() if kind == "byte" else train_bpe(iter([[text * 3, "the cat sat on the mat"] * 10]), 300)
     save_for_transformers(tok, tmp_path, 256)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     ids = auto(text)["input_ids"]
     assert ids == [int(i) for i in tok.encode_batch([text])[0]]
     assert auto.decode(ids) == text and auto.eos_token_id == tok.eos_id
+    assert auto.model_max_length == 256  # the context: transformers truncates and warns past it
 
 
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
