@@ -31,12 +31,17 @@ def run_copy(trained_run, tmp_path):
     return shutil.copytree(trained_run, tmp_path / "run")
 
 
+def _checkpoint(run):
+    """The run's (first) checkpoint directory."""
+    return next(run.glob("checkpoints/step_*"))
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_commands_leave_the_run_alone_except_their_output(run_copy, command, capsys):
     before = tree_hash(run_copy)
     assert COMMANDS[command](run_copy) == 0
     assert tree_hash(run_copy) == before
-    ckpt = next((run_copy / "checkpoints").glob("step_*"))
+    ckpt = _checkpoint(run_copy)
     assert COMMANDS[command](ckpt) == 0 or command == "export"  # export: the output directory now exists
     assert tree_hash(run_copy) == before
 
@@ -47,12 +52,12 @@ def _no_checkpoint(run):
 
 
 def _truncated(run):
-    f = next(run.glob("checkpoints/step_*/mp_rank_00_model_states.pt"))
+    f = _checkpoint(run) / "mp_rank_00_model_states.pt"
     f.write_bytes(f.read_bytes()[:100])
 
 
 def _garbled(run):  # same size, so the manifest matches: the reader itself must notice
-    f = next(run.glob("checkpoints/step_*/mp_rank_00_model_states.pt"))
+    f = _checkpoint(run) / "mp_rank_00_model_states.pt"
     f.write_bytes(b"\x00" * f.stat().st_size)
 
 
@@ -94,7 +99,7 @@ def test_a_checkpoint_is_rebuilt_from_its_own_config_wherever_it_lies(run_copy, 
     """A checkpoint set aside (checkpoints/abandoned/step_N) or copied out of its run is read with
     the config.yaml it holds: the run's may belong to a later launch, or not be there at all; its
     evaluation goes to the run above checkpoints/ (or beside the copy), never into checkpoints/."""
-    ckpt = next((run_copy / "checkpoints").glob("step_*"))
+    ckpt = _checkpoint(run_copy)
     aside = run_copy / "checkpoints" / "abandoned" / ckpt.name
     aside.parent.mkdir()
     ckpt.rename(aside)
@@ -139,27 +144,23 @@ def test_weights_missing_a_layer_the_config_names_are_refused():
     assert '"blocks.2.' in str(refused.value) and '"blocks.1.' not in str(refused.value)  # the third layer
 
 
-def _unsealed(ckpt):
-    (ckpt / "manifest.json").unlink()
+def _unsealed(run):
+    (_checkpoint(run) / "manifest.json").unlink()
 
 
-def _short_file(ckpt):
-    f = ckpt / "mp_rank_00_model_states.pt"
-    f.write_bytes(f.read_bytes()[:100])
-
-
-def _file_missing(ckpt):
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+def _file_missing(run):
+    manifest_path = _checkpoint(run) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
     manifest["files"]["zero_pp_rank_1_mp_rank_00_optim_states.pt"] = 123
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    manifest_path.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage", [_unsealed, _short_file, _file_missing], ids=["no manifest", "truncated", "missing"])
+@pytest.mark.parametrize("damage", [_unsealed, _truncated, _file_missing], ids=["no manifest", "truncated", "missing"])
 def test_a_damaged_checkpoint_named_directly_is_refused_as_unusable(run_copy, damage):
     """A checkpoint directory given by name is checked against its manifest as the newest valid
     one would be: one cut short or never sealed is not read (it may load, silently, half-written)."""
-    ckpt = next((run_copy / "checkpoints").glob("step_*"))
-    damage(ckpt)
+    damage(run_copy)
+    ckpt = _checkpoint(run_copy)
     with pytest.raises(LoadError) as refused:
         locate(ckpt)
     assert refused.value.code == EXIT_CHECKPOINT and f"checkpoint {ckpt} is unusable" in str(refused.value)
@@ -168,7 +169,7 @@ def test_a_damaged_checkpoint_named_directly_is_refused_as_unusable(run_copy, da
 def test_an_intact_checkpoint_under_any_name_is_read(run_copy, tmp_path):
     """A sealed checkpoint copied to a folder of another name (best/) is still a checkpoint: its
     manifest says so; the run it belongs to is the folder beside it."""
-    ckpt = next((run_copy / "checkpoints").glob("step_*"))
+    ckpt = _checkpoint(run_copy)
     best = shutil.copytree(ckpt, tmp_path / "kept" / "best")
     assert locate(best) == (tmp_path / "kept", best)
     loaded = load_run(best, tokenizer=False)
