@@ -127,12 +127,15 @@ class Crash(Exception):
     """Stands for a process killed mid-run."""
 
 
-def interrupted_run(cfg, after_step: int) -> None:
+def interrupted_run(cfg, after_step: int, prepare=None) -> None:
     """Train `cfg` until `after_step` steps are done, then die as a killed process would: no
-    final checkpoint, no summary; only what the run had written by then survives."""
+    final checkpoint, no summary; only what the run had written by then survives. `prepare(trainer)`
+    runs before training (e.g. to inject faults the uninterrupted run also had)."""
     from train.trainer import Trainer
 
     trainer = Trainer(cfg)
+    if prepare is not None:
+        prepare(trainer)
     step = trainer.train_step
 
     def crashing_step():

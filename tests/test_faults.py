@@ -115,17 +115,7 @@ def test_the_skip_count_survives_a_resume(tiny_config, tmp_path):
     assert [r["skipped_steps"] for r in rows(ref.out_dir)] == [0] + [1] * 7
 
     cfg = tiny_config(*COMMON, "trainer.on_nonfinite=skip")
-    trainer = Trainer(cfg)
-    poison(trainer, {2})
-    step = trainer.train_step
-
-    def killed_after_step_6():
-        if trainer.step == 6:
-            raise Crash
-        return step()
-    trainer.train_step = killed_after_step_6
-    with pytest.raises(Crash):
-        trainer.fit()
+    interrupted_run(cfg, after_step=6, prepare=lambda trainer: poison(trainer, {2}))
     resumed = Trainer(cfg).fit()  # from the checkpoint of step 4
     assert rows(cfg.out_dir) == rows(ref.out_dir)
     assert resumed["skipped_steps"] == summary["skipped_steps"] == 1
