@@ -353,3 +353,27 @@ def test_a_launch_with_its_own_config_dir_is_checked_too(tmp_path, monkeypatch):
     assert "experiment=mine" in text
     with pytest.raises(ConfigError, match="no preset configs/experiment/yours.yaml"):
         check(["--config-dir", str(tmp_path / "configs"), "experiment=yours", f"out_dir={tmp_path / 'run'}"])
+
+
+def test_a_sweep_over_an_added_group_is_checked_too(tmp_path, monkeypatch):
+    """`-m +variant=x,y` (a group of the user's, appended with +) went to Hydra unchecked: the
+    check composed each option without the +, failed, and let the launch through. Its jobs are
+    now checked like any other, and a launch the check cannot compose is refused, not waved on."""
+    from train import preflight
+
+    monkeypatch.setattr(preflight, "EXTRA_CONFIG_DIRS", [])
+    variants = tmp_path / "configs" / "variant"
+    variants.mkdir(parents=True)
+    (variants / "x.yaml").write_text("# @package _global_\nmodel:\n  d_model: 64\n")
+    (variants / "y.yaml").write_text("# @package _global_\nmodel:\n  d_model: 96\nhydra:\n  sweeper:\n"
+                                     "    params:\n      seed: 5,6\n")
+    args = ["--config-dir", str(tmp_path / "configs"), "-m", f"out_dir={tmp_path / 'sweep'}"]
+    with pytest.raises(ConfigError, match="optim.lr=-1.0"):
+        check([*args, "+variant=x", "optim.lr=-1,1e-3"])
+    with pytest.raises(ConfigError, match=r"variant=y sets its own sweep \(seed=5,6\)"):
+        check([*args, "+variant=x,y"])
+    (variants / "y.yaml").write_text("# @package _global_\nmodel:\n  d_model: 96\n")
+    text = check([*args, "+variant=x,y", "launcher.dry_run=true"])
+    assert text.count("launch.py +variant=x") == text.count("launch.py +variant=y") == 1 and "job 2" not in text
+    with pytest.raises(ConfigError, match="cannot compose the config"):  # Hydra's own refusal, in one line
+        check([*args, "+optim=muon,adamw"])

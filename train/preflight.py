@@ -19,6 +19,7 @@ import sys
 import typing
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 
 from common.errors import ConfigError
@@ -187,10 +188,11 @@ def jobs(parsed, raw: list[str], multirun: bool, config_name: str) -> list[tuple
     for o in parsed:
         if o.is_sweep_override() and o.key_or_group in options:
             for v in _values(o):
-                own = sweep_params(config_name, [*fixed, f"{o.key_or_group}={v}"])
+                # as written: +group=option appends a group the defaults list lacks
+                own = sweep_params(config_name, [*fixed, f"{o.get_key_element()}={v}"])
                 if own != params:
                     raise ConfigError(o.key_or_group, _shown(o), f"one {o.key_or_group} per launch where an option "
-                                      f"sweeps on its own (launch each: python launch.py -m {o.key_or_group}={v} ...)",
+                                      f"sweeps on its own (launch each: python launch.py -m {o.get_key_element()}={v} ...)",
                                       f"{o.key_or_group}={v} sets its own sweep "
                                       f"({', '.join(f'{k}={s}' for k, s in own.items())}), which Hydra does not run "
                                       f"when {o.key_or_group} itself is swept: one job per option would run")
@@ -309,10 +311,11 @@ def check(argv: list[str]) -> str | None:
         return None
     try:
         found = jobs(parsed, args.overrides, args.multirun, args.config_name or "config")
-    except ConfigError:
-        raise
-    except Exception:  # e.g. a sweep without -m: Hydra's own message says what to do
-        return None
+    except HydraException as e:  # Hydra composes the same jobs and fails alike: refused here, unchecked never
+        first = next((line for line in str(e).strip().splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError("override", " ".join(args.overrides), "overrides Hydra can compose (GROUP=OPTION for a "
+                          "group in the defaults list, +GROUP=OPTION to add one, KEY=VALUE)",
+                          f"cannot compose the config ({first})") from None
     local = all(str(cfg.hydra.launcher._target_).endswith("BasicLauncher") for _, cfg in found)
     try:
         configs = [typed(cfg, i if args.multirun else None) for i, (_, cfg) in enumerate(found)]
