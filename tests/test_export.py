@@ -85,6 +85,29 @@ def test_tokenizer_round_trips_through_autotokenizer(kind, tmp_path):
     assert auto.model_max_length == 256  # the context: transformers truncates and warns past it
 
 
+def test_hf_export_is_in_the_dtype_asked_and_never_writes_into_a_used_directory(trained_run, tmp_path, capsys):
+    """--dtype bf16 writes bf16 weights and says so in config.json, export.json records the
+    checkpoint and its step, the tokenizer the run's context; an --out that holds anything (here
+    the first export) is refused in one line before a byte of it changes."""
+    from safetensors import safe_open
+
+    out = tmp_path / "hf"
+    assert export.main([str(trained_run), "--format", "hf", "--dtype", "bf16", "--out", str(out)]) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "export.json").read_text()) == {  # what was exported, from which checkpoint
+        "checkpoint": str(locate(trained_run)[1]), "step": 80, "format": "hf", "dtype": "bf16"}
+    # the tokenizer's context is the one the run trained at (32 tokens), not the model's 256 positions
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    assert export.main([str(trained_run), "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} exists and is not empty" in err and err.count("\n") == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
 def test_hf_refuses_hyper_connections_naming_safetensors(tmp_path, trained_run, residual, capsys):
     run = shutil.copytree(trained_run, tmp_path / "run")
