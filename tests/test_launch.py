@@ -1,15 +1,16 @@
-"""`python launch.py` as a user runs it: exit status, every file CONTRACT.md lists, their keys."""
+"""`python launch.py` as a user runs it: exit status, every file CONTRACT.md lists, their keys (the slow
+end-to-end tests); and train/run.py's handling of a sweep's jobs, in process."""
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import ROOT, launch, launch_env, metrics_rows
-
-pytestmark = pytest.mark.slow
+from train import run
 
 SMOKE = ["experiment=smoke", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3"]
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem/peak_gb"}
@@ -31,6 +32,7 @@ def check_run_files(out, steps):
     return rows, summary
 
 
+@pytest.mark.slow
 def test_launch_writes_every_contract_file(tmp_path):
     out = tmp_path / "run"
     proc = launch(*SMOKE, f"out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}")
@@ -49,6 +51,7 @@ def test_launch_writes_every_contract_file(tmp_path):
     assert rows2 == rows and summary2 == summary
 
 
+@pytest.mark.slow
 def test_launch_two_local_ranks_match_one_rank_on_the_default_batch(tmp_path, data_cache):
     """The README's `launcher.nproc_per_node=2` on the default global batch (16): every contract
     file, each rank's state in the checkpoint, and auto micro-batches of 8 per rank training the
@@ -74,6 +77,7 @@ def test_launch_two_local_ranks_match_one_rank_on_the_default_batch(tmp_path, da
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_failed_job_runs_the_others_then_exits_non_zero(tmp_path, data_cache):
     """Job 0's resume is refused (its out_dir holds a checkpoint of a model of another width); job 1
     still runs. Locally the sweep ends with the refusal's exit status and a line naming the failed
@@ -118,6 +122,7 @@ runpy.run_path("launch.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_local_sweep_survives_a_crashing_job_and_stops_whole_on_a_signal(tmp_path, data_cache):
     """Job 0 raises (a bug, not a refusal): job 1 still runs, and the sweep exits non-zero naming
     job 0 (Hydra re-raised the first exception once all had run, hiding the other jobs' exit
@@ -135,6 +140,7 @@ def test_a_local_sweep_survives_a_crashing_job_and_stops_whole_on_a_signal(tmp_p
     assert not (sweep / "2" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_own_out_dir(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
     proc = launch("-m", *SMOKE, "trainer.max_steps=3", "seed=0,1", "logger.wandb.mode=offline",
@@ -154,3 +160,58 @@ def test_multirun_gives_each_job_its_own_out_dir(tmp_path, data_cache):
         assert summary["overrides"] == job_overrides
         rows = metrics_rows(sweep / job)
         assert all(r["overrides"] == job_overrides for r in rows)
+
+
+# -- a sweep's jobs, in process (Hydra's state as it sets it for job `num` of a local sweep) ---------------
+@pytest.fixture
+def sweep_job(tmp_path, monkeypatch):
+    """Set HydraConfig for job `num` of a sweep into tmp_path/sweep; returns the job's config."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from train.preflight import _compose
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored after the test
+    for name in ("FAILED_JOBS", "STOPPED", "SKIPPED_JOBS"):
+        monkeypatch.setattr(run, name, [])
+
+    def make(overrides, num):
+        cfg = _compose("config", [*overrides, f"out_dir={tmp_path / 'sweep'}"])
+        with open_dict(cfg):
+            cfg.hydra.mode, cfg.hydra.job.num = RunMode.MULTIRUN, num
+            cfg.hydra.runtime.output_dir = str(tmp_path / "sweep" / str(num))
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+    return make
+
+
+def test_a_sweep_exits_with_its_first_failed_jobs_status(monkeypatch, capsys):
+    monkeypatch.setattr(run, "FAILED_JOBS", [("sweep/0", 5), ("sweep/1", 1)])
+    monkeypatch.setattr(run, "SKIPPED_JOBS", [])
+    with pytest.raises(SystemExit) as exit_:
+        run.exit_if_jobs_failed()
+    assert exit_.value.code == 5
+    assert "2 job(s) of the sweep failed, each with its error above: sweep/0 (exit 5); sweep/1 (exit 1)" in \
+        capsys.readouterr().err
+
+
+def test_a_sweep_job_keeps_the_wandb_group_the_command_line_sets(sweep_job):
+    """Only an unset group becomes the sweep directory's name."""
+    cfg = run.typed_config(sweep_job(["logger.wandb.mode=offline", "logger.wandb.group=my_study", "seed=1"], 1))
+    assert run.name_sweep_job(cfg, ["logger.wandb.group=my_study", "seed=1"]) == ["logger.wandb.name='seed=1'"]
+    assert cfg.logger.wandb.group == "my_study"
+    cfg = run.typed_config(sweep_job(["logger.wandb.mode=offline", "seed=1"], 1))
+    assert run.name_sweep_job(cfg, ["seed=1"]) == ["logger.wandb.group='sweep'", "logger.wandb.name='seed=1'"]
+
+
+def test_a_job_not_started_after_a_stop_signal_leaves_no_directory(sweep_job):
+    """Hydra made the job's directory before calling it; the sweep's next run must not take it for a run."""
+    cfg = sweep_job(["seed=2"], 2)
+    out = Path(run.HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True)
+    run.STOPPED.append("SIGTERM")
+    run.main(cfg)
+    assert run.SKIPPED_JOBS == [str(out)] and not out.exists()

@@ -11,6 +11,7 @@ from tests.conftest import compose_config, interrupted_run, launch, metrics_rows
 from train.batch import micro_batch_size
 from train.checkpoint import CheckpointError
 from train.config import TrainerConfig
+from train.manifest import seal
 from train.preflight import check
 from common.errors import ConfigError
 
@@ -111,6 +112,46 @@ def test_resume_at_another_world_size_and_micro_batch_is_not_refused(tiny_config
     assert "launcher.nproc_per_node: 1 -> 2" in caplog.text
 
 
+@pytest.mark.parametrize("old,new,expected", [
+    (["data.seq_len=64"], ["data.seq_len=128"], ({"data.seq_len": (64, 128)}, {}, {})),  # the data's windows
+    # the micro-batch as written: the resolved one is compared on its own
+    (["trainer.micro_batch_size=8"], ["trainer.micro_batch_size=4"], ({}, {}, {"trainer.micro_batch_size": (8, 4)})),
+    # inert before, live now: the floor changes with the schedule
+    (["optim.schedule=constant", "optim.min_lr_ratio=0.1"], ["optim.schedule=cosine", "optim.min_lr_ratio=0.5"],
+     ({}, {"optim.min_lr_ratio": (0.1, 0.5), "optim.schedule": ("constant", "cosine")}, {})),
+    (["optim.schedule=constant", "optim.min_lr_ratio=0.1"], ["optim.schedule=constant", "optim.min_lr_ratio=0.5"],
+     ({}, {}, {})),  # inert in both
+], ids=["frozen", "neutral", "inert before", "inert in both"])
+def test_resume_sorts_each_difference_as_frozen_trajectory_or_neutral(old, new, expected):
+    from dataclasses import asdict
+
+    from train.run_config import resume_changes
+
+    same = "out_dir=run"  # the default is the launch's time
+    assert resume_changes(asdict(compose_config([*old, same])), compose_config([*new, same]), 1, 1, None, 1) == expected
+
+
+def test_a_checkpoint_is_compared_with_its_own_config_not_the_runs_latest(tmp_path):
+    """The run's config.yaml is its latest start's, which may have been killed before its first
+    checkpoint: a checkpoint's own config is what it was trained with."""
+    from train.run_config import saved_config
+
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": 0.001}}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"optim": {"lr": 0.002}}))
+    assert saved_config(ckpt) == {"optim": {"lr": 0.001}}
+    (ckpt / "config.yaml").unlink()  # a checkpoint from before checkpoints held their config
+    assert saved_config(ckpt) == {"optim": {"lr": 0.002}}
+
+
+def test_the_recorded_config_marks_a_nested_inert_key():
+    from train.run_config import to_yaml
+
+    text = to_yaml(compose_config(["optim=muon"]), ["optim.ns_steps"])
+    assert [line for line in text.splitlines() if "inert" in line] == ["  ns_steps: 5  # inert: no effect in this run"]
+
+
 def test_a_sweep_run_again_with_other_values_in_the_same_out_dir_is_refused(tmp_path):
     """Jobs resume out_dir/<job number>: a sweep of seed=1,2 over a directory whose job 0 trained
     seed 0 would continue that run as seed 1. Refused before anything starts; the same values, or
@@ -125,6 +166,11 @@ def test_a_sweep_run_again_with_other_values_in_the_same_out_dir_is_refused(tmp_
     assert err.value.key == "seed" and "trained with seed=0" in str(err.value) and "\n" not in str(err.value)
     assert check(["-m", "seed=0,2", f"out_dir={tmp_path}"]) is None
     assert check(["-m", "seed=1,2", f"out_dir={tmp_path}", "trainer.resume=never"]) is None  # nothing is continued
+    ckpt = tmp_path / "pretrained" / "step_00000004"  # each job starts from this one, not from its directory's run
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    seal(ckpt, step=4, world_size=1)
+    assert check(["-m", "seed=1,2", f"out_dir={tmp_path}", f"trainer.resume={ckpt}"]) is None
 
 
 def record_sweep(args: list[str]) -> None:
@@ -146,6 +192,9 @@ def record_sweep(args: list[str]) -> None:
     (["experiment=lr_sweep", "optim.lr=1e-3,3e-3", "study.lr_grid='range(-1,2)'"], None, None),  # lr set per job
     (["optim=adamw,muon"], ["optim=muon,adamw"], "optim.name"),  # a sweep over a group
     (["seed=0,1"], ["seed=1,2", "hydra/launcher=submitit_local"], "seed"),  # jobs submitted to SLURM too
+    # job directories named otherwise than by number
+    (["seed=0,1", "hydra.sweep.subdir=run_${hydra.job.num}"], ["seed=1,2", "hydra.sweep.subdir=run_${hydra.job.num}"],
+     "seed"),
 ])
 def test_a_sweep_is_checked_against_what_its_directories_hold(first, again, refused, tmp_path):
     record_sweep([*first, f"out_dir={tmp_path}"])
@@ -162,6 +211,7 @@ def test_a_sweep_is_checked_against_what_its_directories_hold(first, again, refu
 @pytest.mark.parametrize("args,key,words", [
     (["+optim.lr=1"], "+optim.lr", "without the +"),
     (["optim=sgd"], "optim", "adamw, muon"),
+    (["-m", "optim=muon,sgd"], "optim", "no preset configs/optim/sgd.yaml. Accepted: adamw, muon"),  # each value
     (["model.attn=3"], "model.attn", "a group of keys"),
     (["model.attn.windw=3"], "model.attn.windw", "did you mean model.attn.window"),
     (["trainer.micro_batch_size=abc"], "trainer.micro_batch_size", "auto, or a positive integer"),
@@ -189,8 +239,32 @@ def test_a_multi_node_slurm_sweep_needs_no_master_address():
     assert check(["-m", "hydra/launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=2", "seed=0,1"]) is None
 
 
-def test_a_sweep_across_variants_is_accepted():
-    assert check(["-m", "model.residual=residual,mhc", "model.n_streams=2,4", "launcher.dry_run=true"]) is not None
+@pytest.mark.parametrize("residual", ["model.residual=residual,mhc", "model.residual=mhc,residual"])
+def test_a_sweep_across_variants_is_accepted(residual):
+    """n_streams is live in one job: accepted whichever job that is."""
+    assert check(["-m", residual, "model.n_streams=2,4", "launcher.dry_run=true"]) is not None
+
+
+@pytest.mark.parametrize("setting,live,inert", [
+    ("model.n_streams=2", ["model.residual=hc"], []),
+    ("optim.ns_steps=3", ["optim=muon", "optim.ns_schedule=keller"], ["optim=muon"]),  # v4_hybrid fixes its steps
+    ("optim.min_lr_ratio=0.2", ["optim.schedule=wsd"], ["optim.schedule=constant"]),
+    ("launcher.master_addr=10.0.0.1", ["launcher.hostfile=HOSTFILE"], []),
+    ("data.text_field=story", ["data.source=hub", "data.name=roneneldan/TinyStories"], []),
+    ("logger.wandb.project=mine", ["logger.wandb.mode=offline"], ["logger.wandb.mode=disabled"]),
+])
+def test_a_conditional_key_is_accepted_where_it_is_live_and_refused_where_it_is_inert(setting, live, inert,
+                                                                                       tmp_path):
+    """Accepted in every variant that reads the key (hc as well as mhc, wsd as well as cosine, a hostfile as
+    well as nnodes>1, hub as well as files, offline as well as online); refused where none does (Muon's
+    default v4_hybrid schedule fixes its own Newton-Schulz steps)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    live = [a.replace("HOSTFILE", str(hostfile)) for a in live]
+    assert check([*live, setting, "launcher.dry_run=true", f"out_dir={tmp_path / 'run'}"]) is not None
+    with pytest.raises(ConfigError) as err:
+        check([*inert, setting, f"out_dir={tmp_path / 'run'}"])
+    assert err.value.key == setting.split("=")[0] and "it has no effect unless" in str(err.value)
 
 
 # -- batch geometry --------------------------------------------------------------------------------
@@ -293,11 +367,15 @@ def test_report_diff_and_x_axis(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,key,words", [
     (["-m", "experiment=ablation_residual_optim,stress"], "experiment", "sets its own sweep (optim=adamw,muon"),
+    (["-m", "experiment=smoke,stress"], "experiment", "experiment=stress sets its own sweep (model.residual="),
     (["-m", "experiment=lr_sweep", "study.lr_grid=range(-1,2)"], "study.lr_grid", "quoted as one value"),
     (["-m", "seed=0,1", "seed=2"], "seed", "given twice"),
     (["-m", "optim=muon", "optim=adamw,muon"], "optim", "given twice"),
     (["optim.name=muon"], "optim.name", "optim=adamw or optim=muon"),
     (["-m", "seed=0,1", "hydra.sweep.subdir=same"], "hydra.sweep.subdir", "the same run there"),
+    # jobs 0 and 2 (s0), not one after the other
+    (["-m", "optim.lr=1e-3,2e-3", "seed=0,1", "hydra.sweep.subdir=s${seed}"], "hydra.sweep.subdir",
+     "the same run there"),
     (["-m", "experiment=lr_sweep", "hydra.sweep.subdir=lr${optim.lr}"], "hydra.sweep.subdir", "the same run there"),
     (["optim.lr=${nope}"], "override", "Interpolation key 'nope' not found"),
     (["-m", "optim=glob(sg*)"], "optim", "the glob matches no option"),
@@ -321,7 +399,11 @@ def test_the_checked_jobs_are_the_jobs_hydra_runs(tmp_path):
 
     def listed(args):
         return [job for job, _ in jobs(OverridesParser.create().parse_overrides(args), args, True, "config")]
-    assert len(listed(["experiment=optimizer_study", "model.d_model=64,96"])) == 5 * 2 * 2  # lr grid × optim × width
+    found = listed(["experiment=optimizer_study", "model.d_model=64,96"])
+    assert len(found) == 5 * 2 * 2  # lr grid × optim × width
+    # the command line's list replaces the preset's (128,256)
+    assert {o for job in found for o in job if o.startswith("model.d_model")} == {"model.d_model=64",
+                                                                                  "model.d_model=96"}
     text = check(["-m", "optim=glob(*)", "launcher.dry_run=true", f"out_dir={tmp_path}"])
     assert "job 0 (optim=adamw" in text and "job 1 (optim=muon" in text and "job 2" not in text
 
@@ -333,6 +415,7 @@ def test_a_sweep_cut_to_one_value_still_meets_what_its_directories_were(tmp_path
     with pytest.raises(ConfigError, match=r"optim.lr=3e-3.*trained with optim.lr=0.001|trained with optim.lr=0.001"):
         check(["-m", "optim.lr=3e-3", f"out_dir={tmp_path}"])
     assert check(["-m", "optim.lr=1e-3", "trainer.max_steps=3000", f"out_dir={tmp_path}"]) is None  # job 0 continues
+    assert check([f"out_dir={tmp_path / '0'}", "optim.lr=2e-3"]) is None  # one run (no -m) may: a trajectory change
 
 
 def test_a_launch_with_its_own_config_dir_is_checked_too(tmp_path, monkeypatch):
@@ -372,6 +455,11 @@ def test_a_sweep_over_an_added_group_is_checked_too(tmp_path, monkeypatch):
         check([*args, "+variant=x", "optim.lr=-1,1e-3"])
     with pytest.raises(ConfigError, match=r"variant=y sets its own sweep \(seed=5,6\)"):
         check([*args, "+variant=x,y"])
+    (tmp_path / "configs" / "probes").mkdir()  # a preset that sweeps the same key with other values
+    (tmp_path / "configs" / "probes" / "seeded.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n"
+                                                                 "    params:\n      seed: 0,1\n")
+    with pytest.raises(ConfigError, match=r"variant=y sets its own sweep \(seed=5,6\)"):
+        check([*args, "probes=seeded", "+variant=x,y"])
     (variants / "y.yaml").write_text("# @package _global_\nmodel:\n  d_model: 96\n")
     text = check([*args, "+variant=x,y", "launcher.dry_run=true"])
     assert text.count("launch.py +variant=x") == text.count("launch.py +variant=y") == 1 and "job 2" not in text
