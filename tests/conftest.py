@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,9 +119,19 @@ def launch_env(**extra) -> dict:
 
 
 def launch(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
-    """Run `python launch.py ARGS` as a user would, capturing its output."""
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env or launch_env())
+    """Run `python launch.py ARGS` as a user would, capturing its output. On a timeout (or Ctrl-C)
+    its whole process group dies with it: killing launch.py alone left torchrun and its ranks
+    running (a launch that relaunched itself in every rank left 251 processes behind)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *map(str, args)], cwd=cwd or ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or launch_env(),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 class Crash(Exception):
