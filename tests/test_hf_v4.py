@@ -193,6 +193,17 @@ def test_export_refuses_what_v4_cannot_express(override, words):
         hf_config(build_model(cfg, VOCAB))
 
 
+def test_save_refuses_a_config_the_model_was_not_built_from(tmp_path):
+    """save_hf_v4 writes config.json from the model and its cfg: another cfg (a run's config.yaml
+    edited since) is refused before anything is written."""
+    model = build_model(compose_config(["model=v4_tiny"]).model, VOCAB)
+    other = compose_config(["model=v4_tiny", "model.attn.csa_topk=2"])
+    with pytest.raises(ValueError, match="not the config the model was built from"):
+        save_hf_v4(model, other, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert save_hf_v4(model, compose_config(["model=v4_tiny"]), tmp_path / "out") == tmp_path / "out"
+
+
 @pytest.mark.parametrize("original", [65536, 4096, 777])
 def test_yarn_frequencies_equal_transformers(original):
     """V4's YaRN at its real values (rope_dim 64, θ 160000, factor 16, β 32/1, an original context of

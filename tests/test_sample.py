@@ -162,8 +162,22 @@ def test_the_end_of_document_token_ends_the_sample(trained_run, capsys, monkeypa
 
 def test_uncached_command_gives_the_same_text(trained_run, capsys):
     a = run_sample(capsys, trained_run, "seed=2", "max_new_tokens=50", "prompt=the cat")
-    b = run_sample(capsys, trained_run, "seed=2", "max_new_tokens=50", "prompt=the cat", "cache=false")
+    # a prompt given twice: the last one, as the last of any override given twice
+    b = run_sample(capsys, trained_run, "seed=2", "max_new_tokens=50", "prompt=a dog", "prompt=the cat", "cache=false")
     assert a[0] == b[0] == 0 and a[1] == b[1] and a[1].startswith("the cat")
+    assert "decoding cache" in a[2] and "no cache: the context is recomputed" in b[2]
+
+
+def test_a_prompt_is_refused_from_the_first_id_outside_the_vocabulary():
+    """The model embeds ids 0 … vocab_size - 1: a prompt holding the id vocab_size is refused, one
+    holding only smaller ones is the end-of-document token followed by its ids."""
+    from data.tokenizer import ByteTokenizer
+    from train.load import LoadError
+
+    tok = ByteTokenizer()
+    assert sample.encode_prompt(tok, "az", ord("z") + 1) == [tok.eos_id, ord("a"), ord("z")]
+    with pytest.raises(LoadError, match=f"token id {ord('z')}, outside the model's vocabulary of {ord('z')}"):
+        sample.encode_prompt(tok, "az", ord("z"))
 
 
 def test_sliding_context_is_said_once(trained_run, capsys):
@@ -177,7 +191,7 @@ def test_prompt_outside_the_tokenizer_is_refused(trained_run, capsys, prompt, wh
     assert code == 2 and what in err and err.startswith("error: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("arg,what", [("tempreature=1", "tempreature"), ("top_p=0", "top_p"), ("top_k=x", "top_k"),
+@pytest.mark.parametrize("arg,what", [("tempreature=1", "tempreature"), ("top_p=0", "top_p"), ("top_k=x", "top_k"), ("top_k=-1", "top_k"),
                                       ("temperature=nan", "temperature"), ("temperature=inf", "temperature"),
                                       ("temperature=1e-45", "temperature"), ("top_p=nan", "top_p")])
 def test_bad_arguments_are_refused(trained_run, capsys, arg, what):
