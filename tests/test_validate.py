@@ -45,6 +45,35 @@ BAD = [
     (["trainer.profile=5:2"], "trainer.profile", "1 <= START <= END"),
     (["trainer.profile=0:2"], "trainer.profile", "1 <= START <= END"),
     (["trainer.profile=10:2000"], "trainer.profile", "trainer.max_steps=1500"),
+    # the edges of the accepted ranges, and what is refused together
+    (["optim.lr=inf"], "optim.lr", "positive"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas", "two numbers in [0, 1)"),
+    (["optim.betas=[0.9,0.95,0.99]"], "optim.betas", "two numbers in [0, 1)"),
+    (["optim.min_lr_ratio=2.0"], "optim.min_lr_ratio", "[0, 1]"),
+    (["optim.schedule=wsd", "optim.decay_fraction=0.0"], "optim.decay_fraction", "(0, 1]"),
+    (["optim=muon", "optim.momentum=1.0"], "optim.momentum", "[0, 1)"),
+    (["optim=muon", "optim.ns_schedule=keller", "optim.ns_steps=0"], "optim.ns_steps", "from 1 to 99"),
+    (["optim.qk_clip_tau=100", "deepspeed.zero_stage=1"], "optim.qk_clip_tau", "or deepspeed.zero_stage=0"),
+    (["model.d_model=96", "model.n_heads=32"], "model.n_heads", "even head size"),
+    (["model.dropout=1.0"], "model.dropout", "[0, 1)"),
+    (["data.val_fraction=0.9"], "data.val_fraction", "(0, 0.5]"),
+    (["data.tokenizer=bpe", "data.vocab_size=256"], "data.vocab_size", "257"),
+    (["data.shard_tokens=256"], "data.shard_tokens", "more than data.seq_len=256"),
+    (["trainer.keep_last=0"], "trainer.keep_last", "positive"),
+    (["trainer.on_spike=skip", "trainer.spike_window=2"], "trainer.spike_window", "≥ 4"),
+    (["trainer.on_spike=skip", "deepspeed.zero_stage=1"], "trainer.on_spike", "skip with deepspeed.zero_stage=0"),
+    (["experiment=v4", "model.moe.top_k=9"], "model.moe.top_k", "at most model.moe.n_experts=8"),
+    (["experiment=v4", "optim.qk_clip_tau=100"], "optim.qk_clip_tau", "0 with model.attention=v4"),
+    (["experiment=v4", "model.activation_checkpointing=true"], "model.activation_checkpointing",
+     "false with model.attention=v4"),
+    (["experiment=v4", "model.attn.layers=[window]"], "model.attn.layers", "model.n_layers=4 entries"),
+    (["experiment=v4", "model.attn.yarn_factor=0.5"], "model.attn.yarn_factor", ">= 1"),
+    (["experiment=v4", "model.attn.rope_dim=15"], "model.attn.rope_dim", "an even number"),
+    (["experiment=v4", "model.attn.out_groups=3"], "model.attn.out_groups", "a divisor of model.n_heads=4"),
+    (["launcher.nnodes=2", "launcher.node_rank=-1", "launcher.master_addr=n0", "trainer.global_batch_size=32"],
+     "launcher.node_rank", "from 0 to launcher.nnodes-1=1"),
+    (["launcher.master_port=0"], "launcher.master_port", "from 1 to 65535"),
+    (["launcher.collective_timeout_s=0"], "launcher.collective_timeout_s", "positive"),
 ]
 
 
@@ -94,11 +123,38 @@ def test_resume_path_must_be_a_usable_checkpoint_of_this_history(case, words, tm
                             out_dir=tmp_path / "fresh"))
 
 
-def test_resume_never_refuses_to_overwrite_a_run(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("{}\n")
+@pytest.mark.parametrize("left", ["metrics.jsonl", "checkpoints/"])
+def test_resume_never_refuses_to_overwrite_a_run(tmp_path, left):
+    """Checkpoints without a metrics.jsonl (the log moved away, checkpoints copied in) are a run as well:
+    trainer.resume=never would write over them."""
+    if left.endswith("/"):
+        (tmp_path / left).mkdir()
+    else:
+        (tmp_path / left).write_text("{}\n")
     cfg = compose_config(["trainer.resume=never"], out_dir=tmp_path)
-    with pytest.raises(ConfigError, match="out_dir"):
+    with pytest.raises(ConfigError) as err:
         validate(cfg)
+    assert err.value.key == "out_dir" and "trainer.resume=never would overwrite it" in str(err.value)
+
+
+def test_resume_path_into_a_run_with_only_a_users_copy(tmp_path):
+    """Only the names the checkpointer writes (step_NNNNNNNN) are a run's own checkpoints; a user's
+    copy beside them (step_best/) is neither pruned nor resumed, so it does not make another
+    checkpoint's history interleave with this run's."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_best").mkdir(parents=True)
+    other = _checkpoint(tmp_path / "other" / "checkpoints" / "step_00000004")
+    validate(compose_config([f"trainer.resume={other}"], out_dir=run))
+
+
+GOOD = [
+    ["trainer.profile=1499:1500"],  # END may be the last step, trainer.max_steps=1500
+]
+
+
+@pytest.mark.parametrize("overrides", GOOD, ids=[" ".join(g) for g in GOOD])
+def test_edge_values_are_accepted(overrides, tmp_path):
+    validate(compose_config(overrides, out_dir=tmp_path / "run"))
 
 
 @pytest.mark.parametrize("args,words", [
@@ -154,3 +210,53 @@ def test_more_ranks_than_gpus_on_a_node_is_refused_before_launch(rank, tmp_path,
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert err.value.key == "launcher.nproc_per_node" and "at most 2" in str(err.value)
+
+
+@pytest.mark.parametrize("hosts,layout,key,words", [
+    ("worker-1 slots=8 extra\n", [], "launcher.hostfile", "line 1 of"),
+    ("a slots=4\nb slots=4\n", ["launcher.nnodes=3", "trainer.global_batch_size=48"], "launcher.nnodes",
+     "at most the 2 host(s)"),
+    ("a slots=4\nb slots=2\n", ["launcher.nnodes=2", "launcher.nproc_per_node=4", "trainer.global_batch_size=64"],
+     "launcher.nproc_per_node", "at most 2, the fewest slots among the first 2 host(s)"),
+], ids=["a third field", "more nodes than hosts", "fewer slots than ranks on the second host"])
+def test_hostfile_must_hold_the_layout(hosts, layout, key, words, tmp_path, monkeypatch):
+    import train.validate
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train.validate, "visible_gpus", lambda: 0)  # the hosts' GPUs, not this machine's, count
+    (tmp_path / "hosts").write_text(hosts)
+    cfg = compose_config([f"launcher.hostfile={tmp_path / 'hosts'}", *layout], out_dir=tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == key and words in str(err.value)
+
+
+def test_a_rank_on_another_host_need_not_have_the_hostfile(tmp_path, monkeypatch):
+    """DeepSpeed's launcher reads the hostfile on the launching node only; the ranks it starts on the
+    other hosts validate the same command line without the file."""
+    monkeypatch.setenv("RANK", "3")
+    validate(compose_config(["launcher.hostfile=/only/on/node0/hosts", "launcher.nnodes=2",
+                             "trainer.global_batch_size=32"], out_dir=tmp_path / "run"))
+
+
+@pytest.mark.parametrize("visible,gpus", [
+    (None, 2), ("1", 1), ("-1", 0), ("0,-1", 1), ("-1,0", 0), ("1,-1,0", 1), ("0,7,1", 1), ("1,0,1", 0),
+    ("0gpu,1x", 2), ("GPU-8f2a,GPU-77c1,MIG-1", 2), ("GPU-8f2a,GPU-8f2a", 0), ("", 0)])
+def test_gpus_counted_without_importing_torch(visible, gpus, monkeypatch):
+    """The launching process counts the GPUs from the device files (torch is not imported yet): two
+    here, narrowed by CUDA_VISIBLE_DEVICES as CUDA reads it (torch.cuda._parse_visible_devices
+    states the same rules): in order, up to the first entry that names no device (-1, an index past
+    the last device, another prefix), an index by its leading digits, a repeated one hiding all.
+    It used to drop only entries starting with "-": 0,7,1 counted 2 GPUs of CUDA's 1."""
+    import sys
+    from types import SimpleNamespace
+
+    import train.validate
+
+    monkeypatch.delitem(sys.modules, "torch")  # put back after the test; nothing imports it meanwhile
+    monkeypatch.setattr(train.validate, "glob", SimpleNamespace(glob=lambda pattern: ["/dev/nvidia0", "/dev/nvidia1"]))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert train.validate.visible_gpus() == gpus

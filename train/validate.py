@@ -46,8 +46,29 @@ def visible_gpus() -> int:
     present = len(glob.glob("/dev/nvidia[0-9]*"))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if present and visible is not None:
-        return min(present, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+        return min(present, _cuda_visible(visible, present))
     return present
+
+
+def _cuda_visible(visible: str, present: int) -> int:
+    """How many devices CUDA makes visible: the list is read in order up to the first entry that
+    names no device (a negative, malformed or out-of-range index; an entry without the list's
+    GPU-/MIG- prefix), an index is read from its leading digits, and a repeated entry hides all."""
+    entries = [e.strip() for e in visible.split(",")]
+    prefix = next((p for p in ("GPU-", "MIG-") if visible.startswith(p)), None)
+    taken: list[str] = []
+    for entry in entries:
+        if prefix is None:
+            digits = entry[:len(entry) - len(entry.lstrip("+0123456789"))].lstrip("+")
+            if not digits or int(digits) >= present:
+                break
+            entry = str(int(digits))
+        elif not entry.startswith(prefix):
+            break
+        if entry in taken:
+            return 0
+        taken.append(entry)
+    return len(taken)
 
 
 def _launcher(cfg: Config, submitted: bool) -> None:
