@@ -3,6 +3,7 @@
 own: the setting is process-wide and cannot be undone."""
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
@@ -75,12 +76,24 @@ def test_the_trainer_applies_the_setting_when_asked(tiny_config, monkeypatch, on
     assert calls == ([1] if on else [])
 
 
-def test_users_malloc_settings_win(monkeypatch):
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+@pytest.mark.parametrize("key,value", [
+    ("MALLOC_TRIM_THRESHOLD_", "131072"),
+    ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
+    ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),  # read as text: nothing is preloaded here
+])
+def test_users_malloc_settings_win(monkeypatch, caplog, key, value):
+    """The user's own malloc configuration (glibc's variables, its tunables, another allocator) is
+    left as it is: nothing is set on top of it."""
     from train import host
 
+    for other in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(key, value)
+    caplog.set_level(logging.INFO, logger="train.host")
     host.reuse_freed_memory.cache_clear()
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     try:
         assert host.reuse_freed_memory() is False
     finally:
         host.reuse_freed_memory.cache_clear()
+    assert f"malloc left as configured by {key}" in caplog.text
