@@ -138,13 +138,17 @@ def test_resume_never_refuses_to_overwrite_a_run(tmp_path, left):
 
 
 def test_resume_path_into_a_run_with_only_a_users_copy(tmp_path):
-    """Only the names the checkpointer writes (step_NNNNNNNN) are a run's own checkpoints; a user's
-    copy beside them (step_best/) is neither pruned nor resumed, so it does not make another
-    checkpoint's history interleave with this run's."""
+    """Only the names the checkpointer writes (step_N, .replaced-step_N) are a run's own
+    checkpoints; a user's copy beside them (step_best/) is neither pruned nor resumed, so it does
+    not make another checkpoint's history interleave with this run's."""
     run = tmp_path / "run"
     (run / "checkpoints" / "step_best").mkdir(parents=True)
     other = _checkpoint(tmp_path / "other" / "checkpoints" / "step_00000004")
     validate(compose_config([f"trainer.resume={other}"], out_dir=run))
+    # a swap's old copy, all that is left of a run killed mid-swap, is the run's (resume=auto takes it)
+    (run / "checkpoints" / ".replaced-step_00000002").mkdir()
+    with pytest.raises(ConfigError, match="holds checkpoints of its own"):
+        validate(compose_config([f"trainer.resume={other}"], out_dir=run))
 
 
 GOOD = [

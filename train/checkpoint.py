@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -21,13 +20,10 @@ import torch
 from common.errors import CheckpointError  # noqa: F401  (raised here; callers import it from here too)
 from train import reshard
 from train.distributed import barrier
-from train.manifest import atomic_write, fsync_path, problems, read, seal
+from train.manifest import CHECKPOINT_NAME as _NAME
+from train.manifest import PREFIX, REPLACED, atomic_write, fsync_path, problems, read, seal
 
 log = logging.getLogger(__name__)
-PREFIX = "step_"
-REPLACED = ".replaced-"
-# only names this module writes: a user's step_00000004.bak beside them is neither pruned nor resumed
-_NAME = re.compile(rf"({re.escape(REPLACED)})?{PREFIX}(\d+)")
 
 
 def param_shapes(module) -> dict[str, list[int]]:

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 NAME = "manifest.json"
+PREFIX = "step_"
+REPLACED = ".replaced-"
+# only names the checkpointer writes (step_N, and a swap's old copy .replaced-step_N): a user's
+# step_00000004.bak or step_best/ beside them is neither pruned nor resumed
+CHECKPOINT_NAME = re.compile(rf"({re.escape(REPLACED)})?{PREFIX}(\d+)")
 
 
 def fsync_path(path: Path) -> None:

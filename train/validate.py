@@ -156,7 +156,7 @@ def _v4_parts(cfg: Config) -> None:
 def _check_resume_path(resume: str, out_dir: Path) -> None:
     """trainer.resume=PATH names one intact checkpoint. Another run's (or an abandoned branch's) is
     refused in an out_dir that holds checkpoints of its own: their histories would interleave."""
-    from train.manifest import problems
+    from train.manifest import CHECKPOINT_NAME, problems
 
     accepted = "auto, never, or a checkpoint directory (RUN/checkpoints/step_NNNNNNNN)"
     path = Path(resume).expanduser()
@@ -169,8 +169,8 @@ def _check_resume_path(resume: str, out_dir: Path) -> None:
     if why is not None:
         raise ConfigError("trainer.resume", resume, accepted, f"not a usable checkpoint ({why})")
     own = out_dir.expanduser().resolve() / "checkpoints"
-    if path.resolve().parent != own and any(p.name.removeprefix("step_").isdigit() and p.is_dir()
-                                            for p in own.glob("step_*")):
+    if path.resolve().parent != own and own.is_dir() and any(CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()
+                                                             for p in own.iterdir()):
         raise ConfigError("trainer.resume", resume, f"a checkpoint of this run ({own}/step_NNNNNNNN), or this one "
                           f"with a new out_dir", f"out_dir={out_dir} holds checkpoints of its own, and resuming "
                           f"another history into it would interleave the two")
