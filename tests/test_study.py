@@ -6,10 +6,10 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 
 from common.errors import ConfigError
 from tests.conftest import compose_config, launch
+from tests.fake_runs import curve_rows, table, write_run
 from train.report import load_runs, write_report
 from train.stats import mean_interval, t_quantile
 from train.study import apply_study, fit_best_lr, lr_section
@@ -45,10 +45,26 @@ def test_minimum_at_the_edge_is_flagged(edge, losses):
     assert fit.best_lr == (GRID[-1] if edge == "high" else GRID[0])
 
 
-def test_diverged_point_bounds_the_minimum():
+@pytest.mark.parametrize("losses", [[2.5, 2.2, 2.1, None], [2.5, 2.2, 2.0, None]])
+def test_diverged_point_bounds_the_minimum(losses):
     # the largest lr diverged: the minimum next to it lies inside the grid, but has no parabola
-    fit = fit_best_lr(GRID[:4], [2.5, 2.2, 2.1, None])
+    # (two finite points do not determine one)
+    fit = fit_best_lr(GRID[:4], losses)
     assert fit.edge is None and fit.index == 2 and fit.best_lr == GRID[2] and fit.method == "grid"
+
+
+def test_nan_and_inf_losses_are_diverged_points():
+    """A final loss of NaN or inf is a run that diverged: the same fit as no loss at all."""
+    nonfinite = fit_best_lr(GRID[:6], [float("nan"), 2.4, 2.2, 2.1, 2.3, float("inf")])
+    assert nonfinite == fit_best_lr(GRID[:6], [None, 2.4, 2.2, 2.1, 2.3, None])
+    assert nonfinite.index == 3 and nonfinite.edge is None and nonfinite.method == "parabola"
+
+
+def test_a_tie_is_fitted_around_the_smaller_lr():
+    """Two grid points with the same smallest loss: the fit centres on the first, the smaller lr
+    (the safer side), as if the grid ended after its neighbour."""
+    fit = fit_best_lr(GRID[:5], [2.5, 2.1, 2.3, 2.1, 2.6])
+    assert fit.index == 1 and fit == fit_best_lr(GRID[:3], [2.5, 2.1, 2.3])
 
 
 def test_t_quantile_matches_tables():
@@ -89,19 +105,19 @@ def test_welch_interval_with_unequal_seed_counts():
 
 # -- stage 1 → stage 2 -------------------------------------------------------------------------------
 def fake_run(path: Path, config: dict, final: float | None, rows=None, status="completed"):
-    path.mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    """A run whose summary.json gives `status` and `final` (as the trainer writes it: a diverged
+    run's last validation loss too); status None: no summary, a run still going."""
     rows = rows or [{"step": 1, "loss": 3.0, "tokens": 100, "tokens_per_s": 1000.0, "grad_norm": 1.0},
                     {"step": 2, "loss": 2.9, "tokens": 200, "tokens_per_s": 1000.0, "grad_norm": 1.0, "val_loss": final}]
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "summary.json").write_text(json.dumps({"status": status, "final_val_loss": final}))
+    write_run(path, config, rows, {"status": status, "final_val_loss": final} if status else None)
 
 
 BEST = {("adamw", 128): 2.2e-3, ("adamw", 256): 1.3e-3, ("muon", 128): 1.4e-2, ("muon", 256): 9e-3}
 
 
-def fake_sweep(root: Path, lr_keys=("optim.lr",)) -> Path:
-    """Stage 1 as `experiment=optimizer_study` lays it out, with final losses on known parabolas."""
+def fake_sweep(root: Path, lr_keys=("optim.lr",), edge="high") -> Path:
+    """Stage 1 as `experiment=optimizer_study` lays it out, with final losses on known parabolas,
+    and a d=512 curve whose minimum lies at the `edge` of its grid."""
     job = 0
     for (opt, width), best in BEST.items():
         centre = 3e-3 if opt == "adamw" else 1e-2
@@ -118,7 +134,7 @@ def fake_sweep(root: Path, lr_keys=("optim.lr",)) -> Path:
     for step in range(-3, 4):
         cfg = {"optim": {"name": "muon", "lr": 1e-2 * 10 ** (0.5 * step), "adamw_lr": 3e-3},
                "model": {"d_model": 512, "n_layers": 4}, "seed": 0, "study": {"stage": 1, "lr_step": step}}
-        fake_run(root / f"edge{step}", cfg, 3.0 - 0.1 * step)
+        fake_run(root / f"edge{step}", cfg, 3.0 + (-0.1 if edge == "high" else 0.1) * step)
     lr_section(load_runs([root]), root, [root])
     return root / "lr_sweep.json"
 
@@ -158,6 +174,20 @@ def test_an_lr_tuned_under_other_fixed_settings_is_refused_unless_asked(tmp_path
     assert cfg.optim.lr == pytest.approx(BEST[("muon", 128)], rel=1e-5)
 
 
+def test_a_list_valued_fixed_setting_is_compared_as_the_list_it_is(tmp_path):
+    """lr_sweep.json holds optim.betas as a list, the run's flattened config as a tuple: stage 1 at
+    betas [0.9, 0.99] does not tune a stage 2 at the preset's [0.9, 0.95]; the same betas do."""
+    sweep = fake_sweep(tmp_path)
+    data = json.loads(sweep.read_text())
+    data["fixed"]["optim.betas"] = [0.9, 0.95]
+    sweep.write_text(json.dumps(data))
+    assert stage2_config(sweep, "optim=muon", "model.d_model=128").optim.lr == pytest.approx(BEST[("muon", 128)], rel=1e-5)
+    data["fixed"]["optim.betas"] = [0.9, 0.99]
+    sweep.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"stage 1 held other values: optim.betas \[0.9, 0.99\] -> \(0.9, 0.95\)"):
+        stage2_config(sweep, "optim=muon", "model.d_model=128")
+
+
 def test_jointly_swept_keys_keep_their_ratio_at_the_best_lr(tmp_path):
     sweep = fake_sweep(tmp_path, lr_keys=("optim.lr", "optim.adamw_lr"))
     cfg = stage2_config(sweep, "optim=muon", "model.d_model=128")
@@ -172,6 +202,9 @@ def test_stage1_scales_the_composed_lr():
     cfg = compose_config(["experiment=lr_sweep", "study.lr_step=1", "study.lr_keys=[optim.lr,optim.adamw_lr]"])
     apply_study(cfg)
     assert cfg.optim.lr == pytest.approx(3e-3 * 10 ** 0.5) and cfg.optim.adamw_lr == pytest.approx(3e-3 * 10 ** 0.5)
+    cfg = compose_config(["experiment=lr_sweep", "optim=muon", "study.lr_step=2", "study.lr_spacing=0.25"])
+    apply_study(cfg)
+    assert cfg.optim.lr == pytest.approx(1e-2 * 10 ** 0.5)  # two quarter-decade steps, not two half-decade ones
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -193,26 +226,70 @@ def test_stage2_without_a_sweep_is_refused_when_it_starts():
         apply_study(cfg)
 
 
-def test_validation_refuses_a_stage2_run_whose_curve_is_at_the_edge(tmp_path):
-    sweep = fake_sweep(tmp_path)
+@pytest.mark.parametrize("edge, lr, steps", [("high", "0.316", "4,5"), ("low", "0.000316", "-4,-5")])
+def test_validation_refuses_a_stage2_run_whose_curve_is_at_the_edge(tmp_path, edge, lr, steps):
+    """The refusal says which way to extend the grid (its points were lr_step -3..3)."""
+    sweep = fake_sweep(tmp_path, edge=edge)
     cfg = compose_config(["experiment=optimizer_study", "study=tuned", f"study.best_lr_from={sweep}", "optim=muon",
                           "model.d_model=512"])
-    with pytest.raises(ConfigError, match=r"high edge of its grid, lr 0.316: extend its grid: .*study.lr_step=4,5"):
+    with pytest.raises(ConfigError, match=rf"{edge} edge of its grid, lr {lr}: extend its grid: .*study.lr_step={steps} "):
         validate(cfg)
 
 
+def stage1_run(root: Path, width: int, step: int, final: float | None, seed=0, status="completed"):
+    cfg = {"optim": {"name": "muon", "lr": 1e-2 * 10 ** (0.5 * step)}, "model": {"d_model": width}, "seed": seed,
+           "study": {"stage": 1, "lr_step": step, "lr_keys": ["optim.lr"]}}
+    fake_run(root / f"d{width}-{step}-{seed}", cfg, final, status=status)
+
+
+def test_each_curves_best_lr_in_lr_sweep_json_the_table_and_the_plot(tmp_path):
+    """What picks each curve's lr, in lr_sweep.json, the table and the plot: a point's loss is the
+    mean over its completed seeds; a diverged point is worse than any (the minimum beside it lies
+    inside the grid), a point still running is no point yet (the minimum beside it is at the edge);
+    stage-2 runs in the same directory are no grid points; curves come in order of width; the
+    fitted lr, not its grid point, is the one reported and starred, and only diverged points are
+    drawn as such."""
+    from unittest import mock
+
+    import matplotlib.axes
+
+    for step, final in zip(range(-2, 1), (2.5, 2.3, 2.1)):
+        stage1_run(tmp_path, 64, step, final)
+    stage1_run(tmp_path, 64, 1, 3.5, status="diverged")  # its summary holds its last val loss, as the trainer's
+    for step, final in zip(range(-2, 2), (2.5, 2.3, 2.2, 2.1)):
+        stage1_run(tmp_path, 128, step, final)
+    stage1_run(tmp_path, 128, 2, None, status=None)  # still running
+    seeds = [(2.6, 2.6), (2.3, 2.5), (2.2, 2.4), (2.25, 2.25), (2.5, 2.7)]  # seed 0 alone: minimum at 1e-2
+    for step, finals in zip(range(-2, 3), seeds):
+        for seed, final in enumerate(finals):
+            stage1_run(tmp_path, 256, step, final, seed=seed)
+    for seed in range(3):  # stage 2 at d=256's best lr, reported together with stage 1
+        cfg = {"optim": {"name": "muon", "lr": 0.0205}, "model": {"d_model": 256}, "seed": seed,
+               "study": {"stage": 2, "lr_step": 0, "lr_keys": ["optim.lr"]}}
+        fake_run(tmp_path / f"stage2-{seed}", cfg, 1.9)
+    grid = [1e-2 * 10 ** (0.5 * k) for k in range(-2, 3)]
+    with mock.patch.object(matplotlib.axes.Axes, "plot", autospec=True, side_effect=matplotlib.axes.Axes.plot) as lines, \
+            mock.patch.object(matplotlib.axes.Axes, "axvline", autospec=True) as dotted:
+        text = lr_section(load_runs([tmp_path]), tmp_path, [tmp_path])
+    curves = json.loads((tmp_path / "lr_sweep.json").read_text())["curves"]
+    assert [c["key"] for c in curves] == [{"optim.name": "muon", "model.d_model": w} for w in (64, 128, 256)]
+    diverged, running, seeded = curves
+    assert [p["final_val_loss"] for p in diverged["points"]] == [2.5, 2.3, 2.1, None]
+    assert (diverged["edge"], diverged["best_lr"], diverged["fit"]) == (None, grid[2], "grid")
+    assert [p["status"] for p in running["points"]] == ["completed"] * 4 + ["running"]
+    assert (running["edge"], running["best_lr"]) == ("high", grid[3])
+    means = [statistics.fmean(f) for f in seeds]
+    assert [p["lr"] for p in seeded["points"]] == pytest.approx(grid)
+    assert [p["final_val_loss"] for p in seeded["points"]] == pytest.approx(means)
+    fit = fit_best_lr(grid, means)
+    assert fit.index == 3 and fit.method == "parabola" and seeded["best_lr"] == fit.best_lr
+    assert table(text, "best lr")["optim=muon, d_model=256"]["best lr"] == format(fit.best_lr, ".3g") == "0.0205"
+    stars = [(c.args[1], c.args[2]) for c in lines.call_args_list if c.args[3:4] == ("*",)]
+    assert stars == [([grid[2]], [2.1]), ([grid[3]], [2.1]), ([fit.best_lr], [pytest.approx(fit.best_loss)])]
+    assert [c.args[1] for c in dotted.call_args_list] == [grid[3]]  # d=64's diverged lr; not d=128's running one
+
+
 # -- stage 2: steps to target ----------------------------------------------------------------------
-def curve_rows(vals, every=10, tokens_per_step=64, tokens_per_s=640.0):
-    """Metrics rows with a validation loss vals[i] at step (i+1)·every; 0.1 s per step."""
-    rows = []
-    for step in range(1, every * len(vals) + 1):
-        row = {"step": step, "loss": 3.0, "grad_norm": 1.0, "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s}
-        if step % every == 0:
-            row["val_loss"] = vals[step // every - 1]
-        rows.append(row)
-    return rows
-
-
 def test_time_to_reach_interpolates_between_evaluations():
     rows = curve_rows([3.0, 2.5, 2.0, 1.8])
     r = time_to_reach(rows, 2.25)  # halfway between step 20 (2.5) and step 30 (2.0)
@@ -275,6 +352,57 @@ def test_steps_to_target_with_intervals_and_an_arm_that_never_reaches(tmp_path):
     assert mean_interval([1.7] * 3).lo == pytest.approx(1.7)
 
 
+def test_every_number_of_an_arm_with_a_diverged_and_a_running_seed(tmp_path):
+    """study.json and the tables, field by field, for a Muon arm of three completed seeds, one
+    diverged (its summary.json holds its last val loss, as the trainer writes it) and one still
+    running, against an AdamW arm with skewed finals: the target is the baseline's mean; finals and
+    their interval count completed seeds, steps to target finished ones, stability and seeds all
+    runs; the tables print what study.json holds, intervals low to high."""
+    def arm(opt, width, curves, statuses=None):
+        for seed, vals in enumerate(curves):
+            cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"d_model": width}, "seed": seed,
+                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            probes = {"probe/amax_fwd": 1.0 + seed, "probe/amax_bwd": 10.0 + seed, "probe/spikes": seed,
+                      "probe/update_weight_ratio/matrix": 0.01 * (seed + 1), "probe/update_weight_ratio/embedding": 0.5}
+            fake_run(tmp_path / f"{opt}{width}-{seed}", cfg, vals[-1], curve_rows(vals, probes=probes),
+                     status=statuses[seed] if statuses else "completed")
+    arm("adamw", 64, [[3.0, 2.5, 2.2, 2.1], [3.0, 2.5, 2.2, 2.2]])
+    arm("adamw", 128, [[3.0, 2.5, 2.1, 1.9], [3.0, 2.5, 2.1, 1.95], [3.0, 2.5, 2.2, 2.15]])  # mean 2.0, median 1.95
+    arm("muon", 64, [[3.0, 2.2, 2.0, 1.9], [3.0, 2.2, 2.0, 2.0]])
+    # reaching 2.0 at steps 15, 20, 25; the diverged seed never; the running one at 19
+    arm("muon", 128, [[2.5, 1.5, 1.6, 1.7], [2.8, 2.0, 1.8, 1.7], [3.0, 2.2, 1.8, 1.72], [2.9, 2.4, 2.6, 3.0], [2.9, 1.9]],
+        statuses=["completed", "completed", "completed", "diverged", None])
+    text = study_section(load_runs([tmp_path]), tmp_path)
+    data = json.loads((tmp_path / "study.json").read_text())
+    assert [(a["key"]["optim.name"], a["key"]["model.d_model"]) for a in data["arms"]] == \
+        [("adamw", 64), ("adamw", 128), ("muon", 64), ("muon", 128)]  # widths in numeric order
+    muon = data["arms"][3]
+    assert muon["runs"] == 5 and muon["status"] == {"completed": 3, "diverged": 1, "running": 1}
+    assert muon["final_val_loss"] == mean_interval([1.7, 1.7, 1.72]).as_dict()
+    assert muon["baseline"] == {"optim.name": "adamw", "model.d_model": 128}
+    reach, steps = muon["reach"], mean_interval([15.0, 20.0, 25.0])
+    assert reach["target"] == pytest.approx(2.0) and (reach["reached"], reach["of"]) == (3, 4)
+    assert reach["steps"]["mean"] == pytest.approx(20.0) and reach["steps"]["ci95"] == pytest.approx([steps.lo, steps.hi])
+    speedup = reach["speedup_vs_baseline_length"]
+    assert speedup["mean"] == pytest.approx(2.0) and speedup["ci95"] == pytest.approx([40 / steps.hi, 40 / steps.lo])
+    assert muon["stability"] == {"max_amax_fwd": 5.0, "max_amax_bwd": 14.0, "max_update_weight_ratio": pytest.approx(0.05),
+                                 "spikes_per_run": 2.0, "spikes_max": 4}
+    assert [r["reach"] and r["reach"]["step"] for r in muon["per_run"]] == pytest.approx([15.0, 20.0, 25.0, None, None])
+    finals = table(text, "final val loss")
+    iv, delta = muon["final_val_loss"], muon["delta_vs_baseline"]
+    assert finals["optim=muon, d_model=128"]["final val loss"] == \
+        f"{iv['mean']:.4f} ± {iv['std']:.4f} [{iv['ci95'][0]:.4f}, {iv['ci95'][1]:.4f}]"
+    assert finals["optim=muon, d_model=128"]["Δ vs baseline [95 %]"] == \
+        f"{delta['mean']:+.4f} [{delta['ci95'][0]:+.4f}, {delta['ci95'][1]:+.4f}]"
+    assert finals["optim=adamw, d_model=128"]["Δ vs baseline [95 %]"] == "–"  # not a zero against itself
+    row = table(text, "steps to target")["optim=muon, d_model=128"]
+    assert (row["reached"], row["steps to target"]) == ("3/4", f"20 ± 5 [{steps.lo:,.0f}, {steps.hi:,.0f}]")
+    assert row["speed-up (baseline length / steps)"] == f"2.00× [{40 / steps.hi:.2f}, {40 / steps.lo:.2f}]"
+    assert table(text, "max Amax bwd")["optim=muon, d_model=128"] == {
+        "arm": "optim=muon, d_model=128", "max Amax fwd": "5", "max Amax bwd": "14",
+        "max update/weight ratio (matrices)": "0.05", "spikes per run (max)": "2.0 (4)"}
+
+
 def test_a_difference_without_spread_or_with_one_seed_claims_no_interval(tmp_path):
     """Seeds that all gave the same loss are no evidence of a zero-width difference; one seed none
     of any: neither gets an interval in the table, study.json or the depth plot's error bars."""
@@ -334,6 +462,35 @@ def test_a_width_that_differs_with_the_optimizer_is_not_ignored(tmp_path):
     arms, _ = study_arms(load_runs([tmp_path]))
     muon = next(a for a in arms if a.key["optim.name"] == "muon")
     assert muon.baseline is None and muon.target is None
+
+
+def test_a_setting_of_the_optimizer_that_varies_within_one_stays_a_factor(tmp_path):
+    """AdamW at weight decay 0 only, Muon at 0 and 0.1: optim.weight_decay is in the optimizer's
+    group but not one value per optimizer, so Muon at 0.1 has no partner (not AdamW at 0)."""
+    for opt, wd in (("adamw", 0.0), ("muon", 0.0), ("muon", 0.1)):
+        for seed in range(2):
+            cfg = {"optim": {"name": opt, "lr": 1e-3, "weight_decay": wd}, "model": {"d_model": 128}, "seed": seed,
+                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            fake_run(tmp_path / f"{opt}{wd}-{seed}", cfg, 2.0, curve_rows([3.0, 2.5, 2.2, 2.0]))
+    arms, _ = study_arms(load_runs([tmp_path]))
+    assert {tuple(a.key.values()): a.baseline and tuple(a.baseline.key.values()) for a in arms} == \
+        {("adamw", 0.0): ("adamw", 0.0), ("muon", 0.0): ("adamw", 0.0), ("muon", 0.1): None}
+
+
+def test_an_optimizer_by_residual_study_measures_against_adamw(tmp_path):
+    """optim × residual: each arm's baseline is AdamW with its own residual stream (the plain
+    residual stream is the baseline only where no AdamW arm exists)."""
+    for opt in ("adamw", "muon"):
+        for res in ("residual", "mhc"):
+            for seed in range(2):
+                cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"residual": res}, "seed": seed,
+                       "trainer": {"max_steps": 40}, "study": {"stage": 2}}
+                fake_run(tmp_path / f"{opt}{res}-{seed}", cfg, 2.0, curve_rows([3.0, 2.5, 2.2, 2.0]))
+    arms, base = study_arms(load_runs([tmp_path]))
+    assert base == ("optim.name", "adamw")
+    assert {tuple(a.key.values()): tuple(a.baseline.key.values()) for a in arms} == {
+        ("adamw", "mhc"): ("adamw", "mhc"), ("adamw", "residual"): ("adamw", "residual"),
+        ("muon", "mhc"): ("adamw", "mhc"), ("muon", "residual"): ("adamw", "residual")}
 
 
 def test_depth_arm_baseline_is_the_plain_residual(tmp_path):

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from tests.conftest import compose_config, interrupted_run, launch, metrics_rows, without_measured
+from tests.fake_runs import write_run
 from train.batch import micro_batch_size
 from train.checkpoint import CheckpointError
 from train.config import TrainerConfig
@@ -320,15 +321,10 @@ def test_an_injected_spike_is_skipped(tiny_config):
 
 # -- the report --------------------------------------------------------------------------------------
 def _fake_run(path: Path, config_overrides, rows, summary=None, starts=None):
-    path.mkdir(parents=True)
-    cfg = compose_config(config_overrides, out_dir=path)
+    """A run of the full composed config (the report groups on what differs in it)."""
     from train.run_config import as_dict
-    (path / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg)))
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if summary:
-        (path / "summary.json").write_text(json.dumps(summary))
-    if starts:
-        (path / "environment.json").write_text(json.dumps(starts))
+
+    write_run(path, as_dict(compose_config(config_overrides, out_dir=path)), rows, summary, starts)
 
 
 ROWS = [{"step": s, "loss": 3.0 - s / 10, "tokens": 100 * s, "tokens_per_s": 50.0, "grad_norm": 1.0,
