@@ -175,7 +175,8 @@ class LrFit:
 def fit_best_lr(lrs: list[float], losses: list[float | None], window: int = 1) -> LrFit:
     """`lrs` ascending; a loss of None or non-finite is a run that diverged (worse than any). The
     parabola a·x² + b·x + c (x = log10 lr) is fitted by least squares to the finite points within
-    `window` grid points of the minimum; its vertex, kept inside those points, is the best lr."""
+    `window` grid points of the minimum (of equal minima, the smallest lr's); its vertex, kept inside
+    those points, is the best lr."""
     if any(b <= a for a, b in zip(lrs, lrs[1:])):
         raise ValueError(f"learning rates must be strictly ascending, got {lrs}")
     finite = [(i, y) for i, y in enumerate(losses) if y is not None and math.isfinite(y)]
