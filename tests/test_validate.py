@@ -245,7 +245,7 @@ def test_a_rank_on_another_host_need_not_have_the_hostfile(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("visible,gpus", [
     (None, 2), ("1", 1), ("-1", 0), ("0,-1", 1), ("-1,0", 0), ("1,-1,0", 1), ("0,7,1", 1), ("1,0,1", 0),
-    ("0gpu,1x", 2), ("GPU-8f2a,GPU-77c1,MIG-1", 2), ("GPU-8f2a,GPU-8f2a", 0), ("", 0)])
+    ("0gpu,1x", 2), ("1+2,0", 2), ("GPU-8f2a,GPU-77c1,MIG-1", 2), ("GPU-8f2a,GPU-8f2a", 0), ("", 0)])
 def test_gpus_counted_without_importing_torch(visible, gpus, monkeypatch):
     """The launching process counts the GPUs from the device files (torch is not imported yet): two
     here, narrowed by CUDA_VISIBLE_DEVICES as CUDA reads it (torch.cuda._parse_visible_devices

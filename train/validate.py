@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,10 +60,10 @@ def _cuda_visible(visible: str, present: int) -> int:
     taken: list[str] = []
     for entry in entries:
         if prefix is None:
-            digits = entry[:len(entry) - len(entry.lstrip("+0123456789"))].lstrip("+")
-            if not digits or int(digits) >= present:
+            index = re.match(r"\+?(\d+)", entry)  # as strtoul reads it: a sign only first
+            if index is None or int(index.group(1)) >= present:
                 break
-            entry = str(int(digits))
+            entry = str(int(index.group(1)))
         elif not entry.startswith(prefix):
             break
         if entry in taken:
