@@ -20,6 +20,14 @@ def write_run(path: Path, config: dict, rows: list[dict], summary: dict | None =
     return path
 
 
+def arm_config(opt: str, seed: int, model: dict, lr: float = 1e-3, lr_keys=("optim.lr",), **optim) -> dict:
+    """A stage-2 run's config: an arm of the optimizer study, 40 steps (`lr_keys=()`: a run that
+    records none); `optim`: the optimizer's other settings."""
+    study = {"stage": 2, **({"lr_keys": list(lr_keys)} if lr_keys else {})}
+    return {"optim": {"name": opt, "lr": lr, **optim}, "model": model, "seed": seed, "trainer": {"max_steps": 40},
+            "study": study}
+
+
 def curve_rows(vals, every=10, tokens_per_step=64, tokens_per_s=640.0, probes=None):
     """Metrics rows with a validation loss vals[i] at step (i+1)·every; 0.1 s per step. `probes`:
     the probe values logged with each evaluation, a dict or a function of the step."""

@@ -8,7 +8,7 @@ from unittest import mock
 import matplotlib.axes
 import pytest
 
-from tests.fake_runs import curve_rows, write_run
+from tests.fake_runs import arm_config, curve_rows, write_run
 from train import report
 from train.report import load_runs
 from train.stats import t_quantile
@@ -36,8 +36,7 @@ def test_study_figures_draw_steps_t_intervals_and_the_forward_peak(tmp_path):
     for res, finals in (("residual", [2.0, 2.1, 2.2]), ("mhc", [1.9, 2.0, 2.0])):
         for layers in (4, 8):
             for seed, final in enumerate(finals):
-                cfg = {"optim": {"name": "muon", "lr": 1e-2}, "model": {"residual": res, "n_layers": layers},
-                       "seed": seed, "trainer": {"max_steps": 40}, "study": {"stage": 2}}
+                cfg = arm_config("muon", seed, {"residual": res, "n_layers": layers}, lr=1e-2, lr_keys=())
                 probes = {"probe/amax_fwd": gain[res] * layers + seed, "probe/amax_bwd": 100.0}
                 # target 2.1 (the plain residual's mean): reached at steps 20, 17.5, 16 by seeds 0, 1, 2
                 vals = [3.0, 2.1 - 0.3 * seed, 2.05, final]

@@ -9,7 +9,7 @@ import pytest
 
 from common.errors import ConfigError
 from tests.conftest import compose_config, launch
-from tests.fake_runs import curve_rows, table, write_run
+from tests.fake_runs import arm_config, curve_rows, table, write_run
 from train.report import load_runs, write_report
 from train.stats import mean_interval, t_quantile
 from train.study import apply_study, fit_best_lr, lr_section
@@ -305,8 +305,7 @@ def fake_stage2(root: Path) -> Path:
             ("muon", 256): [[3.0, 2.6, 2.3, 2.1], [3.0, 2.6, 2.3, 2.2], [3.0, 2.6, 2.3, 2.3]]}
     for (opt, width), curves in arms.items():
         for seed, vals in enumerate(curves):
-            cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"d_model": width}, "seed": seed,
-                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            cfg = arm_config(opt, seed, {"d_model": width})
             rows = curve_rows(vals)
             for r in rows[9::10]:
                 r.update({"probe/amax_fwd": 1.0 + seed, "probe/spikes": seed})
@@ -319,8 +318,7 @@ def test_steps_to_target_with_intervals_and_an_arm_that_never_reaches(tmp_path):
     fake_stage2(tmp_path)
     # make (muon, 256) comparable: give it an AdamW partner it never catches up with
     for seed, final in enumerate((1.5, 1.5, 1.5)):
-        cfg = {"optim": {"name": "adamw", "lr": 1e-3}, "model": {"d_model": 256}, "seed": seed,
-               "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+        cfg = arm_config("adamw", seed, {"d_model": 256})
         fake_run(tmp_path / f"adamw256-{seed}", cfg, final, curve_rows([2.0, 1.8, 1.6, final]))
     arms, base = study_arms(load_runs([tmp_path]))
     assert base == ("optim.name", "adamw")
@@ -360,8 +358,7 @@ def test_every_number_of_an_arm_with_a_diverged_and_a_running_seed(tmp_path):
     runs; the tables print what study.json holds, intervals low to high."""
     def arm(opt, width, curves, statuses=None):
         for seed, vals in enumerate(curves):
-            cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"d_model": width}, "seed": seed,
-                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            cfg = arm_config(opt, seed, {"d_model": width})
             probes = {"probe/amax_fwd": 1.0 + seed, "probe/amax_bwd": 10.0 + seed, "probe/spikes": seed,
                       "probe/update_weight_ratio/matrix": 0.01 * (seed + 1), "probe/update_weight_ratio/embedding": 0.5}
             fake_run(tmp_path / f"{opt}{width}-{seed}", cfg, vals[-1], curve_rows(vals, probes=probes),
@@ -418,8 +415,7 @@ def test_a_difference_without_spread_or_with_one_seed_claims_no_interval(tmp_pat
     for res, finals in (("residual", [2.0, 2.1, 2.2]), ("mhc", [1.9, 2.0, 2.0])):
         for layers in (4, 8):
             for seed, final in enumerate(finals[:1] if (res, layers) == ("mhc", 8) else finals):
-                cfg = {"optim": {"name": "muon", "lr": 1e-2}, "model": {"residual": res, "n_layers": layers},
-                       "seed": seed, "trainer": {"max_steps": 40}, "study": {"stage": 2}}
+                cfg = arm_config("muon", seed, {"residual": res, "n_layers": layers}, lr=1e-2, lr_keys=())
                 fake_run(tmp_path / f"{res}{layers}-{seed}", cfg, final, curve_rows([3.0, 2.5, 2.2, final]))
     import matplotlib.axes
     with mock.patch.object(matplotlib.axes.Axes, "errorbar", autospec=True) as bars:
@@ -441,8 +437,7 @@ def test_keys_that_follow_the_optimizer_do_not_hide_the_baseline(tmp_path):
     for opt, eps in (("adamw", 1e-8), ("muon", 1e-20)):
         for width, final in ((128, 2.0), (256, 1.8)):
             for seed in range(2):
-                cfg = {"optim": {"name": opt, "lr": 1e-3, "eps": eps}, "model": {"d_model": width}, "seed": seed,
-                       "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+                cfg = arm_config(opt, seed, {"d_model": width}, eps=eps)
                 fake_run(tmp_path / f"{opt}{width}-{seed}", cfg, final, curve_rows([3.0, 2.5, 2.2, final]))
     arms, base = study_arms(load_runs([tmp_path]))
     assert base == ("optim.name", "adamw")
@@ -456,8 +451,7 @@ def test_a_width_that_differs_with_the_optimizer_is_not_ignored(tmp_path):
     not the optimizer's setting, so the Muon arm has no partner rather than a narrower one."""
     for opt, width in (("adamw", 128), ("muon", 256)):
         for seed in range(2):
-            cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"d_model": width}, "seed": seed,
-                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            cfg = arm_config(opt, seed, {"d_model": width})
             fake_run(tmp_path / f"{opt}{width}-{seed}", cfg, 2.0, curve_rows([3.0, 2.5, 2.2, 2.0]))
     arms, _ = study_arms(load_runs([tmp_path]))
     muon = next(a for a in arms if a.key["optim.name"] == "muon")
@@ -469,8 +463,7 @@ def test_a_setting_of_the_optimizer_that_varies_within_one_stays_a_factor(tmp_pa
     group but not one value per optimizer, so Muon at 0.1 has no partner (not AdamW at 0)."""
     for opt, wd in (("adamw", 0.0), ("muon", 0.0), ("muon", 0.1)):
         for seed in range(2):
-            cfg = {"optim": {"name": opt, "lr": 1e-3, "weight_decay": wd}, "model": {"d_model": 128}, "seed": seed,
-                   "trainer": {"max_steps": 40}, "study": {"stage": 2, "lr_keys": ["optim.lr"]}}
+            cfg = arm_config(opt, seed, {"d_model": 128}, weight_decay=wd)
             fake_run(tmp_path / f"{opt}{wd}-{seed}", cfg, 2.0, curve_rows([3.0, 2.5, 2.2, 2.0]))
     arms, _ = study_arms(load_runs([tmp_path]))
     assert {tuple(a.key.values()): a.baseline and tuple(a.baseline.key.values()) for a in arms} == \
@@ -483,8 +476,7 @@ def test_an_optimizer_by_residual_study_measures_against_adamw(tmp_path):
     for opt in ("adamw", "muon"):
         for res in ("residual", "mhc"):
             for seed in range(2):
-                cfg = {"optim": {"name": opt, "lr": 1e-3}, "model": {"residual": res}, "seed": seed,
-                       "trainer": {"max_steps": 40}, "study": {"stage": 2}}
+                cfg = arm_config(opt, seed, {"residual": res}, lr_keys=())
                 fake_run(tmp_path / f"{opt}{res}-{seed}", cfg, 2.0, curve_rows([3.0, 2.5, 2.2, 2.0]))
     arms, base = study_arms(load_runs([tmp_path]))
     assert base == ("optim.name", "adamw")
@@ -497,8 +489,7 @@ def test_depth_arm_baseline_is_the_plain_residual(tmp_path):
     for res, finals in (("residual", [2.0, 2.1, 2.2]), ("mhc", [1.9, 2.0, 2.0])):
         for layers in (4, 8):
             for seed, final in enumerate(finals):
-                cfg = {"optim": {"name": "muon", "lr": 1e-2}, "model": {"residual": res, "n_layers": layers},
-                       "seed": seed, "trainer": {"max_steps": 40}, "study": {"stage": 2}}
+                cfg = arm_config("muon", seed, {"residual": res, "n_layers": layers}, lr=1e-2, lr_keys=())
                 fake_run(tmp_path / f"{res}{layers}-{seed}", cfg, final, curve_rows([3.0, 2.5, 2.2, final]))
     text = study_section(load_runs([tmp_path]), tmp_path)
     arms, base = study_arms(load_runs([tmp_path]))
