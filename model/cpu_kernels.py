@@ -8,12 +8,13 @@ callers run their eager PyTorch path, which computes the same thing.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import platform
 import re
-import time
 import warnings
 from pathlib import Path
 
@@ -24,8 +25,6 @@ CSRC = Path(__file__).parent / "csrc"
 # ISAs; they are internal to the build, so the note is noise on every CPU without AVX-512.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 log = logging.getLogger(__name__)
-# A build takes ~10 s; a lock older than this was left by a build that was killed half-way.
-STALE_LOCK_S = 600
 
 
 def _isa_tag() -> str:
@@ -57,19 +56,26 @@ class _Kernels:
         return call
 
 
-def clear_stale_lock(name: str) -> None:
-    """torch's loader waits, without end, for a lock file that a build killed half-way leaves in the
-    build directory; every later run would hang at its first step. Remove one that is stale."""
+@contextlib.contextmanager
+def build_lock(name: str):
+    """Held while torch's loader builds or loads extension `name`. torch's own lock is a file that
+    a build killed half-way leaves behind, and its loader waits on that file without end: every
+    later run, and any run already waiting for that build, would hang at its first step. This one
+    is an flock, which the kernel releases when its holder dies; whoever holds it knows that no
+    other loader is at work, so a torch lock file it finds is a dead build's and is removed."""
     from torch.utils import cpp_extension
 
-    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning(f"removing {lock}: left {age / 60:.0f} minutes ago by a kernel build that did not finish")
-        lock.unlink(missing_ok=True)
+    directory = Path(cpp_extension._get_build_directory(name, verbose=False))
+    with open(directory / "v4lab.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for a live build; a killed one's lock is gone with it
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                log.warning(f"removing {stale}: left by a kernel build that did not finish")
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _text_with_headers(path: Path) -> bytes:
@@ -90,11 +96,11 @@ def extension(source: str):
     # again (a notebook) gets a new library, and registering a namespace twice would abort it.
     version = hashlib.sha1(_text_with_headers(path) + " ".join(CFLAGS).encode()).hexdigest()[:10]
     name, namespace = f"v4lab_{source}_{_isa_tag()}", f"v4lab_{source}_{version}"
-    clear_stale_lock(name)
     log.info(f"loading the fused CPU kernels of {source}.cpp (the first use on a machine compiles them, ~10 s)")
     try:
-        cpp_extension.load(name=name, sources=[str(path)], is_python_module=False,
-                           extra_cflags=[*CFLAGS, f"-DV4LAB_OPS={namespace}"], extra_ldflags=["-fopenmp"])
+        with build_lock(name):
+            cpp_extension.load(name=name, sources=[str(path)], is_python_module=False,
+                               extra_cflags=[*CFLAGS, f"-DV4LAB_OPS={namespace}"], extra_ldflags=["-fopenmp"])
         return _Kernels(getattr(torch.ops, namespace))
     except Exception as e:  # no compiler, or a broken toolchain: the eager path computes the same thing
         warnings.warn(f"fused CPU kernels of {source}.cpp unavailable, using eager PyTorch: {e}")

@@ -292,18 +292,41 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch):
     assert any("eager PyTorch" in str(w.message) and "no compiler" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("age_s,kept", [(5, True), (cpu_kernels.STALE_LOCK_S + 60, False)])
-def test_a_lock_left_by_a_killed_build_is_removed_a_live_one_kept(age_s, kept, tmp_path, monkeypatch):
-    """torch's loader would wait forever on the stale one."""
+def test_a_build_killed_half_way_neither_hangs_its_waiters_nor_later_runs(tmp_path, monkeypatch):
+    """torch's loader waits without end on the lock file a killed build leaves. A loader that was
+    already waiting for that build goes on once its builder dies; the lock file is gone before
+    torch's loader looks; a live build is waited for."""
+    import subprocess
+    import sys
+    import threading
     import time
 
+    from torch.utils import cpp_extension
+
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / "v4lab_hc_x" / "lock"
-    lock.parent.mkdir()
-    lock.touch()
-    os.utime(lock, (time.time() - age_s,) * 2)
-    cpu_kernels.clear_stale_lock("v4lab_hc_x")
-    assert lock.exists() == kept
+    monkeypatch.setattr(cpu_kernels, "_isa_tag", lambda: "x")
+    directory = tmp_path / "v4lab_hyper_connection_x"
+    directory.mkdir()
+    builder = subprocess.Popen([sys.executable, "-c", (  # holds the build, writes torch's lock, then hangs
+        "import fcntl, pathlib, sys, time\n"
+        f"d = pathlib.Path({str(directory)!r})\n"
+        "h = open(d / 'v4lab.flock', 'a'); fcntl.flock(h, fcntl.LOCK_EX)\n"
+        "(d / 'lock').touch(); print('building', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline() == "building\n"
+        seen = []
+        monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append((directory / "lock").exists()))
+        waiter = threading.Thread(target=cpu_kernels.extension.__wrapped__, args=("hyper_connection",))
+        waiter.start()
+        time.sleep(1.0)
+        assert not seen and waiter.is_alive()  # the live build is waited for
+        builder.kill()
+        waiter.join(timeout=30)
+        assert not waiter.is_alive() and seen == [False]
+    finally:
+        builder.kill()
+        builder.wait()
 
 
 def test_an_edited_header_gives_the_kernels_a_new_version(tmp_path, monkeypatch):
