@@ -81,3 +81,19 @@ def test_flat_optimizer_state_is_cut_per_parameter(tmp_path):
     for name, part in (("w", slice(0, 4)), ("v", slice(4, 8))):
         assert torch.equal(torch.load(tmp_path / name / "0" / "momentum_buffer.00", weights_only=False), momentum[part])
         assert torch.equal(torch.load(tmp_path / name / "0" / "fp32.00", weights_only=False), torch.arange(8.0)[part])
+
+
+def test_a_failed_conversion_leaves_the_checkpoint_as_it_was(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "step_00000004"
+    checkpoint.mkdir()
+    (checkpoint / "manifest.json").write_text("{}")
+
+    def fails_half_way(ckpt, out):
+        (out / "zero").mkdir(parents=True)
+        (out / "zero" / "part.pt").write_bytes(b"half")
+        raise ReshardError("cannot cut this state")
+
+    monkeypatch.setattr(reshard, "convert", fails_half_way)
+    with pytest.raises(ReshardError, match="cannot cut"):
+        reshard.ensure_universal(checkpoint)
+    assert [p.name for p in checkpoint.iterdir()] == ["manifest.json"]

@@ -96,8 +96,12 @@ def ensure_universal(ckpt: Path) -> Path:
         shutil.rmtree(target)  # DeepSpeed's reader takes model-state files from subdirectories too
     tmp = ckpt / f".{UNIVERSAL}.tmp"  # DeepSpeed also writes `latest_universal` next to its output: in here
     shutil.rmtree(tmp, ignore_errors=True)
-    convert(ckpt, tmp / UNIVERSAL)
-    seal(tmp / UNIVERSAL, source=ckpt.name)
+    try:
+        convert(ckpt, tmp / UNIVERSAL)
+        seal(tmp / UNIVERSAL, source=ckpt.name)
+    except BaseException:  # a refusal or a stop leaves the checkpoint as it was, without half a conversion
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / UNIVERSAL).rename(target)
     fsync_path(ckpt)
     shutil.rmtree(tmp)
