@@ -351,6 +351,25 @@ def test_pruning_counts_usable_checkpoints_only(keep_last, tmp_path):
     assert Checkpointer(ckpts, 1, 0, 1).newest_valid() == ckpts / "step_00000006"
 
 
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_pruning_counts_a_swaps_old_copy_as_its_step(keep_last, tmp_path):
+    """Step 3's new copy is damaged and its old copy (.replaced-step_3) whole: resume=auto would
+    take the old copy, so pruning counts step 3 as usable and keeps that copy while step 3 is
+    kept; once step 3 is older than every kept step, both copies go (none is left behind for good)."""
+    from train.checkpoint import Checkpointer
+
+    ckpts = tmp_path / "checkpoints"
+    saver = Checkpointer(ckpts, keep_last=10, rank=0, world_size=1)
+    for step in (1, 2, 3):
+        saver.save(_Engine(), step, {})
+    shutil.copytree(ckpts / "step_00000003", ckpts / ".replaced-step_00000003")
+    (ckpts / "step_00000003" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    Checkpointer(ckpts, keep_last=keep_last, rank=0, world_size=1).save(_Engine(), 5, {})
+    expected = {1: ["step_00000005"],
+                2: [".replaced-step_00000003", "step_00000003", "step_00000005"]}[keep_last]
+    assert sorted(p.name for p in ckpts.iterdir() if p.name != "latest") == expected
+
+
 def test_going_back_sets_aside_every_later_step_and_a_swaps_old_copy_outlives_a_damaged_new_one(tmp_path):
     """Resuming from step 1 moves steps 2 and 3 (the very next step too) to abandoned/. A swap's old
     copy (.replaced-step_N, left by a kill between the swap's renames) is removed at the next save

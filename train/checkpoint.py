@@ -133,14 +133,16 @@ class Checkpointer:
         return [p for *_, p in sorted(found)]
 
     def _prune(self, written: Path) -> None:
-        """Keep `written` and the newest keep_last - 1 usable checkpoints before it; remove the ones
-        older than those. Unusable ones do not count (else, after resume=auto fell back past a
-        damaged newest checkpoint, the one just written could go and the damaged one stay); later
-        ones (a damaged checkpoint that resume skipped) stay for this run to write over."""
-        earlier = [p for p in self._checkpoint_dirs(replaced=False) if _step_of(p) < _step_of(written)]
-        usable = [p for p in earlier if problems(p) is None]
+        """Keep `written` and the newest keep_last - 1 usable steps before it; remove the ones
+        older than those. Unusable checkpoints do not count (else, after resume=auto fell back past
+        a damaged newest checkpoint, the one just written could go and the damaged one stay); later
+        ones (a damaged checkpoint that resume skipped) stay for this run to write over. A step is
+        usable where either of its copies is, as resume=auto takes them: a swap's old copy
+        (.replaced-step_N) beside a damaged step_N keeps step N, and goes with it."""
+        earlier = [p for p in self._checkpoint_dirs() if _step_of(p) < _step_of(written)]
+        usable = sorted({_step_of(p) for p in earlier if problems(p) is None})
         kept = usable[max(0, len(usable) - (self.keep_last - 1)):] if self.keep_last > 1 else []
-        oldest = _step_of(kept[0]) if kept else _step_of(written)
+        oldest = kept[0] if kept else _step_of(written)
         for old in earlier:
             if _step_of(old) < oldest:
                 shutil.rmtree(old, ignore_errors=True)
