@@ -354,8 +354,8 @@ def test_every_number_of_an_arm_with_a_diverged_and_a_running_seed(tmp_path):
     """study.json and the tables, field by field, for a Muon arm of three completed seeds, one
     diverged (its summary.json holds its last val loss, as the trainer writes it) and one still
     running, against an AdamW arm with skewed finals: the target is the baseline's mean; finals and
-    their interval count completed seeds, steps to target finished ones, stability and seeds all
-    runs; the tables print what study.json holds, intervals low to high."""
+    their interval count completed seeds (the seeds column says k of n), steps to target finished
+    ones, stability all runs; the tables print what study.json holds, intervals low to high."""
     def arm(opt, width, curves, statuses=None):
         for seed, vals in enumerate(curves):
             cfg = arm_config(opt, seed, {"d_model": width})
@@ -392,6 +392,8 @@ def test_every_number_of_an_arm_with_a_diverged_and_a_running_seed(tmp_path):
     assert finals["optim=muon, d_model=128"]["Δ vs baseline [95 %]"] == \
         f"{delta['mean']:+.4f} [{delta['ci95'][0]:+.4f}, {delta['ci95'][1]:+.4f}]"
     assert finals["optim=adamw, d_model=128"]["Δ vs baseline [95 %]"] == "–"  # not a zero against itself
+    # the mean leaves out the diverged and the running seed: the seeds column says so
+    assert [finals[k]["seeds"] for k in ("optim=adamw, d_model=128", "optim=muon, d_model=128")] == ["3", "**3 of 5**"]
     row = table(text, "steps to target")["optim=muon, d_model=128"]
     assert (row["reached"], row["steps to target"]) == ("3/4", f"20 ± 5 [{steps.lo:,.0f}, {steps.hi:,.0f}]")
     assert row["speed-up (baseline length / steps)"] == f"2.00× [{40 / steps.hi:.2f}, {40 / steps.lo:.2f}]"

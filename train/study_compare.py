@@ -297,7 +297,9 @@ def study_section(runs, out: Path, baseline: str | None = None) -> str:
           f"{bname or 'none (no adamw or residual arm; --baseline KEY=VALUE)'}; target = the baseline arm's mean "
           "final validation loss; steps/tokens/seconds to reach it are interpolated between evaluations and "
           "averaged over the seeds that reached it (k/n); speed-up = the baseline's run length / those steps. "
-          "Seconds are training-step time only, measured on a shared machine.\n",
+          "Seconds are training-step time only, measured on a shared machine. Seeds: those in the final-loss "
+          "mean and its Δ, of the arm's runs where they differ (a diverged or still running seed has no final "
+          "loss: see the status column before reading a mean that leaves one out).\n",
           "| arm | lr | seeds | final val loss | Δ vs baseline [95 %] | status |", "|---|---|---|---|---|---|"]
     for a, d in zip(arms, data["arms"]):
         delta = d["delta_vs_baseline"]
@@ -305,7 +307,8 @@ def study_section(runs, out: Path, baseline: str | None = None) -> str:
             f"{delta['mean']:+.4f}" + (f" [{delta['ci95'][0]:+.4f}, {delta['ci95'][1]:+.4f}]" if delta["ci95"] else ""))
         lr = ", ".join(f"{k.removeprefix('optim.')} {v:.3g}" for k, v in a.lr.items())
         status = ", ".join(f"{n} {s}" for s, n in d["status"].items())
-        md.append(f"| {describe(a.key)} | {lr} | {len(a.runs)} | {_ci(mean_interval(a.finals), '.4f')} | {dtxt} | {status} |")
+        seeds = f"{len(a.finals)}" if len(a.finals) == len(a.runs) else f"**{len(a.finals)} of {len(a.runs)}**"
+        md.append(f"| {describe(a.key)} | {lr} | {seeds} | {_ci(mean_interval(a.finals), '.4f')} | {dtxt} | {status} |")
     md += ["", "| arm | target | reached | steps to target | tokens | training seconds | speed-up (baseline length / steps) |",
            "|---|---|---|---|---|---|---|"]
     for a in arms:
