@@ -8,6 +8,9 @@ equal steps is printed too: on a new backend, the one run checks both speed and 
     python -m benchmarks.compile [--steps 5 --rounds 4] [hydra overrides ...]
     python -m benchmarks.compile --pair model.residual=residual model.residual=mhc [overrides ...]
     python -m benchmarks.compile --eager --pair model=small experiment=v4 model.attn.indexer_warmup_steps=0
+
+A contender of several overrides is one quoted argument, the overrides separated by spaces:
+`--pair model=small "model.residual=mhc model.mtp_depth=1 optim=muon"`.
 """
 from __future__ import annotations
 
@@ -25,12 +28,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per contender per round")
     ap.add_argument("--rounds", type=int, default=4, help="measured rounds (one more is warm-up)")
     ap.add_argument("--pair", nargs=2, metavar=("BASE", "OTHER"),
-                    help="compare two overrides, both compiled, instead of compiled against eager")
+                    help="compare two contenders, both compiled, instead of compiled against eager; "
+                         "each one or more overrides separated by spaces")
     ap.add_argument("--eager", action="store_true", help="with --pair: both contenders eager")
     ap.add_argument("overrides", nargs="*", help="hydra overrides, as for launch.py")
     args = ap.parse_args()
     if args.pair:
-        runs = {o: [o, f"trainer.compile={str(not args.eager).lower()}"] for o in args.pair}
+        if args.pair[0] == args.pair[1]:
+            ap.error(f"--pair: both contenders are {args.pair[0]!r}")
+        runs = {o: [*o.split(), f"trainer.compile={str(not args.eager).lower()}"] for o in args.pair}
     else:
         runs = {"eager": ["trainer.compile=false"], "compiled": ["trainer.compile=true"]}
     # every contender's loss at each step: without --pair, the compiled run against the eager one on the

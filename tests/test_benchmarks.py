@@ -70,14 +70,17 @@ def test_peak_memory_counts_only_what_the_run_allocates():
 @pytest.mark.slow
 def test_a_pair_of_other_batch_sizes_counts_each_ones_tokens(data_cache, tmp_path):
     """`--pair` took the first contender's tokens per step for both: a pair of batch sizes 8 and 16
-    printed a tokens/s ratio of half the truth. Tokens/s ratio = (16 / 8) ÷ step-time ratio."""
+    printed a tokens/s ratio of half the truth. Tokens/s ratio = (16·128 / 8·64) ÷ step-time ratio;
+    the second contender's two overrides both apply."""
     cmd = [sys.executable, "-m", "benchmarks.compile", "--steps", "1", "--rounds", "1", "--eager", "--pair",
-           "trainer.global_batch_size=8", "trainer.global_batch_size=16", "model=tiny", f"data.cache_dir={data_cache}"]
+           "trainer.global_batch_size=8", "trainer.global_batch_size=16 data.seq_len=128", "model=tiny",
+           "data.seq_len=64", f"data.cache_dir={data_cache}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(tmp_path)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "tokens/step trainer.global_batch_size=8 512, trainer.global_batch_size=16 data.seq_len=128 2048;" in done.stdout
     tokens, steps = map(float, re.search(rf"ratio tokens/s .* = {NUMBER}; step time .* = {NUMBER}", done.stdout).groups())
-    assert tokens == pytest.approx(2.0 / steps, rel=5e-3)
+    assert tokens == pytest.approx(4.0 / steps, rel=5e-3)
 
 
 def test_saved_activation_bytes_leave_the_weights_out():
