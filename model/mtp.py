@@ -30,8 +30,8 @@ class MTP(nn.Module):
         self.norm = RMSNorm(d_model, eps=eps)
 
     def forward(self, hidden: torch.Tensor, next_embedding: torch.Tensor, next_ids: torch.Tensor, cos, sin):
-        """hidden: the trunk's state at positions 0..T'-1 ([B, T', n, D] streams, or [B, T', D]);
-        the embeddings [B, T', D] (and ids) of tokens 1..T'. Returns [B, T', D], before the head."""
+        """hidden: the trunk's state at positions 0..T-1 ([B, T, n, D] streams, or [B, T, D]);
+        the embeddings [B, T, D] (and ids) of tokens 1..T. Returns [B, T, D], before the head."""
         e = self.e_proj(self.embed_norm(next_embedding))
         x = self.h_proj(self.hidden_norm(hidden)) + (e.unsqueeze(-2) if hidden.dim() == 4 else e)
         x = self.block(x, cos, sin, next_ids)
@@ -41,5 +41,6 @@ class MTP(nn.Module):
 
 
 def mtp_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [B, T-1, V] at positions 0..T-2 against tokens 2..T (targets[:, 1:])."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, 1:].reshape(-1))
+    """logits [B, T, V] at positions 0..T-1 against tokens 2..T (targets[:, 1:]); the last
+    position's token after next is outside the window: it has no loss."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets[:, 1:].reshape(-1))
