@@ -13,8 +13,10 @@ import fcntl
 import functools
 import hashlib
 import logging
+import os
 import platform
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -56,26 +58,66 @@ class _Kernels:
         return call
 
 
+# A build takes ~10-25 s; what still works in a build directory after this long is not a build.
+ORPHAN_WAIT_S = 600
+
+
+def _working_in(directory: Path) -> list[str]:
+    """Other processes whose working directory is `directory` ("pid name"): torch runs a build's
+    ninja and compilers there, and they outlive a builder killed on its own (the OOM killer takes
+    one process)."""
+    found = []
+    for proc in Path("/proc").iterdir() if Path("/proc").is_dir() else ():  # Linux; elsewhere none known
+        try:
+            if proc.name.isdigit() and int(proc.name) != os.getpid() and os.readlink(proc / "cwd") == str(directory):
+                found.append(f"{proc.name} {(proc / 'comm').read_text().strip()}")
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+def _wait_for_orphans(directory: Path) -> None:
+    deadline, said = time.monotonic() + ORPHAN_WAIT_S, False
+    while (working := _working_in(directory)) and time.monotonic() < deadline:
+        if not said:
+            log.warning(f"waiting for {', '.join(working)}, left working in {directory} by a kernel build that did not finish")
+            said = True
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def build_lock(name: str):
     """Held while torch's loader builds or loads extension `name`. torch's own lock is a file that
     a build killed half-way leaves behind, and its loader waits on that file without end: every
     later run, and any run already waiting for that build, would hang at its first step. This one
     is an flock, which the kernel releases when its holder dies; whoever holds it knows that no
-    other loader is at work, so a torch lock file it finds is a dead build's and is removed."""
+    other loader is at work, so a torch lock file it finds is a dead build's: once that build's
+    orphaned compilers have finished (or a loader without this lock, an older checkout sharing the
+    cache, has), it is removed. Where the file system has no flock, torch's lock alone, as before."""
     from torch.utils import cpp_extension
 
-    directory = Path(cpp_extension._get_build_directory(name, verbose=False))
-    with open(directory / "v4lab.flock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for a live build; a killed one's lock is gone with it
+    directory = Path(cpp_extension._get_build_directory(name, verbose=False)).resolve()
+    try:  # read-only: a cache shared with other users, whose flock file this user cannot write
+        fd = os.open(directory / "v4lab.flock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:
+        log.warning(f"cannot open a build lock in {directory} ({e}); building under torch's lock alone")
+        yield
+        return
+    try:
         try:
-            stale = directory / "lock"
-            if stale.exists():
-                log.warning(f"removing {stale}: left by a kernel build that did not finish")
-                stale.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a live build; a killed one's flock is gone with it
+        except OSError as e:
+            log.warning(f"no flock in {directory} ({e}); building under torch's lock alone")
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        stale = directory / "lock"
+        if stale.exists():
+            _wait_for_orphans(directory)
+            log.warning(f"removing {stale}: left by a kernel build that did not finish")
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _text_with_headers(path: Path) -> bytes:

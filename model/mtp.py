@@ -42,5 +42,7 @@ class MTP(nn.Module):
 
 def mtp_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits [B, T, V] at positions 0..T-1 against tokens 2..T (targets[:, 1:]); the last
-    position's token after next is outside the window: it has no loss."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets[:, 1:].reshape(-1))
+    position's token after next is outside the window: it has no loss (ignored, rather than sliced
+    off, which would copy the logits)."""
+    after_next = F.pad(targets[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.float().flatten(0, 1), after_next.reshape(-1), ignore_index=-100)

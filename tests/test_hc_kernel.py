@@ -329,6 +329,54 @@ def test_a_build_killed_half_way_neither_hangs_its_waiters_nor_later_runs(tmp_pa
         builder.wait()
 
 
+def test_a_killed_builds_orphaned_compiler_finishes_before_its_lock_is_removed(tmp_path, monkeypatch):
+    """The OOM killer takes the builder alone: its ninja and compilers go on writing in the build
+    directory. The next loader waits for them before it removes torch's lock and builds there."""
+    import subprocess
+    import sys
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_isa_tag", lambda: "x")
+    directory = tmp_path / "v4lab_hyper_connection_x"
+    directory.mkdir()
+    (directory / "lock").touch()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"], cwd=directory)
+    try:
+        seen = []
+        monkeypatch.setattr(cpp_extension, "load",
+                            lambda **kw: seen.append(((directory / "lock").exists(), orphan.poll() is not None)))
+        cpu_kernels.extension.__wrapped__("hyper_connection")
+        assert seen == [(False, True)]
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_without_flock_the_kernels_still_build_under_torchs_lock(tmp_path, monkeypatch):
+    """A file system without flock (Lustre mounted noflock, some FUSE): no lock of ours, and a lock
+    file of torch's is left to torch, as before; the kernels still load."""
+    import errno
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_isa_tag", lambda: "x")
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(cpu_kernels.fcntl, "flock", no_flock)
+    directory = tmp_path / "v4lab_hyper_connection_x"
+    directory.mkdir()
+    (directory / "lock").touch()
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append((directory / "lock").exists()))
+    assert cpu_kernels.extension.__wrapped__("hyper_connection") is not None
+    assert seen == [True]
+
+
 def test_an_edited_header_gives_the_kernels_a_new_version(tmp_path, monkeypatch):
     """The operators' namespace names the file's version: it must cover the csrc/ headers the file
     includes, or a process would load an edited header's build under the old name (and torch would
