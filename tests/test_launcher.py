@@ -200,3 +200,21 @@ def test_slurm_sweep_over_the_layout_is_refused(tmp_path):
     proc = launch("-m", "hydra/launcher=slurm", "launcher.dry_run=true", f"out_dir={tmp_path / 's'}",
                   "launcher.nproc_per_node=1,2", "trainer.global_batch_size=32")
     assert proc.returncode == 2 and "launcher.nproc_per_node=1,2" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["launcher.nproc_per_node=2"], ["launcher.nnodes=2", "launcher.nproc_per_node=2",
+                                                                  "launcher.master_addr=10.0.0.1"]])
+def test_a_rank_runs_itself_and_launches_nothing(args, monkeypatch, tmp_path):
+    """torchrun starts each rank as `python launch.py ...` with the same overrides: a rank that
+    planned a launch of its own would start torchrun again, ranks within ranks, until the machine
+    gave out. RANK in the environment (set by torchrun, DeepSpeed's launcher or adopted from
+    submitit) makes a process one rank; without it the same config plans the launch."""
+    from tests.conftest import compose_config
+    from train import launcher
+
+    cfg = compose_config(args, out_dir=tmp_path / "run")
+    monkeypatch.delenv("RANK", raising=False)
+    plan = launcher.plan_launch(cfg, args)
+    assert plan is not None and plan.command[1:3] == ["-m", "torch.distributed.run"]
+    monkeypatch.setenv("RANK", "1")
+    assert launcher.plan_launch(cfg, args) is None
