@@ -38,6 +38,18 @@ def test_metrics_keys_and_token_count(tiny_config):
                                     decay_fraction=o.decay_fraction) for s in range(4)]
     assert o.schedule == "cosine" and applied == [o.lr * m for m in (0.5, 1.0, 1.0, o.min_lr_ratio)]
     assert [r["lr"] for r in rows] == applied
+    assert not any("lr/adamw" in r for r in rows)  # one optimizer, one rate
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_muon_run_logs_its_adamw_halfs_rate_too(zero, tiny_config):
+    """`lr` is the Muon half's (optim.lr); the AdamW half (embeddings, head, norms) has optim.adamw_lr
+    on the same schedule, logged as lr/adamw, at ZeRO 0 and 2 (DeepSpeed's groups keep their keys)."""
+    cfg = tiny_config("optim=muon", "optim.lr=0.02", "optim.adamw_lr=0.004", "trainer.max_steps=3",
+                      f"deepspeed.zero_stage={zero}")
+    Trainer(cfg).fit()
+    rows = metrics_rows(cfg.out_dir)
+    assert rows[-1]["lr"] > 0 and [r["lr/adamw"] for r in rows] == pytest.approx([r["lr"] * 0.2 for r in rows], rel=1e-12)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):

@@ -200,7 +200,9 @@ class Trainer:
         # what a stop on a non-finite step rolls back to: the data position and RNG before it
         before = (self.loader.state_dict(), rng_state())
         skipped_before = self.engine.skipped_steps
-        lr = self.scheduler.optimizer.param_groups[0]["lr"]  # what this step applies
+        groups = self.scheduler.optimizer.param_groups
+        lr = groups[0]["lr"]  # what this step applies (Muon's half: group 0)
+        adamw_lr = next((g["lr"] for g in groups if g.get("use_muon") is False), None)  # Muon's AdamW half
         module = self.engine.module
         self._set_model_phase()
         self.engine.train()
@@ -249,6 +251,8 @@ class Trainer:
         metrics = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
                    "tokens_per_s": tokens_per_s, **self.utilisation.metrics(tokens_per_s),
                    "skipped_steps": self.skipped_steps, **parts}
+        if adamw_lr is not None:
+            metrics["lr/adamw"] = adamw_lr
         if clipped is not None:
             metrics["qk_clip/heads_clipped"] = clipped
         if self.spikes is not None:
