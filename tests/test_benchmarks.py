@@ -100,3 +100,10 @@ def test_saved_activation_bytes_leave_the_weights_out():
     x = torch.randn(2, 512, requires_grad=True)  # as activations are: the Linear keeps its weight for x's gradient
     # x * 2.0 (saved by the Linear) and lin's output (saved by the square): 2 × 2 × 512 floats
     assert saved_activation_bytes(Model(), x, None) == 2 * 2 * 512 * 4
+
+
+def test_a_pair_of_one_contender_twice_is_refused():
+    """Its ratio would read as a comparison of two settings; nothing is built or trained."""
+    cmd = [sys.executable, "-m", "benchmarks.compile", "--pair", "model.residual=mhc", "model.residual=mhc"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "both contenders are 'model.residual=mhc'" in done.stderr
