@@ -97,27 +97,25 @@ def build_lock(name: str):
     from torch.utils import cpp_extension
 
     directory = Path(cpp_extension._get_build_directory(name, verbose=False)).resolve()
+    fd = None
     try:  # read-only: a cache shared with other users, whose flock file this user cannot write
         fd = os.open(directory / "v4lab.flock", os.O_RDONLY | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a live build; a killed one's flock is gone with it
     except OSError as e:
-        log.warning(f"cannot open a build lock in {directory} ({e}); building under torch's lock alone")
-        yield
-        return
+        log.warning(f"no build lock in {directory} ({e}); building under torch's lock alone")
+        if fd is not None:
+            os.close(fd)
+            fd = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a live build; a killed one's flock is gone with it
-        except OSError as e:
-            log.warning(f"no flock in {directory} ({e}); building under torch's lock alone")
-            yield
-            return
         stale = directory / "lock"
-        if stale.exists():
+        if fd is not None and stale.exists():
             _wait_for_orphans(directory)
             log.warning(f"removing {stale}: left by a kernel build that did not finish")
             stale.unlink(missing_ok=True)
         yield
     finally:
-        os.close(fd)  # releases the flock
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
 
 def _text_with_headers(path: Path) -> bytes:

@@ -292,7 +292,16 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch):
     assert any("eager PyTorch" in str(w.message) and "no compiler" in str(w.message) for w in caught)
 
 
-def test_a_build_killed_half_way_neither_hangs_its_waiters_nor_later_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def directory(tmp_path, monkeypatch):
+    """The build directory extension("hyper_connection") uses, empty, in a cache of the test's own."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_isa_tag", lambda: "x")
+    (tmp_path / "v4lab_hyper_connection_x").mkdir()
+    return tmp_path / "v4lab_hyper_connection_x"
+
+
+def test_a_build_killed_half_way_neither_hangs_its_waiters_nor_later_runs(directory, monkeypatch):
     """torch's loader waits without end on the lock file a killed build leaves. A loader that was
     already waiting for that build goes on once its builder dies; the lock file is gone before
     torch's loader looks; a live build is waited for."""
@@ -303,10 +312,6 @@ def test_a_build_killed_half_way_neither_hangs_its_waiters_nor_later_runs(tmp_pa
 
     from torch.utils import cpp_extension
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_isa_tag", lambda: "x")
-    directory = tmp_path / "v4lab_hyper_connection_x"
-    directory.mkdir()
     builder = subprocess.Popen([sys.executable, "-c", (  # holds the build, writes torch's lock, then hangs
         "import fcntl, pathlib, sys, time\n"
         f"d = pathlib.Path({str(directory)!r})\n"
@@ -329,7 +334,7 @@ def test_a_build_killed_half_way_neither_hangs_its_waiters_nor_later_runs(tmp_pa
         builder.wait()
 
 
-def test_a_killed_builds_orphaned_compiler_finishes_before_its_lock_is_removed(tmp_path, monkeypatch):
+def test_a_killed_builds_orphaned_compiler_finishes_before_its_lock_is_removed(directory, monkeypatch):
     """The OOM killer takes the builder alone: its ninja and compilers go on writing in the build
     directory. The next loader waits for them before it removes torch's lock and builds there."""
     import subprocess
@@ -337,10 +342,6 @@ def test_a_killed_builds_orphaned_compiler_finishes_before_its_lock_is_removed(t
 
     from torch.utils import cpp_extension
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_isa_tag", lambda: "x")
-    directory = tmp_path / "v4lab_hyper_connection_x"
-    directory.mkdir()
     (directory / "lock").touch()
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"], cwd=directory)
     try:
@@ -354,22 +355,17 @@ def test_a_killed_builds_orphaned_compiler_finishes_before_its_lock_is_removed(t
         orphan.wait()
 
 
-def test_without_flock_the_kernels_still_build_under_torchs_lock(tmp_path, monkeypatch):
+def test_without_flock_the_kernels_still_build_under_torchs_lock(directory, monkeypatch):
     """A file system without flock (Lustre mounted noflock, some FUSE): no lock of ours, and a lock
     file of torch's is left to torch, as before; the kernels still load."""
     import errno
 
     from torch.utils import cpp_extension
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_isa_tag", lambda: "x")
-
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(cpu_kernels.fcntl, "flock", no_flock)
-    directory = tmp_path / "v4lab_hyper_connection_x"
-    directory.mkdir()
     (directory / "lock").touch()
     seen = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append((directory / "lock").exists()))
